@@ -1,0 +1,22 @@
+"""adlib: the helper package of the book *Anomaly Detection, Reproduced*.
+
+Chapters import the submodules they need, e.g. ``from adlib import data, metrics, viz``.
+Each public function's docstring names the chapter that introduces it.
+"""
+from __future__ import annotations
+
+from adlib.profiles import PROFILES, check_profile, by_profile
+from adlib.train import seed_everything, choose_device
+from adlib.versions import show_versions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PROFILES",
+    "check_profile",
+    "by_profile",
+    "seed_everything",
+    "choose_device",
+    "show_versions",
+    "__version__",
+]

@@ -1,0 +1,27 @@
+"""``show_versions``: printed at the end of every chapter so a result can be traced to its setup."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+
+_PACKAGES = ("adlib", "torch", "torchvision", "timm", "open_clip_torch", "numpy", "scikit-learn",
+             "scikit-image", "faiss-cpu", "matplotlib")
+
+
+def show_versions(profile: str | None = None, seed: int | None = None) -> dict[str, str]:
+    """Print and return Python/package versions, the compute device, the seed and the profile."""
+    import torch
+
+    info = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in _PACKAGES:
+        try:
+            info[name] = md.version(name)
+        except md.PackageNotFoundError:
+            info[name] = "not installed"
+    info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    info["seed"] = str(seed)
+    info["profile"] = str(profile)
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}} : {value}")
+    return info

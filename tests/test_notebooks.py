@@ -1,0 +1,30 @@
+"""Every chapter in the toc runs top to bottom at the smoke profile (papermill, in-process)."""
+from __future__ import annotations
+
+import time
+
+import papermill
+import pytest
+
+from notebook_contract import ROOT, toc_notebooks
+
+OUT = ROOT / "build" / "executed"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", toc_notebooks(), ids=lambda p: p.stem)
+def test_notebook_runs_at_smoke_profile(path):
+    OUT.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(path), str(OUT / path.name), parameters={"PROFILE": "smoke"}, kernel_name="python3",
+            cwd=str(path.parent), progress_bar=False, execution_timeout=300,
+        )
+    except papermill.PapermillExecutionError as err:
+        pytest.fail(
+            f"{path.relative_to(ROOT)} failed in cell {err.cell_index} (execution count {err.exec_count}):\n"
+            f"{err.source}\n---\n{err.ename}: {err.evalue}\nExecuted copy: {OUT / path.name}",
+            pytrace=False,
+        )
+    print(f"{path.name}: {time.perf_counter() - start:.1f} s at the smoke profile")

@@ -1,0 +1,85 @@
+"""The book's structure: toc completeness, the chapter contract, pins, the Colab URL."""
+from __future__ import annotations
+
+import re
+import tomllib
+
+import nbformat
+import pytest
+import yaml
+
+from notebook_contract import (ROOT, contract_problems, notebooks_missing_from_toc, repository_url,
+                               toc_files, toc_notebooks)
+
+
+def test_every_toc_entry_exists():
+    missing = [f for f in toc_files() if not any((ROOT / f"{f}{ext}").exists() for ext in (".md", ".ipynb"))]
+    assert not missing, f"_toc.yml lists files that do not exist: {missing}"
+
+
+def test_every_notebook_is_in_the_toc():
+    missing = notebooks_missing_from_toc()
+    assert not missing, f"notebooks not listed in _toc.yml (add them under a part): {missing}"
+
+
+@pytest.mark.parametrize("path", toc_notebooks(), ids=lambda p: p.name)
+def test_chapter_contract(path):
+    problems = contract_problems(path, repository_url())
+    assert not problems, f"{path.relative_to(ROOT)} breaks the chapter contract:\n- " + "\n- ".join(problems)
+
+
+def _tiny_book(tmp_path, cells):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: notebooks/a\n")
+    nb = nbformat.v4.new_notebook(cells=cells)
+    for name in ("a", "b"):
+        nbformat.write(nb, tmp_path / "notebooks" / f"{name}.ipynb")
+    return tmp_path
+
+
+def test_contract_catches_a_notebook_missing_from_the_toc(tmp_path):
+    root = _tiny_book(tmp_path, [])
+    assert notebooks_missing_from_toc(root) == ["notebooks/b.ipynb"]
+
+
+def test_contract_catches_committed_outputs_and_missing_parameters(tmp_path):
+    cell = nbformat.v4.new_code_cell("import sys  # google.colab\nprint(1)")
+    cell.outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    cell.execution_count = 1
+    root = _tiny_book(tmp_path, [cell])
+    problems = "\n".join(contract_problems(root / "notebooks" / "a.ipynb"))
+    assert "cell 0 has committed outputs" in problems
+    assert "exactly one cell tagged 'parameters', found 0" in problems
+    assert "Results vs paper" in problems
+
+
+def test_contract_accepts_a_well_formed_notebook(tmp_path):
+    params = nbformat.v4.new_code_cell('PROFILE = "book"')
+    params.metadata["tags"] = ["parameters"]
+    cells = [
+        nbformat.v4.new_code_cell('import sys\nif "google.colab" in sys.modules: pass  # https://x/y'),
+        params,
+        nbformat.v4.new_markdown_cell("## Results vs paper\n## Summary\n## Exercises"),
+        nbformat.v4.new_code_cell("adlib.show_versions()"),
+    ]
+    root = _tiny_book(tmp_path, cells)
+    assert contract_problems(root / "notebooks" / "a.ipynb", "https://x/y") == []
+
+
+def _requirements(lines):
+    """{name: spec} from requirement strings like 'torch>=2.4'."""
+    out = {}
+    for line in lines:
+        m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$", line)
+        out[m.group(1).lower().replace("_", "-")] = m.group(2).replace(" ", "")
+    return out
+
+
+def test_environment_yml_has_the_same_pins_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = _requirements(project["dependencies"] + project["optional-dependencies"]["book"]
+                           + project["optional-dependencies"]["test"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_reqs = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    have = _requirements([r for r in pip_reqs if not r.startswith("-e")])
+    assert have == wanted, "environment.yml and pyproject.toml disagree; keep their pins identical"
