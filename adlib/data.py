@@ -5,6 +5,7 @@ Labels follow one convention everywhere in the book: ``0`` = normal, ``1`` = ano
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -16,6 +17,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
+
+from adlib.profiles import check_profile
 
 
 class OneClassSplit(NamedTuple):
@@ -412,3 +415,24 @@ def one_class_cifar10(root: str | Path, normal_class: int, download: bool = Fals
         y_test=(y_test != normal_class).astype(np.int64),
         classes_test=y_test,
     )
+
+
+def data_home() -> Path:
+    """``$ADLIB_DATA``, else ``~/.cache/adlib``: where generated and downloaded data sets live."""
+    return Path(os.environ.get("ADLIB_DATA") or Path.home() / ".cache" / "adlib").expanduser()
+
+
+def benchmark_root(profile: str) -> Path:
+    """The MVTec-format benchmark a profile evaluates on, ready to read with :class:`MVTecDataset`.
+
+    ``smoke`` and ``book``: SynthTex, generated on first use (``adlib.synthtex``). ``paper``: MVTec AD
+    under ``data_home()/mvtec_ad``, downloaded and verified through ``adlib.download`` if absent; offline
+    this stops with a message saying where to put the archive.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    from adlib import download, synthtex  # synthtex imports this module
+
+    if check_profile(profile) == "paper":
+        return download.fetch("mvtec_ad", data_home() / "mvtec_ad")
+    return synthtex.generate_for_profile(profile)
