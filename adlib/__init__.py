@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from adlib.profiles import PROFILES, check_profile, by_profile
 from adlib.train import seed_everything, choose_device
-from adlib.versions import show_versions
+from adlib.versions import show_versions, versions
 
 __version__ = "0.1.0"
 
@@ -18,5 +18,6 @@ __all__ = [
     "seed_everything",
     "choose_device",
     "show_versions",
+    "versions",
     "__version__",
 ]

@@ -16,7 +16,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a widget would need JavaScript in the built book
 
 from adlib.profiles import check_profile
 
@@ -212,6 +212,11 @@ class MVTecDataset(Dataset):
                 f"One-class training needs normal images there. Expected layout:\n{_LAYOUT}"
             )
         return samples
+
+    @property
+    def defects(self) -> list[str]:
+        """The defect type of every sample, in order ("good" or the folder name, e.g. "scratch")."""
+        return [defect for *_, defect in self.samples]
 
     def _test_samples(self, cat_dir: Path) -> list[tuple[Path, int, Path | None, str]]:
         test_dir, gt_dir = cat_dir / "test", cat_dir / "ground_truth"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from urllib.parse import urlsplit
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a widget would need JavaScript in the built book
 
 CHUNK = 1 << 20  # 1 MiB: large enough for speed, small enough for a smooth progress bar
 

@@ -8,8 +8,8 @@ _PACKAGES = ("adlib", "torch", "torchvision", "timm", "open_clip_torch", "numpy"
              "scikit-image", "faiss-cpu", "matplotlib")
 
 
-def show_versions(profile: str | None = None, seed: int | None = None) -> dict[str, str]:
-    """Print and return Python/package versions, the compute device, the seed and the profile."""
+def versions(profile: str | None = None, seed: int | None = None) -> dict[str, str]:
+    """Python/package versions, the compute device, the seed and the profile, as a dict."""
     import torch
 
     info = {"python": platform.python_version(), "platform": platform.platform()}
@@ -21,7 +21,11 @@ def show_versions(profile: str | None = None, seed: int | None = None) -> dict[s
     info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     info["seed"] = str(seed)
     info["profile"] = str(profile)
-    width = max(map(len, info))
-    for key, value in info.items():
-        print(f"{key:<{width}} : {value}")
     return info
+
+
+def show_versions(profile: str | None = None, seed: int | None = None) -> None:
+    """Print :func:`versions` as an aligned two-column list (the last cell of every chapter)."""
+    info = versions(profile, seed)
+    width = max(map(len, info))
+    print("\n".join(f"{key:<{width}} : {value}" for key, value in info.items()))

@@ -42,9 +42,11 @@ def test_choose_device(monkeypatch):
 
 
 def test_show_versions_reports_profile_and_seed(capsys):
-    info = adlib.show_versions(profile="smoke", seed=3)
+    info = adlib.versions(profile="smoke", seed=3)
     assert info["profile"] == "smoke" and info["seed"] == "3" and torch.__version__.startswith(info["torch"])
-    assert "profile" in capsys.readouterr().out
+    assert adlib.show_versions(profile="smoke", seed=3) is None
+    out = capsys.readouterr().out
+    assert "profile" in out and "smoke" in out
 
 
 def test_one_class_digits_protocol():
