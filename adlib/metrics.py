@@ -242,7 +242,7 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}; the MVTec AD standard is 0.3.")
     fpr, pro = pro_curve(masks, maps)
     # Rounding in the cumulative sums could push the ratio a hair above 1.
-    return min(_trapezoid(fpr, pro, fpr_limit) / fpr_limit, 1.0)
+    return float(min(_trapezoid(fpr, pro, fpr_limit) / fpr_limit, 1.0))
 
 
 def evaluate(labels: Any, scores: Any, masks: Any = None, maps: Any = None) -> dict[str, float]:
