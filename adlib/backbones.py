@@ -1,29 +1,108 @@
 """Feature extractors: a timm CNN with hooks on chosen stages, turned into a grid of patch features.
 
 Offline, the book can only use networks it initialises or trains itself; ``weights=None`` gives the
-random-init network that serves as the floor every learned feature must beat.
+random-init network that serves as the floor every learned feature must beat, and ``weights="book-resnet18"``
+the backbone the book pretrains offline (``adlib.pretrain``, shipped in ``adlib/weights`` with a model card).
 
 Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+WEIGHTS_DIR = Path(__file__).parent / "weights"
 
-def feature_extractor(name: str = "resnet18", layers: tuple[int, ...] = (1, 2), weights: None = None,
+
+def shipped_weights() -> dict[str, dict]:
+    """The backbones shipped with the package (``adlib/weights/registry.json``): name -> file, arch, sha256, ...
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    """
+    registry = WEIGHTS_DIR / "registry.json"
+    return json.loads(registry.read_text()) if registry.exists() else {}
+
+
+def load_weights(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A float32 state dict from a shipped name (e.g. ``"book-resnet18"``, sha256-checked) or a local file.
+
+    Local files may be ``.safetensors`` or a ``torch.save`` checkpoint (``.pth``/``.bin``/``.pt``).
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    """
+    registry = shipped_weights()
+    if str(weights) in registry:
+        entry = registry[str(weights)]
+        path = WEIGHTS_DIR / entry["file"]
+        if not path.exists():
+            raise FileNotFoundError(f"The weights file {path} of {weights!r} is missing; reinstall adlib or "
+                                    f"rebuild it with: {entry['command']}")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != entry["sha256"]:
+            raise ValueError(f"sha256 mismatch for {path}: expected {entry['sha256']}, got {digest}. The file "
+                             f"is corrupt or was replaced; reinstall adlib or rebuild it with: {entry['command']}")
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"No weights {str(weights)!r}: neither a shipped name "
+                                    f"({sorted(registry)}) nor an existing file.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _imagenet(name: str, layers: tuple[int, ...]) -> nn.Module:
+    """timm's ImageNet weights from the hub (or its cache), with an actionable error offline."""
+    try:
+        return timm.create_model(name, pretrained=True, features_only=True, out_indices=layers)
+    except Exception as err:  # timm raises hub, OS or runtime errors depending on what is missing
+        cfg = timm.models.get_pretrained_cfg(name)
+        repo = getattr(cfg, "hf_hub_id", None) or name
+        raise RuntimeError(
+            f"Could not get timm's pretrained weights of {name!r} ({type(err).__name__}). Offline (or with "
+            f"HF_HUB_OFFLINE=1), download 'model.safetensors' from https://huggingface.co/{repo} on a machine "
+            f"with internet and pass its path: feature_extractor({name!r}, ..., weights='/path/to/"
+            f"model.safetensors'), or copy that machine's ~/.cache/huggingface/hub here."
+        ) from err
+
+
+def feature_extractor(name: str = "resnet18", layers: tuple[int, ...] = (1, 2), weights: str | None = None,
                       seed: int = 0) -> nn.Module:
     """A timm model returning the feature maps of stages ``layers`` (timm's ``features_only``), in eval mode.
 
-    ``weights=None`` means random initialisation, seeded by ``seed`` so the features repeat exactly.
+    ``weights``: ``None`` = random initialisation, seeded by ``seed`` so the features repeat exactly; a
+    shipped name (:func:`shipped_weights`, e.g. ``"book-resnet18"``, trained offline by ``adlib.pretrain``);
+    ``"imagenet"`` = timm's pretrained weights (paper profile; needs the hub or its cache); or the path of a
+    local weights file. Shipped backbones expect images in [0, 1] without ImageNet normalisation.
     """
-    if weights is not None:
-        raise NotImplementedError("Only random initialisation is available offline (weights=None).")
+    if weights == "imagenet":
+        return _imagenet(name, layers).eval()
+    entry = shipped_weights().get(str(weights)) if weights is not None else None
+    if entry is not None:
+        if entry["arch"] != name:
+            raise ValueError(f"{weights!r} is a {entry['arch']!r}; call feature_extractor({entry['arch']!r}, ...).")
+        if max(layers) > entry["max_stage"]:
+            raise ValueError(f"{weights!r} ships stages 0-{entry['max_stage']} only; got layers={layers}.")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False, features_only=True, out_indices=layers)
+    if weights is not None:
+        # Extra keys (a classifier, stages beyond the last requested one) are expected; missing ones are not.
+        missing, _ = model.load_state_dict(load_weights(weights), strict=False)
+        if missing:
+            raise ValueError(f"weights {str(weights)!r} lack {len(missing)} tensors of {name!r} stages {layers}, "
+                             f"e.g. {missing[:3]}; they were trained for another architecture or fewer stages.")
     return model.eval()
 
 
@@ -44,4 +123,67 @@ def patch_features(model: nn.Module, images: torch.Tensor, pool: int = 3, grid: 
         size = maps[0].shape[-2:] if grid is None else (grid, grid)
         out.append(torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
                               for m in maps], dim=1))
+    return torch.cat(out)
+
+
+def vit_backbone(name: str = "vit_base_patch16_224", image_size: int = 224, weights: str | None = None,
+                 patch_size: int | None = None, seed: int = 0) -> nn.Module:
+    """A timm Vision Transformer for ``image_size`` px inputs, in eval mode (for :func:`vit_patch_tokens`).
+
+    ``weights`` as in :func:`feature_extractor`: ``None`` = random init seeded by ``seed``, ``"imagenet"`` =
+    timm's pretrained weights (needs the hub or its cache; position embeddings are resized to
+    ``image_size``), a shipped name or a local file. ``patch_size`` overrides the architecture's (random
+    init only: pretrained patch embeddings fix it).
+
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    """
+    options = {"img_size": image_size} | ({"patch_size": patch_size} if patch_size else {})
+    if weights == "imagenet":
+        if patch_size:
+            raise ValueError("patch_size cannot change with pretrained weights; leave it None.")
+        try:
+            return timm.create_model(name, pretrained=True, **options).eval()
+        except Exception as err:  # timm raises hub, OS or runtime errors depending on what is missing
+            cfg = timm.models.get_pretrained_cfg(name)
+            repo = getattr(cfg, "hf_hub_id", None) or name
+            raise RuntimeError(
+                f"Could not get timm's pretrained weights of {name!r} ({type(err).__name__}). Offline, download "
+                f"'model.safetensors' from https://huggingface.co/{repo} on a machine with internet and pass "
+                f"its path: vit_backbone({name!r}, ..., weights='/path/to/model.safetensors')."
+            ) from err
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, **options)
+    if weights is not None:
+        state = load_weights(weights)
+        if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+            from timm.layers import resample_abs_pos_embed
+            prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(model.patch_embed.grid_size),
+                                                        num_prefix_tokens=prefix)
+        missing, _ = model.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"weights {str(weights)!r} lack {len(missing)} tensors of {name!r}, e.g. "
+                             f"{missing[:3]}; they were trained for another architecture.")
+    return model.eval()
+
+
+@torch.no_grad()
+def vit_patch_tokens(model: nn.Module, images: torch.Tensor, blocks: tuple[int, ...] = (5, 8),
+                     batch_size: int = 32) -> torch.Tensor:
+    """Patch tokens of the ViT blocks ``blocks`` (0-based) as a feature grid: images (N, 3, H, W) ->
+    (N, C * len(blocks), H / patch, W / patch), blocks concatenated along channels, class token dropped.
+
+    Blocks after the last requested one are not run.
+
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    """
+    depth = len(model.blocks)
+    if not blocks or min(blocks) < 0 or max(blocks) >= depth:
+        raise ValueError(f"blocks must be indices in 0..{depth - 1} of the model's {depth} blocks, got {blocks}.")
+    out = []
+    for batch in torch.split(images, batch_size):
+        maps = model.forward_intermediates(batch, indices=list(blocks), stop_early=True, output_fmt="NCHW",
+                                           intermediates_only=True)
+        out.append(torch.cat(maps, dim=1))
     return torch.cat(out)

@@ -64,3 +64,72 @@ def to_pixel_maps(maps: np.ndarray, size: int | tuple[int, int], sigma: float = 
     up = F.interpolate(torch.as_tensor(maps, dtype=torch.float64)[:, None], size=size, mode="bilinear",
                        align_corners=False)[:, 0].numpy()
     return np.stack([ndimage.gaussian_filter(m, sigma) for m in up]) if sigma > 0 else up
+
+
+def nearest_images(train_global: torch.Tensor | np.ndarray, test_global: torch.Tensor | np.ndarray,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest training images of each test image in global feature space (exact, faiss).
+
+    train_global (M, D), test_global (N, D) -> Euclidean distances (N, k) float64, ascending, and indices
+    (N, k) into the training set.
+
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    """
+    train = torch.as_tensor(train_global).float().contiguous().numpy()
+    test = torch.as_tensor(test_global).float().contiguous().numpy()
+    if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
+        raise ValueError(f"global features must be (M, D) and (N, D), got {train.shape} and {test.shape}.")
+    if not 1 <= k <= len(train):
+        raise ValueError(f"k must be between 1 and the number of training images ({len(train)}), got {k}.")
+    index = faiss.IndexFlatL2(train.shape[1])
+    index.add(train)
+    sq, idx = index.search(test, k)
+    return np.sqrt(np.maximum(sq, 0)).astype(np.float64), idx
+
+
+class SPADE:
+    """SPADE: kNN on global features for the image score, then a pixel map from a gallery of those images.
+
+    ``fit(train_global (M, D), train_patches (M, C, h, w))`` stores normal features; ``predict(test_global
+    (N, D), test_patches (N, C, h, w))`` returns image scores (N,) = mean distance to the ``k`` nearest
+    training images, and patch maps (N, h, w) = mean distance of each test patch to its ``kappa`` nearest
+    patches among *all* positions of those k images (the gallery). Paper: k = 50, kappa = 1; upsample and
+    blur the maps with :func:`to_pixel_maps` (sigma 4).
+
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    """
+
+    def __init__(self, k: int = 50, kappa: int = 1):
+        if k < 1 or kappa < 1:
+            raise ValueError(f"k and kappa must be >= 1, got k={k}, kappa={kappa}.")
+        self.k, self.kappa = k, kappa
+        self.train_global: torch.Tensor | None = None
+        self.train_patches: torch.Tensor | None = None
+
+    def fit(self, train_global: torch.Tensor | np.ndarray, train_patches: torch.Tensor | np.ndarray) -> "SPADE":
+        g, p = torch.as_tensor(train_global).float(), torch.as_tensor(train_patches).float()
+        if p.ndim != 4 or g.ndim != 2 or len(g) != len(p):
+            raise ValueError(f"need train_global (M, D) and train_patches (M, C, h, w) for the same M images, "
+                             f"got {tuple(g.shape)} and {tuple(p.shape)}.")
+        if len(g) < self.k:
+            raise ValueError(f"k={self.k} needs at least {self.k} training images, got {len(g)}; lower k.")
+        self.train_global, self.train_patches = g, p
+        return self
+
+    def predict(self, test_global: torch.Tensor | np.ndarray,
+                test_patches: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.train_patches is None:
+            raise RuntimeError("Call fit(train_global, train_patches) before predict().")
+        q = torch.as_tensor(test_patches).float()
+        if q.shape[1:] != self.train_patches.shape[1:]:
+            raise ValueError(f"test patches {tuple(q.shape[1:])} differ from training patches "
+                             f"{tuple(self.train_patches.shape[1:])} (C, h, w).")
+        dist, idx = nearest_images(self.train_global, test_global, self.k)
+        n, c, h, w = q.shape
+        maps = np.empty((n, h, w))
+        for i in range(n):
+            # The gallery is small (k * h * w rows), so an exact torch.cdist per test image is cheap.
+            gallery = self.train_patches[idx[i]].permute(0, 2, 3, 1).reshape(-1, c)
+            d = torch.cdist(q[i].permute(1, 2, 0).reshape(-1, c), gallery)
+            maps[i] = d.topk(self.kappa, largest=False).values.mean(1).reshape(h, w).double().numpy()
+        return dist.mean(1), maps

@@ -1,0 +1,76 @@
+"""adlib.backbones weights: shipped backbones (sha256-checked), local files, and timm's weights offline."""
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adlib import backbones
+
+
+def _registry(folder, name, file, sha, arch="resnet18", max_stage=3):
+    entry = {"file": file, "arch": arch, "max_stage": max_stage, "sha256": sha, "command": "python -m adlib..."}
+    (folder / "registry.json").write_text(json.dumps({name: entry}))
+
+
+def _trunk_state(seed):
+    return backbones.feature_extractor("resnet18", (1, 2, 3), seed=seed).state_dict()
+
+
+def test_local_file_loads_exactly(tmp_path):
+    path = tmp_path / "trunk.pth"
+    torch.save(_trunk_state(3), path)
+    images = torch.rand(2, 3, 32, 32)
+    ours = backbones.feature_extractor("resnet18", (1, 2), weights=str(path))
+    ref = backbones.feature_extractor("resnet18", (1, 2), seed=3)
+    for a, b in zip(ours(images), ref(images)):
+        torch.testing.assert_close(a, b)
+
+
+def test_shipped_name_is_sha_checked(tmp_path, monkeypatch):
+    state = {k: v.half() if v.is_floating_point() else v for k, v in _trunk_state(5).items()}
+    save_file(state, str(tmp_path / "toy.safetensors"))
+    sha = hashlib.sha256((tmp_path / "toy.safetensors").read_bytes()).hexdigest()
+    monkeypatch.setattr(backbones, "WEIGHTS_DIR", tmp_path)
+    _registry(tmp_path, "toy-resnet18", "toy.safetensors", sha)
+    model = backbones.feature_extractor("resnet18", (1, 2), weights="toy-resnet18")
+    torch.testing.assert_close(model.state_dict()["conv1.weight"], state["conv1.weight"].float())
+    _registry(tmp_path, "toy-resnet18", "toy.safetensors", "0" * 64)
+    with pytest.raises(ValueError, match="sha256 mismatch for .*toy.safetensors"):
+        backbones.feature_extractor("resnet18", (1, 2), weights="toy-resnet18")
+    _registry(tmp_path, "toy-resnet18", "toy.safetensors", sha, max_stage=2)
+    with pytest.raises(ValueError, match="ships stages 0-2"):
+        backbones.feature_extractor("resnet18", (1, 2, 3), weights="toy-resnet18")
+    with pytest.raises(ValueError, match="is a 'resnet18'"):
+        backbones.feature_extractor("resnet34", (1, 2), weights="toy-resnet18")
+
+
+def test_bad_weights_give_actionable_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a shipped name"):
+        backbones.feature_extractor("resnet18", (1, 2), weights=str(tmp_path / "nope.pth"))
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="lack"):
+        backbones.feature_extractor("resnet18", (1, 2), weights=str(tmp_path / "partial.pth"))
+
+
+def test_imagenet_offline_says_what_to_download(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-adlib-test-cache")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", "/nonexistent-adlib-test-cache")
+    with pytest.raises(RuntimeError, match="huggingface.co/timm/resnet18"):
+        backbones.feature_extractor("resnet18", (1, 2), weights="imagenet")
+
+
+def test_every_shipped_backbone_loads_and_is_not_random():
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for name, entry in backbones.shipped_weights().items():
+        model = backbones.feature_extractor(entry["arch"], (1, 2), weights=name)
+        random = backbones.feature_extractor(entry["arch"], (1, 2), seed=0)
+        feats = backbones.patch_features(model, images, grid=8)
+        assert feats.shape == backbones.patch_features(random, images, grid=8).shape
+        assert torch.isfinite(feats).all()
+        assert not torch.allclose(feats, backbones.patch_features(random, images, grid=8))

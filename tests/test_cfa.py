@@ -1,0 +1,156 @@
+"""CFA: losses against a hand computation, the memory bank, scores against brute-force loops."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from adlib import cfa
+
+
+def test_loss_matches_a_hand_computation():
+    # One patch, a bank of 5 features, k = 2 attracted, j = 2 repelled (rank 3 and 4; rank 5 unused).
+    sq = torch.tensor([[[0.9, 0.01, 0.5, 0.05, 2.0]]])
+    r, alpha, nu = 0.5, 0.1, 0.01
+    # sorted: 0.01, 0.05 | 0.5, 0.9 | 2.0; r^2 = 0.25
+    att = (max(0, 0.01 - 0.25) + max(0, 0.05 - 0.25)) / 2  # both inside: 0
+    rep = (max(0, 0.25 - 0.5 - 0.1) + max(0, 0.25 - 0.9 - 0.1)) / 2  # both outside the margin: 0
+    out = cfa.cfa_loss(sq, r, k=2, j=2, alpha=alpha, nu=nu)
+    assert out["att"].item() == pytest.approx(att) and out["rep"].item() == pytest.approx(rep)
+
+    r = 0.8  # r^2 = 0.64: the third is now a hard negative inside the margin, the first two far inside
+    out = cfa.cfa_loss(sq, r, k=2, j=2, alpha=alpha, nu=nu)
+    rep = (max(0, 0.64 - 0.5 - 0.1) + max(0, 0.64 - 0.9 - 0.1)) / 2  # (0.04 + 0) / 2
+    assert out["att"].item() == pytest.approx(0.0)
+    assert out["rep"].item() == pytest.approx(rep, rel=1e-5) and rep == pytest.approx(0.02)
+    assert out["loss"].item() == pytest.approx(rep / nu, rel=1e-5)
+
+    r = 0.1  # r^2 = 0.01: the second nearest is outside its sphere
+    out = cfa.cfa_loss(sq, r, k=2, j=2, alpha=alpha, nu=nu)
+    assert out["att"].item() == pytest.approx((0.0 + 0.04) / 2, rel=1e-5)
+
+
+def test_loss_matches_loops_on_random_distances():
+    g = torch.Generator().manual_seed(0)
+    sq = torch.rand(2, 7, 10, generator=g)
+    r, k, j, alpha, nu = 0.6, 3, 3, 0.1, 1e-3
+    att, rep = [], []
+    for b in range(2):
+        for p in range(7):
+            d = sorted(sq[b, p].tolist())
+            att += [max(0.0, x - r * r) for x in d[:k]]
+            rep += [max(0.0, r * r - x - alpha) for x in d[k:k + j]]
+    out = cfa.cfa_loss(sq, torch.tensor([r]), k=k, j=j, alpha=alpha, nu=nu)
+    assert out["att"].item() == pytest.approx(np.mean(att), rel=1e-5)
+    assert out["rep"].item() == pytest.approx(np.mean(rep), rel=1e-5)
+    assert out["loss"].item() == pytest.approx((np.mean(att) + np.mean(rep)) / nu, rel=1e-5)
+
+
+def test_repulsion_is_inactive_at_the_paper_radius():
+    sq = torch.rand(1, 4, 8)
+    assert cfa.cfa_loss(sq, 1e-5)["rep"].item() == 0.0  # r^2 - D - alpha < 0 whenever r^2 < alpha
+
+
+def test_loss_needs_k_plus_j_memory_features():
+    with pytest.raises(ValueError, match="k \\+ j"):
+        cfa.cfa_loss(torch.rand(1, 2, 5), 0.1, k=3, j=3)
+
+
+def test_squared_distances_match_cdist():
+    g = torch.Generator().manual_seed(1)
+    desc, bank = torch.randn(2, 6, 3, 4, generator=g), torch.randn(9, 6, generator=g)
+    rows = desc.permute(0, 2, 3, 1).reshape(2, 12, 6)
+    expected = torch.cdist(rows.double(), bank.double()) ** 2
+    torch.testing.assert_close(cfa.squared_distances(desc, bank).double(), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="channels"):
+        cfa.squared_distances(desc, torch.randn(9, 5))
+
+
+def test_softmin_score_by_hand():
+    d = [1.0, 2.0, 3.0]  # Euclidean distances to the 3 nearest; a farther one must be ignored
+    sq = torch.tensor([[[x * x for x in d] + [100.0]]])
+    w = math.exp(-1) / (math.exp(-1) + math.exp(-2) + math.exp(-3))
+    assert cfa.softmin_scores(sq, k=3).item() == pytest.approx(w * 1.0, rel=1e-6)
+
+
+def test_add_coords_and_descriptor_shapes():
+    x = torch.zeros(2, 5, 3, 4)
+    c = cfa.add_coords(x)
+    assert c.shape == (2, 7, 3, 4)
+    np.testing.assert_allclose(c[0, 5, :, 0].numpy(), [-1, 0, 1])  # row coordinate
+    np.testing.assert_allclose(c[0, 6, 0].numpy(), np.linspace(-1, 1, 4), atol=1e-6)  # column coordinate
+    assert cfa.PatchDescriptor(8, gamma_d=2)(torch.randn(1, 8, 3, 3)).shape == (1, 4, 3, 3)
+    with pytest.raises(ValueError, match="gamma_d"):
+        cfa.PatchDescriptor(4, gamma_d=8)
+
+
+def test_memory_bank_ema_matches_a_loop():
+    g = torch.Generator().manual_seed(2)
+    desc = torch.randn(3, 4, 2, 3, generator=g)  # 3 images of 6 patches
+    rows = desc.permute(0, 2, 3, 1).reshape(3, 6, 4).numpy().astype(np.float64)
+    for beta in (None, 0.3):
+        bank = rows[0].copy()  # gamma_c = 1: the first image's patches
+        for i in (1, 2):
+            b = 1 / (i + 1) if beta is None else beta
+            for m in range(6):
+                nearest = rows[i][np.argmin(((rows[i] - bank[m]) ** 2).sum(1))]
+                bank[m] = (1 - b) * bank[m] + b * nearest
+        np.testing.assert_allclose(cfa.memory_bank(desc, beta=beta).numpy(), bank, atol=1e-5)
+
+
+def test_memory_bank_kmeans_compression():
+    # Two tight clusters in the first image; gamma_c = 4 keeps 8 // 4 = 2 centres, the cluster means.
+    first = torch.cat([torch.full((4, 2), 0.0), torch.full((4, 2), 10.0)]) + 0.01 * torch.arange(8.0)[:, None]
+    desc = first.T.reshape(1, 2, 2, 4)
+    bank = cfa.memory_bank(desc, gamma_c=4)
+    assert bank.shape == (2, 2)
+    expected = np.array([first[:4].mean(0).numpy(), first[4:].mean(0).numpy()])
+    got = bank.numpy()[np.argsort(bank[:, 0].numpy())]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="gamma_c"):
+        cfa.memory_bank(desc, gamma_c=9)
+    with pytest.raises(ValueError, match="beta"):
+        cfa.memory_bank(desc, beta=0.0)
+
+
+def test_model_score_maps_shape_range_and_zero_on_the_bank():
+    torch.manual_seed(0)
+    feats = torch.randn(3, 8, 4, 4)
+    model = cfa.CFA(8, k=2, j=2)
+    with pytest.raises(RuntimeError, match="init_bank"):
+        model.score_maps(feats)
+    model.init_bank(feats[:1])  # bank = the first image's 16 descriptors
+    maps = model.score_maps(feats)
+    assert maps.shape == (3, 4, 4) and maps.dtype == np.float64
+    assert np.isfinite(maps).all() and (maps >= 0).all()
+    np.testing.assert_allclose(maps[0], 0.0, atol=1e-3)  # a patch that is in the bank scores 0
+    sq = torch.cdist(model.descriptor(feats[1:2]).flatten(2).transpose(1, 2), model.bank) ** 2
+    expected = cfa.softmin_scores(sq, k=2).reshape(4, 4).detach().numpy()
+    np.testing.assert_allclose(maps[1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_training_reduces_the_loss_and_grows_the_radius():
+    torch.manual_seed(0)
+    feats = torch.randn(8, 6, 4, 4)
+    model = cfa.CFA(6).init_bank(feats)
+    before = model.loss(feats)["loss"].item()
+    history = cfa.train_cfa(model, feats, epochs=3, batch_size=4, progress=False)
+    assert len(history) == 3 and not model.training
+    assert model.loss(feats)["loss"].item() < before
+    assert history[-1]["radius"] > 1e-5
+    with pytest.raises(ValueError, match="batch_size"):
+        cfa.train_cfa(model, feats[:2], epochs=1, batch_size=4, progress=False)
+
+
+def test_training_is_deterministic():
+    def run() -> np.ndarray:
+        torch.manual_seed(0)
+        feats = torch.randn(8, 6, 4, 4)
+        model = cfa.CFA(6).init_bank(feats)
+        cfa.train_cfa(model, feats, epochs=2, batch_size=4, seed=1, progress=False)
+        return model.score_maps(feats)
+
+    np.testing.assert_array_equal(run(), run())
+

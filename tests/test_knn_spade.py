@@ -1,0 +1,99 @@
+"""SPADE on global + patch features and the ViT token extractor, against brute-force computations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adlib import backbones, knn
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(7, 6, generator=g), torch.randn(7, 4, 3, 5, generator=g),
+            torch.randn(3, 6, generator=g), torch.randn(3, 4, 3, 5, generator=g))
+
+
+def test_nearest_images_matches_cdist():
+    train_g, _, test_g, _ = _data()
+    d = torch.cdist(test_g.double(), train_g.double())
+    expected = d.topk(3, largest=False)
+    dist, idx = knn.nearest_images(train_g, test_g, 3)
+    np.testing.assert_allclose(dist, expected.values.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(idx, expected.indices.numpy())
+
+
+@pytest.mark.parametrize("k, kappa", [(1, 1), (3, 1), (3, 2), (7, 4)])
+def test_spade_matches_brute_force(k, kappa):
+    train_g, train_p, test_g, test_p = _data()
+    scores, maps = knn.SPADE(k=k, kappa=kappa).fit(train_g, train_p).predict(test_g, test_p)
+    for n in range(3):
+        dists = [float(torch.linalg.norm(test_g[n] - train_g[m])) for m in range(7)]
+        near = np.argsort(dists)[:k]
+        assert scores[n] == pytest.approx(np.sort(dists)[:k].mean(), rel=1e-5)
+        for i in range(3):
+            for j in range(5):
+                # Every position of every gallery image, not just the same position (i, j).
+                gallery = [float(torch.linalg.norm(test_p[n, :, i, j] - train_p[m, :, a, b]))
+                           for m in near for a in range(3) for b in range(5)]
+                assert maps[n, i, j] == pytest.approx(np.sort(gallery)[:kappa].mean(), rel=1e-4, abs=1e-5)
+
+
+def test_spade_gallery_is_restricted_to_the_nearest_images():
+    train_g, train_p, test_g, test_p = _data()
+    # Put an exact copy of test patch (0, 1, 2) into the training image farthest from test image 0 globally.
+    far = int(torch.cdist(test_g[:1], train_g).argmax())
+    train_p = train_p.clone()
+    train_p[far, :, 0, 0] = test_p[0, :, 1, 2]
+    _, maps_k1 = knn.SPADE(k=1).fit(train_g, train_p).predict(test_g, test_p)
+    _, maps_all = knn.SPADE(k=7).fit(train_g, train_p).predict(test_g, test_p)
+    assert maps_k1[0, 1, 2] > 0.1  # the copy is outside the 1-image gallery
+    assert maps_all[0, 1, 2] == pytest.approx(0.0, abs=1e-3)  # and found once every image is in it
+
+
+def test_spade_errors():
+    train_g, train_p, test_g, test_p = _data()
+    with pytest.raises(ValueError, match="lower k"):
+        knn.SPADE(k=50).fit(train_g, train_p)
+    with pytest.raises(RuntimeError, match="Call fit"):
+        knn.SPADE(k=1).predict(test_g, test_p)
+    with pytest.raises(ValueError, match="same M images"):
+        knn.SPADE(k=1).fit(train_g[:5], train_p)
+    with pytest.raises(ValueError, match="differ"):
+        knn.SPADE(k=1).fit(train_g, train_p).predict(test_g, test_p[:, :2])
+
+
+@pytest.fixture(scope="module")
+def vit() -> torch.nn.Module:
+    return backbones.vit_backbone("vit_tiny_patch16_224", image_size=32, patch_size=8, seed=0)
+
+
+def test_vit_patch_tokens_are_the_blocks_outputs(vit):
+    model = vit
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = backbones.vit_patch_tokens(model, x, blocks=(0, 2))
+    assert tokens.shape == (2, 2 * model.embed_dim, 4, 4)
+    # Independent path: run the blocks by hand and fold the patch tokens (class token dropped) into a grid.
+    with torch.no_grad():
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        outs = []
+        for i, block in enumerate(model.blocks[:3]):
+            h = block(h)
+            if i in (0, 2):
+                outs.append(h[:, model.num_prefix_tokens:].reshape(2, 4, 4, -1).permute(0, 3, 1, 2))
+    torch.testing.assert_close(tokens, torch.cat(outs, 1))
+    with pytest.raises(ValueError, match="blocks must be"):
+        backbones.vit_patch_tokens(model, x, blocks=(12,))
+
+
+def test_vit_backbone_loads_a_local_file_and_repeats_with_a_seed(vit, tmp_path):
+    model = vit
+    torch.save(model.state_dict(), tmp_path / "vit.pth")
+    loaded = backbones.vit_backbone("vit_tiny_patch16_224", image_size=32, patch_size=8, seed=2,
+                                    weights=str(tmp_path / "vit.pth"))
+    again = backbones.vit_backbone("vit_tiny_patch16_224", image_size=32, patch_size=8, seed=0)
+    torch.testing.assert_close(again.patch_embed.proj.weight, model.patch_embed.proj.weight)
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(backbones.vit_patch_tokens(loaded, x, (1,)), backbones.vit_patch_tokens(model, x, (1,)))
+    with pytest.raises(FileNotFoundError, match="No weights"):
+        backbones.vit_backbone("vit_tiny_patch16_224", image_size=32, weights=str(tmp_path / "missing.pth"))

@@ -1,0 +1,102 @@
+"""Uninformed Students: receptive fields, exact dense evaluation, losses and the normalised score."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adlib import students
+
+
+@pytest.mark.parametrize("patch_size, stride", [(17, 1), (17, 4), (33, 4), (9, 1)])
+def test_descriptor_shapes_and_exact_receptive_field(patch_size, stride):
+    torch.manual_seed(0)
+    net = students.PatchNet(patch_size, dim=5, width=4, stride=stride).double()
+    x = torch.rand(1, 3, 48, 48, dtype=torch.float64, requires_grad=True)
+    out = net(x)
+    assert out.shape == (1, 5, 48 // stride, 48 // stride)
+    i, j = out.shape[-2] // 2, out.shape[-1] // 2
+    out[0, :, i, j].sum().backward()
+    rows, cols = np.nonzero(x.grad[0].abs().sum(0).numpy())
+    # The pixels the descriptor depends on form exactly the p x p patch that cell_origin names.
+    assert (rows.min(), rows.max() + 1) == (net.cell_origin(i), net.cell_origin(i) + patch_size)
+    assert (cols.min(), cols.max() + 1) == (net.cell_origin(j), net.cell_origin(j) + patch_size)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_dense_output_equals_network_on_each_patch(stride):
+    torch.manual_seed(0)
+    net = students.PatchNet(17, dim=6, width=5, stride=stride, n=2).double()
+    x = torch.rand(2, 3, 28, 28, dtype=torch.float64)
+    dense = net(x)
+    cells = [(i, j) for i in range(dense.shape[-2]) for j in range(dense.shape[-1])
+             if min(net.cell_origin(i), net.cell_origin(j)) >= 0
+             and max(net.cell_origin(i), net.cell_origin(j)) + 17 <= 28]  # border cells see zero padding
+    assert cells
+    patches = torch.cat([x[:, :, net.cell_origin(i):net.cell_origin(i) + 17, net.cell_origin(j):net.cell_origin(j) + 17]
+                         for i, j in cells])
+    expected = torch.cat([dense[:, :, i, j] for i, j in cells])
+    torch.testing.assert_close(net(patches, dense=False)[:, :, 0, 0], expected)
+
+
+def test_grouped_students_are_independent_networks():
+    torch.manual_seed(0)
+    ens = students.PatchNet(17, dim=3, width=4, stride=4, n=2).double()
+    single = students.PatchNet(17, dim=3, width=4, stride=4, n=1).double()
+    # Copy the second group's weights into a single network: it must reproduce that student's output.
+    for conv_e, conv_s in zip(ens.convs, single.convs):
+        out = conv_s.out_channels
+        conv_s.weight.data = conv_e.weight.data[out:].clone()
+        conv_s.bias.data = conv_e.bias.data[out:].clone()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(ens(x)[:, 3:], single(x))
+
+
+def test_unreachable_patch_size_is_refused():
+    with pytest.raises(ValueError, match="not reachable"):
+        students.PatchNet(65, stride=3)
+    with pytest.raises(ValueError, match="dense=False expects"):
+        students.PatchNet(17, dim=2, width=2, stride=4)(torch.rand(1, 3, 20, 20), dense=False)
+
+
+def test_compactness_loss_against_numpy():
+    d = torch.randn(50, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    corr = np.corrcoef(d.numpy(), rowvar=False)
+    expected = (corr**2).sum() - np.trace(corr**2)
+    assert students.compactness_loss(d).item() == pytest.approx(expected, rel=1e-6)
+    # Uncorrelated (orthogonal, centred) channels cost nothing.
+    a = np.random.default_rng(0).normal(size=(50, 4))
+    q, _ = np.linalg.qr(a - a.mean(0))  # orthonormal columns, still centred
+    assert students.compactness_loss(torch.from_numpy(q)).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_errors_and_variances_against_loops():
+    g = np.random.default_rng(0)
+    s, t = g.normal(size=(3, 2, 4, 2, 3)), g.normal(size=(2, 4, 2, 3))
+    e, v = students.errors_and_variances(torch.from_numpy(s), torch.from_numpy(t))
+    for n in range(2):
+        for i in range(2):
+            for j in range(3):
+                preds = s[:, n, :, i, j]  # (M, dim)
+                assert e[n, i, j].item() == pytest.approx(((preds.mean(0) - t[n, :, i, j]) ** 2).sum())
+                assert v[n, i, j].item() == pytest.approx(preds.var(0).sum())  # trace of the covariance
+
+
+def test_score_is_normalised_with_held_out_statistics():
+    torch.manual_seed(0)
+    teacher = students.PatchNet(17, dim=4, width=4, stride=4).eval()
+    st = students.StudentTeacher(teacher, n_students=2)
+    images = torch.rand(6, 3, 32, 32)
+    st.fit(images[:4], epochs=1, batch_size=2, progress=False)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        st.score_maps(images)
+    st.calibrate(images[4:])
+    e, v = (a.double().numpy() for a in st.errors_and_variances(images[4:]))
+    e_norm, v_norm = st.normalised_terms(images[4:])
+    np.testing.assert_allclose(e_norm, (e - e.mean()) / e.std(ddof=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(v_norm, (v - v.mean()) / v.std(ddof=1), rtol=1e-5, atol=1e-5)
+    both = st.score_maps(images[4:])
+    np.testing.assert_allclose(both, e_norm + v_norm)
+    # Normalisation uses the calibration images only: scoring other images does not change it.
+    assert abs(both.mean()) < 1e-5
+    assert abs(st.score_maps(images[:4]).mean()) > 1e-3
