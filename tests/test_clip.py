@@ -1,0 +1,256 @@
+"""Tests of adlib.clip: encodings, weights on disk, WinCLIP-style scores, CLIPN losses and scores."""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from adlib import clip, toyworld
+
+SMALL = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return clip.build_tiny_clip(SMALL).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return toyworld.sample(6, seed=0, image_size=32).images
+
+
+# --------------------------------------------------------------------------- encodings
+
+
+def test_encode_images_matches_open_clip_and_gives_patch_tokens(model, images):
+    glob, patches = clip.encode_images(model, images, batch_size=4)
+    assert glob.shape == (6, 16) and patches.shape == (6, (32 // 8) ** 2, 16)
+    with torch.no_grad():
+        ref = model.encode_image(clip.to_tensor(images), normalize=True)
+    torch.testing.assert_close(glob, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(patches.norm(dim=-1), torch.ones(6, 16), atol=1e-5, rtol=0)
+    assert model.visual.output_tokens is False  # restored
+
+
+def test_to_tensor_normalises_and_rejects_floats():
+    x = clip.to_tensor(np.full((1, 4, 4, 3), 255, np.uint8))
+    expected = (1 - torch.tensor(open_clip.OPENAI_DATASET_MEAN)) / torch.tensor(open_clip.OPENAI_DATASET_STD)
+    torch.testing.assert_close(x[0, :, 0, 0], expected)
+    with pytest.raises(ValueError, match="uint8"):
+        clip.to_tensor(np.zeros((1, 4, 4, 3), np.float32))
+
+
+def test_zero_shot_accuracy_equals_brute_force(model, images):
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    names = ["star", "circle", "ring"]
+    acc = clip.zero_shot_accuracy(model, images, labels, names, templates=("a photo of a {}.",))
+    glob, _ = clip.encode_images(model, images)
+    text = clip.encode_texts(model, [f"a photo of a {n}." for n in names])
+    pred = [int(np.argmax([float(g @ t) for t in text])) for g in glob]
+    assert acc == pytest.approx(np.mean(np.array(pred) == labels))
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def test_save_load_roundtrip_and_sha_check(model, tmp_path):
+    path = tmp_path / "w.pt"
+    sha = clip.save_clip(model, path, SMALL, {"note": "test"})
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["sha256"] == sha == clip.sha256_file(path) and card["note"] == "test"
+    loaded = clip.load_tiny_clip(path)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v.half().float() if v.is_floating_point() else v)
+    with pytest.raises(ValueError, match="sha256"):
+        clip.load_tiny_clip(path, sha256="0" * 64)
+    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(ValueError, match="corrupt"):
+        clip.load_tiny_clip(path)
+    with pytest.raises(FileNotFoundError, match="train-tiny"):
+        clip.load_tiny_clip(tmp_path / "missing.pt")
+
+
+def test_shipped_tiny_clip_loads_and_is_small():
+    card = clip.tiny_clip_card()
+    assert clip.TINY_WEIGHTS.stat().st_size <= 15 * 2**20
+    m = clip.load_tiny_clip()  # checks the sha256
+    assert clip.image_size(m) == card["config"]["vision_cfg"]["image_size"]
+    assert card["eval"]["zero_shot_shape_accuracy"] > 1 / len(toyworld.SHAPES)
+
+
+def test_train_tiny_command_smoke(tmp_path, monkeypatch):
+    monkeypatch.setattr(clip, "TINY_CONFIG", SMALL)
+    out = tmp_path / "tiny.pt"
+    n_threads = torch.get_num_threads()
+    try:
+        assert clip.main(["train-tiny", "--out", str(out), "--steps", "2", "--batch-size", "8", "--pairs", "16",
+                          "--eval", "10", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(n_threads)
+    card = clip.tiny_clip_card(out)
+    assert card["train"]["steps"] == 2 and card["sha256"] == clip.sha256_file(out)
+    clip.load_tiny_clip(out)
+
+
+def test_load_open_clip_from_a_local_state_dict(tmp_path, model):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "adlib-test-tiny.json").write_text(json.dumps(SMALL))
+    open_clip.add_model_config(tmp_path / "cfg")
+    path = tmp_path / "state.pt"
+    torch.save(model.state_dict(), path)
+    loaded, preprocess = clip.load_open_clip("adlib-test-tiny", str(path))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+    assert callable(preprocess)
+
+
+def test_load_open_clip_offline_tag_fails_fast(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    start = time.time()
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
+        clip.load_open_clip("ViT-B-16", "openai")
+    assert time.time() - start < 5
+    with pytest.raises(FileNotFoundError, match="neither a file nor a pretrained tag"):
+        clip.load_open_clip("ViT-B-16", "no-such-tag")
+
+
+# --------------------------------------------------------------------------- WinCLIP-style baseline
+
+
+def test_prompt_ensemble_sizes():
+    normal, anomalous = clip.prompt_ensemble("star")
+    assert len(normal) == 7 * 21 and len(anomalous) == 4 * 21
+    assert "a photo of a flawless star." in normal and "a photo of a damaged star." in anomalous
+
+
+def test_winclip_scores_match_manual_computation(model, images):
+    scores, maps = clip.winclip_scores(model, images, "star")
+    assert scores.shape == (6,) and maps.shape == (6, 32, 32)
+    assert ((0 <= maps) & (maps <= 1)).all()
+    normal, anomalous = clip.prompt_ensemble("star")
+    anchors = torch.stack([F.normalize(clip.encode_texts(model, p).mean(0), dim=-1) for p in (normal, anomalous)])
+    glob, patches = clip.encode_images(model, images)
+    s = model.logit_scale.exp().item()
+    for i in range(6):
+        a, b = s * float(glob[i] @ anchors[0]), s * float(glob[i] @ anchors[1])
+        assert scores[i] == pytest.approx(math.exp(b) / (math.exp(a) + math.exp(b)), rel=1e-4)
+    # the map's mean equals the mean patch probability (bilinear upsampling by an integer factor, edges clamped)
+    p = (s * patches @ anchors.T).softmax(-1)[..., 1]
+    assert maps[0].max() <= p[0].max().item() + 1e-6 and maps[0].min() >= p[0].min().item() - 1e-6
+
+
+# --------------------------------------------------------------------------- CLIPN losses and scores
+
+
+def test_itbo_loss_hand_computed():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    no = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    # yes logits = identity, no logits = anti-identity (scale 1):
+    # match (i, i): p_yes = e^1 / (e^1 + e^0); non-match (i, j): p_no = e^1 / (e^0 + e^1)
+    p = math.e / (math.e + 1)
+    loss_yes, loss_no = clip.itbo_loss(img, txt, no, 1.0)
+    assert loss_yes.item() == pytest.approx(-math.log(p))
+    assert loss_no.item() == pytest.approx(-math.log(p))
+    # with scale 2 and a custom match matrix that calls every pair a match, loss_no has no terms -> 0
+    loss_yes, loss_no = clip.itbo_loss(img, txt, no, 2.0, positives=torch.ones(2, 2, dtype=torch.bool))
+    q_diag, q_off = math.exp(2) / (math.exp(2) + 1), 1 / (1 + math.exp(2))
+    assert loss_yes.item() == pytest.approx(-(2 * math.log(q_diag) + 2 * math.log(q_off)) / 4)
+    assert loss_no.item() == 0.0
+
+
+def test_tso_loss_hand_computed():
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert clip.tso_loss(t, t).item() == pytest.approx(2 - math.sqrt(1e-4), rel=1e-5)
+    assert clip.tso_loss(t, -t).item() == pytest.approx(2 - math.sqrt(4 + 1e-4), abs=1e-6)
+    orth = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert clip.tso_loss(t, orth).item() == pytest.approx(2 - math.sqrt(2 + 1e-4), rel=1e-5)
+    parts = clip.clipn_loss(t, t, orth, 1.0)
+    assert parts["loss"].item() == pytest.approx(0.5 * (parts["itbo_yes"] + parts["itbo_no"] + parts["tso"]).item())
+
+
+def test_ood_scores_against_loops():
+    gen = torch.Generator().manual_seed(0)
+    yes, no = torch.randn(5, 3, generator=gen) * 3, torch.randn(5, 3, generator=gen) * 3
+    msp, ctw, atd = clip.msp_score(yes), clip.ctw_score(yes, no), clip.atd_score(yes, no)
+    for i in range(5):
+        e = np.exp(yes[i].numpy().astype(np.float64))
+        probs = e / e.sum()
+        p_yes = [math.exp(yes[i, c]) / (math.exp(yes[i, c]) + math.exp(no[i, c])) for c in range(3)]
+        k = int(np.argmax(probs))
+        assert msp[i] == pytest.approx(1 - probs[k], abs=1e-6)
+        assert ctw[i] == pytest.approx(1 - p_yes[k], abs=1e-6)
+        assert atd[i] == pytest.approx(1 - sum(probs[c] * p_yes[c] for c in range(3)), abs=1e-6)
+
+
+def test_ood_metrics_against_sklearn_and_brute_force():
+    rng = np.random.default_rng(0)
+    is_ood = np.r_[np.zeros(40), np.ones(30)].astype(int)
+    scores = rng.normal(size=70) + is_ood
+    m = clip.ood_metrics(is_ood, scores)
+    assert m["AUROC"] == pytest.approx(100 * roc_auc_score(is_ood, scores))
+    # brute force: the largest threshold keeping >= 95 % of ID scores below-or-equal; OOD accepted = OOD at or below it
+    id_s, ood_s = np.sort(scores[is_ood == 0]), scores[is_ood == 1]
+    best = min(100 * np.mean(ood_s <= t) for t in np.r_[id_s, ood_s] if np.mean(id_s <= t) >= 0.95)
+    assert m["FPR95"] == pytest.approx(best)
+
+
+def test_no_encoder_starts_as_the_text_encoder_and_trains(model):
+    no_enc = clip.NoTextEncoder(model, n_prompts=4)
+    texts = ["a photo of a star.", "a red ring on wood."]
+    torch.testing.assert_close(no_enc.encode(model, texts), clip.encode_texts(model, texts), atol=1e-5, rtol=1e-5)
+    data = toyworld.sample(24, seed=0, image_size=32)
+    image_emb, _ = clip.encode_images(model, data.images)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hist = clip.train_no_encoder(model, no_enc, image_emb, data.captions, steps=15, batch_size=12, lr=3e-3)
+    assert len(hist) == 15 and hist[-1]["tso"] < hist[0]["tso"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # CLIP stays frozen
+    assert no_enc.prompts.abs().sum() > 0  # the no-prompts learned
+    yes, no = clip.yes_no_logits(model, no_enc, image_emb, ["star", "ring"])
+    assert yes.shape == no.shape == (24, 2)
+    with pytest.raises(ValueError, match="one caption per image"):
+        clip.train_no_encoder(model, no_enc, image_emb, data.captions[:3], steps=1)
+
+
+def test_paper_data_readers(tmp_path):
+    from PIL import Image
+
+    pairs = tmp_path / "pairs"
+    (pairs / "a").mkdir(parents=True)
+    for i, text in enumerate(["a dog.", "a cat on a mat."]):
+        Image.new("RGB", (8, 8)).save(pairs / "a" / f"{i}.jpg")
+        (pairs / "a" / f"{i}.txt").write_text(text + "\n")
+    Image.new("RGB", (8, 8)).save(pairs / "a" / "no_caption.jpg")
+    paths, captions = clip.read_image_text_folder(pairs)
+    assert [p.name for p in paths] == ["0.jpg", "1.jpg"] and captions == ["a dog.", "a cat on a mat."]
+    with pytest.raises(FileNotFoundError, match="caption file"):
+        clip.read_image_text_folder(tmp_path / "missing")
+    folder = tmp_path / "val"
+    for wnid, n in (("n02", 2), ("n01", 1)):
+        (folder / wnid).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(folder / wnid / f"{i}.JPEG")
+    paths, labels, names = clip.read_image_folder(folder)
+    assert names == ["n01", "n02"] and labels.tolist() == [0, 1, 1]
+    (folder / "classnames.txt").write_text("goldfish\ntench\n")
+    assert clip.read_image_folder(folder)[2] == ["goldfish", "tench"]
+    (folder / "classnames.txt").write_text("goldfish\n")
+    with pytest.raises(ValueError, match="1 names for 2 class folders"):
+        clip.read_image_folder(folder)
+    with pytest.raises(FileNotFoundError, match="Download"):
+        clip.read_image_folder(tmp_path / "nothing")

@@ -1,0 +1,108 @@
+"""Tests of adlib.toyworld: determinism, exact defect masks, captions, MVTec export."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adlib import data, toyworld as tw
+
+
+def test_sample_is_deterministic_and_prefix_stable():
+    a = tw.sample(4, seed=3, defect_rate=0.5)
+    b = tw.sample(9, seed=3, defect_rate=0.5)
+    np.testing.assert_array_equal(a.images, b.images[:4])
+    np.testing.assert_array_equal(a.masks, b.masks[:4])
+    assert a.captions == b.captions[:4] and a.scenes == b.scenes[:4]
+    c = tw.sample(4, seed=4, defect_rate=0.5)
+    assert not np.array_equal(a.images, c.images)
+    assert a.images.shape == (4, 64, 64, 3) and a.images.dtype == np.uint8
+    assert [tw.SHAPES[i] for i in a.labels] == [s.shape for s in a.scenes]
+
+
+def test_labels_index_the_requested_shapes():
+    d = tw.sample(20, seed=0, shapes=("moon", "star"))
+    assert set(d.labels) <= {0, 1}
+    assert all(("moon", "star")[lab] == s.shape for lab, s in zip(d.labels, d.scenes))
+
+
+@pytest.mark.parametrize("defect", tw.DEFECTS)
+def test_defect_changes_pixels_only_inside_its_mask(defect):
+    # render draws the same scene up to the defect, so the good and defective images differ only in the mask
+    scene = tw.Scene("square", "red", "large", "wood", "good")
+    for k in range(3):
+        good, good_mask = tw.render(scene, 64, np.random.default_rng(k))
+        bad, mask = tw.render(scene._replace(defect=defect), 64, np.random.default_rng(k))
+        assert not good_mask.any() and mask.any()
+        np.testing.assert_array_equal(good[~mask], bad[~mask])
+        assert np.abs(good[mask] - bad[mask]).max() > 0.05
+
+
+def test_shape_areas_match_geometry():
+    r, size, centre = 20.0, 64, np.array([32.0, 32.0])
+    circle = tw.shape_mask("circle", size, centre, r, 0.0).sum()
+    assert abs(circle - np.pi * r**2) / (np.pi * r**2) < 0.03
+    square = tw.shape_mask("square", size, centre, r, 0.3).sum()  # circumradius 0.95 r: area 2 (0.95 r)^2
+    assert abs(square - 2 * (0.95 * r) ** 2) / (2 * (0.95 * r) ** 2) < 0.06
+    ring = tw.shape_mask("ring", size, centre, r, 0.0).sum()
+    assert abs(ring - np.pi * r**2 * (1 - 0.55**2)) / (np.pi * r**2 * (1 - 0.55**2)) < 0.06
+
+
+def test_captions_name_defects_only_when_asked():
+    scene = tw.Scene("star", "blue", "small", "grass", "crack")
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        assert "cracked" not in tw.caption(scene, rng, name_defect=False)
+        named = tw.caption(scene, rng, name_defect=True)
+        assert "cracked" in named and "star" in named
+    d = tw.sample(300, seed=1, defect_rate=0.0)
+    assert not any(w in c for c in d.captions for w in tw.DEFECT_WORDS.values())
+
+
+def test_describes_hand_cases():
+    s = tw.Scene("star", "red", "small", "wood", "hole")
+    assert tw.describes("a photo of a star.", s)
+    assert tw.describes("a photo of a small red star on wood.", s)
+    assert tw.describes("a holed star.", s)
+    assert not tw.describes("a photo of a circle.", s)
+    assert not tw.describes("a blue star.", s)
+    assert not tw.describes("a large star on wood.", s)
+    assert not tw.describes("a cracked star.", s)
+    assert not tw.describes("a star on a plain background.", s)
+
+
+def test_match_matrix_equals_describes_loop():
+    d = tw.sample(60, seed=2, defect_rate=0.5, name_defect_rate=0.5)
+    m = tw.match_matrix(d.captions, d.scenes)
+    def brute(text, scene):  # every attribute word in the caption must be the scene's
+        words = text.replace(".", " ").split()
+        truth = {scene.shape, scene.colour, scene.size, scene.background, tw.DEFECT_WORDS.get(scene.defect)}
+        vocab = set(tw.SHAPES) | set(tw.COLOURS) | set(tw.SIZES) | set(tw.BACKGROUNDS) | set(tw.DEFECT_WORDS.values())
+        return all(w in truth for w in words if w in vocab)
+
+    loop = np.array([[brute(c, s) for c in d.captions] for s in d.scenes])
+    np.testing.assert_array_equal(m, loop)
+    assert m.diagonal().all() and not m.all()
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(ValueError, match="choose from"):
+        tw.sample(2, shapes=("dragon",))
+    with pytest.raises(ValueError, match="probabilities"):
+        tw.sample(2, defect_rate=1.5)
+    with pytest.raises(ValueError, match="Unknown shape"):
+        tw.shape_mask("dragon", 32, np.array([16.0, 16.0]), 8.0, 0.0)
+
+
+def test_export_mvtec_reads_back(tmp_path):
+    root = tw.export_mvtec(tmp_path, ("star",), n_train=3, n_test_good=2, n_test_per_defect=2, image_size=32)
+    ds = data.MVTecDataset(root, "star", split="test", image_size=32)
+    assert len(ds) == 2 + 2 * len(tw.DEFECTS)
+    assert set(ds.defects) == {"good", *tw.DEFECTS}
+    images, masks = tw.scenes_of("star", "hole", 2, seed=1, image_size=32)  # test split uses seed 2 * 0 + 1
+    holes = [ds[i] for i in range(len(ds)) if ds[i]["defect"] == "hole"]
+    for k, item in enumerate(holes):
+        np.testing.assert_array_equal(np.asarray(item["mask"]).squeeze() > 0.5, masks[k])
+        assert item["label"] == 1
+    assert len(data.MVTecDataset(root, "star", split="train", image_size=32)) == 3
+    with pytest.raises(FileExistsError):
+        tw.export_mvtec(tmp_path, ("star",), n_train=1)
