@@ -67,7 +67,9 @@ def test_imagenet_offline_says_what_to_download(monkeypatch):
 
 def test_every_shipped_backbone_loads_and_is_not_random():
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    for name, entry in backbones.shipped_weights().items():
+    shipped = backbones.shipped_weights()
+    assert "book-resnet18" in shipped
+    for name, entry in shipped.items():
         model = backbones.feature_extractor(entry["arch"], (1, 2), weights=name)
         random = backbones.feature_extractor(entry["arch"], (1, 2), seed=0)
         feats = backbones.patch_features(model, images, grid=8)

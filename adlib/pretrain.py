@@ -1,0 +1,380 @@
+"""The book's small pretrained backbones, reproducible offline on a CPU.
+
+ImageNet weights cannot be downloaded on the book's build machines, and random-init features are a weak
+floor for patch-kNN detection. This module trains stand-ins on data that ship with scikit-image and
+scikit-learn or are rendered from formulas, disjoint from the SynthTex evaluation textures:
+
+- ``fractal``: formula-driven supervised pretraining (FractalDB, Kataoka et al., ACCV 2020): classify
+  images rendered from many random iterated-function-system (IFS) fractals, in colour, at several scales;
+- ``simclr``: SimCLR (NT-Xent) on random crops of bundled natural photographs;
+- ``fractal_simclr``: both losses at every step.
+
+Recipes are chosen by patch-kNN AUROC on :func:`validation_set` (defects on textures that are neither
+SynthTex categories nor training data), never on SynthTex. A run is a fixed number of steps with fixed
+seeds and thread count, so it repeats bit for bit on the same machine and library versions::
+
+    python -m adlib.pretrain fractal --out adlib/weights/book-resnet18.safetensors
+
+Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from adlib import knn, metrics, synthtex
+from adlib.ssl import nt_xent
+from adlib.backbones import patch_features
+
+NATURAL_IMAGES = ("astronaut", "coffee", "chelsea", "camera", "coins", "retina", "rocket", "cat", "page",
+                  "clock", "colorwheel", "china", "flower")
+VALIDATION_IMAGES = ("hubble_deep_field", "immunohistochemistry", "moon", "cell")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One pretraining run. ``arch``: timm name; ``stages``: the trunk stages trained and shipped."""
+
+    kind: str  # "fractal", "simclr" or "fractal_simclr"
+    arch: str = "resnet18"
+    stages: int = 2
+    steps: int = 1500
+    batch_size: int = 64
+    crop: int = 32
+    n_classes: int = 256
+    per_class: int = 32
+    lr: float = 0.05
+    temperature: float = 0.2
+    seed: int = 0
+    threads: int = 1
+
+
+# The candidates compared in MODEL_CARD.md; "fractal" is the shipped book-resnet18.
+RECIPES = {"fractal": Recipe("fractal", steps=600, n_classes=64, per_class=32),
+           "simclr": Recipe("simclr", steps=600),
+           "fractal_simclr": Recipe("fractal_simclr", steps=600, per_class=16),
+           "random": Recipe("random", steps=0)}
+
+
+# ----------------------------------------------------------------------------------------------- data
+def ifs_system(rng: np.random.Generator, max_maps: int = 8) -> np.ndarray:
+    """A random contractive IFS: (n_maps, 6) rows (a, b, c, d, e, f) of x' = [[a, b], [c, d]] x + [e, f].
+
+    As FractalDB, parameters are uniform in [-1, 1]; maps are shrunk to spectral norm <= 0.9 so every
+    system converges, and systems whose attractor fills too little of its bounding box are redrawn.
+    """
+    while True:
+        n = int(rng.integers(2, max_maps + 1))
+        p = rng.uniform(-1, 1, size=(n, 6))
+        a = p[:, :4].reshape(n, 2, 2)
+        norms = np.linalg.norm(a, ord=2, axis=(1, 2))
+        p[:, :4] *= np.minimum(1.0, 0.9 / norms)[:, None]
+        pts, _ = ifs_points(p, rng, n_chains=256, n_steps=24)
+        if _fill_rate(pts, 32) >= 0.12:
+            return p
+
+
+def ifs_points(params: np.ndarray, rng: np.random.Generator, n_chains: int = 1024,
+               n_steps: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Chaos-game points (M, 2) of an IFS and the index (M,) of the map that placed each point."""
+    a = params[:, :4].reshape(-1, 2, 2)
+    b = params[:, 4:]
+    prob = np.abs(np.linalg.det(a)) + 1e-3  # FractalDB picks maps in proportion to their area
+    cum = np.cumsum(prob / prob.sum())
+    x = rng.uniform(-1, 1, size=(n_chains, 2))
+    pts, ids = [], []
+    for step in range(n_steps):
+        k = np.minimum(np.searchsorted(cum, rng.uniform(size=n_chains)), len(params) - 1)
+        x = np.einsum("nij,nj->ni", a[k], x) + b[k]
+        if step >= 6:  # the first steps have not reached the attractor yet
+            pts.append(x)
+            ids.append(k)
+    return np.concatenate(pts), np.concatenate(ids)
+
+
+def _fill_rate(pts: np.ndarray, size: int) -> float:
+    lo, hi = pts.min(0), pts.max(0)
+    ij = ((pts - lo) / np.maximum(hi - lo, 1e-9) * (size - 1)).astype(int)
+    return len(np.unique(ij[:, 0] * size + ij[:, 1])) / size ** 2
+
+
+def render_fractal(params: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One training image (size, size, 3) float32 in [0, 1]: 1-4 coloured instances of one IFS class.
+
+    Each instance jitters the parameters a little (intra-class variation), is rotated, scaled and placed
+    at random, and colours its points by the map that placed them; the background is a random colour
+    with smooth noise, so the class is told by shape and local structure, not by colour.
+    """
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    bg = rng.uniform(0, 1, 3) + rng.uniform(-0.2, 0.2, 3) * np.sin(
+        2 * np.pi * (rng.uniform(0.5, 3) * xx + rng.uniform(0.5, 3) * yy + rng.uniform()))[..., None]
+    acc = np.zeros((size * size, 3))
+    cnt = np.zeros(size * size)
+    for _ in range(int(rng.integers(1, 5))):
+        p = params + rng.normal(0, 0.03, size=params.shape)
+        pts, ids = ifs_points(p, rng, n_chains=16 * size)
+        finite = np.isfinite(pts).all(1)
+        pts, ids = pts[finite], ids[finite]
+        lo, hi = np.percentile(pts, [1, 99], axis=0)
+        pts = (pts - (lo + hi) / 2) / np.maximum(hi - lo, 1e-6).max()
+        t = rng.uniform(0, 2 * np.pi)
+        rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]) * rng.uniform(0.3, 1.1) * size
+        ij = (pts @ rot.T + rng.uniform(0.2, 0.8, 2) * size).astype(int)
+        keep = ((ij >= 0) & (ij < size)).all(1)
+        flat = ij[keep, 0] * size + ij[keep, 1]
+        colours = rng.uniform(0, 1, size=(len(params), 3))[ids[keep]]
+        for ch in range(3):
+            acc[:, ch] += np.bincount(flat, weights=colours[:, ch], minlength=size * size)
+        cnt += np.bincount(flat, minlength=size * size)
+    alpha = (1 - np.exp(-cnt / 3.0))[:, None]
+    fg = acc / np.maximum(cnt, 1)[:, None]
+    img = bg.reshape(-1, 3) * (1 - alpha) + fg * alpha
+    return np.clip(img.reshape(size, size, 3), 0, 1).astype(np.float32)
+
+
+def fractal_dataset(n_classes: int, per_class: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (n_classes * per_class, 3, size, size) uint8 and labels: ``n_classes`` random IFS classes."""
+    rng = np.random.default_rng(seed)
+    systems = [ifs_system(rng) for _ in range(n_classes)]
+    images = np.stack([render_fractal(s, size, rng) for s in systems for _ in range(per_class)])
+    labels = np.repeat(np.arange(n_classes), per_class)
+    return torch.from_numpy((images * 255).round().astype(np.uint8)).permute(0, 3, 1, 2), torch.from_numpy(labels)
+
+
+def _skimage_rgb(name: str) -> np.ndarray:
+    """A bundled photograph as (H, W, 3) float32 in [0, 1]."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+        img = load_sample_image(f"{name}.jpg")
+    else:
+        import skimage.data
+        img = getattr(skimage.data, name)()
+    img = np.asarray(img, dtype=np.float32)
+    img = img / 255.0 if img.max() > 1 else img
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return img[..., :3]
+
+
+def natural_images() -> list[torch.Tensor]:
+    """The SimCLR training photographs, each (3, H, W) float32; none is a SynthTex or validation source."""
+    out = []
+    for name in NATURAL_IMAGES:
+        img = torch.from_numpy(_skimage_rgb(name)).permute(2, 0, 1)[None]
+        scale = min(1.0, 512 / max(img.shape[-2:]))  # large photos are shrunk once, so crops stay cheap
+        out.append(F.interpolate(img, scale_factor=scale, mode="area")[0] if scale < 1 else img[0])
+    return out
+
+
+def _random_crops(sources: list[torch.Tensor], n: int, size: int, scale: tuple[float, float],
+                  gen: torch.Generator) -> torch.Tensor:
+    """``n`` random resized crops (n, 3, size, size) from random ``sources`` (area fraction in ``scale``)."""
+    out = []
+    for _ in range(n):
+        img = sources[int(torch.randint(len(sources), (1,), generator=gen))]
+        h, w = img.shape[-2:]
+        frac = float(torch.empty(1).uniform_(*scale, generator=gen))
+        side = max(8, int(min(h, w) * frac ** 0.5))
+        top = int(torch.randint(h - side + 1, (1,), generator=gen))
+        left = int(torch.randint(w - side + 1, (1,), generator=gen))
+        crop = img[None, :, top:top + side, left:left + side]
+        out.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True))
+    return torch.cat(out)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, strength: float = 0.5) -> torch.Tensor:
+    """Per-image flips, 90-degree rotations, colour jitter and grayscale (SimCLR's colour distortion, p 0.8/0.2).
+
+    ``x``: (N, 3, H, W) in [0, 1] -> same shape.
+    """
+    n = len(x)
+    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    x = torch.where(u(n, 1, 1, 1) < 0.5, x.flip(-1), x)
+    x = torch.stack([torch.rot90(xi, int(k), (1, 2)) for xi, k in zip(x, torch.randint(4, (n,), generator=gen))])
+    jitter = u(n, 1, 1, 1) < 0.8
+    bright = 1 + strength * 0.8 * (2 * u(n, 1, 1, 1) - 1)
+    contrast = 1 + strength * 0.8 * (2 * u(n, 1, 1, 1) - 1)
+    sat = 1 + strength * 0.8 * (2 * u(n, 1, 1, 1) - 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    y = (x - mean) * contrast + mean * bright
+    gray = y.mean(1, keepdim=True)
+    y = gray + (y - gray) * sat
+    x = torch.where(jitter, y, x)
+    x = torch.where(u(n, 1, 1, 1) < 0.2, x.mean(1, keepdim=True).expand_as(x), x)
+    return x.clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------------ training
+def trunk(arch: str, stages: int, seed: int) -> nn.Module:
+    """The timm ``features_only`` trunk up to stage ``stages``; returns that stage's map only."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return timm.create_model(arch, pretrained=False, features_only=True, out_indices=(stages,))
+
+
+def train(recipe: Recipe, log_every: int = 100) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run ``recipe``; returns the trunk's state dict (float32) and a log (losses, seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)  # float sums depend on the thread count: fixed for repeatability
+    try:
+        return _train(recipe, log_every)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(recipe: Recipe, log_every: int) -> tuple[dict[str, torch.Tensor], dict]:
+    if recipe.kind not in RECIPES:
+        raise ValueError(f"Unknown recipe kind {recipe.kind!r}; choose from {sorted(RECIPES)}.")
+    torch.manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    model = trunk(recipe.arch, recipe.stages, recipe.seed)
+    log = {"loss": [], "seconds": 0.0}
+    if recipe.kind == "random" or recipe.steps == 0:
+        return model.state_dict(), log
+    width = model.feature_info.channels()[-1]
+    heads = nn.ModuleDict()
+    use_fractal = recipe.kind in ("fractal", "fractal_simclr")
+    use_simclr = recipe.kind in ("simclr", "fractal_simclr")
+    start = time.perf_counter()
+    if use_fractal:
+        images, labels = fractal_dataset(recipe.n_classes, recipe.per_class, recipe.crop + recipe.crop // 4,
+                                         recipe.seed)
+        heads["cls"] = nn.Linear(width, recipe.n_classes)
+    if use_simclr:
+        photos = natural_images()
+        heads["proj"] = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 128))
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.1)
+    model.train()
+    embed = lambda x: model(x)[-1].mean(dim=(2, 3))  # noqa: E731
+    for step in range(recipe.steps):
+        loss = torch.zeros(())
+        if use_fractal:
+            idx = torch.randint(len(images), (recipe.batch_size,), generator=gen)
+            off = torch.randint(recipe.crop // 4 + 1, (2,), generator=gen).tolist()
+            x = images[idx, :, off[0]:off[0] + recipe.crop, off[1]:off[1] + recipe.crop].float() / 255
+            loss = loss + F.cross_entropy(heads["cls"](embed(augment(x, gen))), labels[idx])
+        if use_simclr:
+            x = _random_crops(photos, recipe.batch_size, recipe.crop, (0.005, 0.25), gen)
+            z = heads["proj"](embed(torch.cat([augment(x, gen), augment(x, gen)])))
+            loss = loss + nt_xent(*z.chunk(2), recipe.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        log["loss"].append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"step {step + 1}/{recipe.steps} loss {np.mean(log['loss'][-log_every:]):.3f} "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+    log["seconds"] = time.perf_counter() - start
+    return model.eval().state_dict(), log
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> str:
+    """Write ``state`` as fp16 safetensors (integer buffers unchanged); returns the file's sha256."""
+    import hashlib
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- validation
+def validation_set(image_size: int = 128, n_train: int = 30, n_test_good: int = 40, n_per_defect: int = 8,
+                   seed: int = 1234) -> dict[str, dict[str, np.ndarray]]:
+    """Defects on textures used neither by SynthTex nor for pretraining, for choosing a recipe.
+
+    One category per image of ``VALIDATION_IMAGES``: normal images are random crops (a quarter to a half of
+    the side), flipped at random; defective ones get one SynthTex defect each. Returns, per category,
+    ``train`` (n_train, 3, S, S), ``test`` (M, 3, S, S), ``labels`` (M,) and ``masks`` (M, S, S).
+    """
+    rng = np.random.default_rng(seed)
+    sources = {n: _skimage_rgb(n) for n in VALIDATION_IMAGES}
+
+    def crop(img: np.ndarray) -> np.ndarray:
+        h, w = img.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.25, 0.5))
+        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        t = torch.from_numpy(np.ascontiguousarray(img[top:top + side, left:left + side])).permute(2, 0, 1)[None]
+        out = F.interpolate(t, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        out = out[0].permute(1, 2, 0).numpy()
+        return np.ascontiguousarray(out[:, ::-1] if rng.uniform() < 0.5 else out).clip(0, 1)
+
+    out = {}
+    for name, img in sources.items():
+        train_x = np.stack([crop(img) for _ in range(n_train)])
+        test_x, labels, masks = [], [], []
+        for _ in range(n_test_good):
+            test_x.append(crop(img))
+            labels.append(0)
+            masks.append(np.zeros((image_size, image_size), bool))
+        donor_name = VALIDATION_IMAGES[(VALIDATION_IMAGES.index(name) + 1) % len(VALIDATION_IMAGES)]
+        for defect in synthtex.DEFECTS:
+            for _ in range(n_per_defect):
+                bad, mask = synthtex.add_defect(crop(img), defect, rng, donor=crop(sources[donor_name]))
+                test_x.append(bad)
+                labels.append(1)
+                masks.append(mask)
+        to_chw = lambda a: np.stack(a).transpose(0, 3, 1, 2).astype(np.float32)  # noqa: E731
+        out[name] = {"train": to_chw(list(train_x)), "test": to_chw(test_x), "labels": np.array(labels),
+                     "masks": np.stack(masks).astype(np.uint8)}
+    return out
+
+
+def patch_knn_scores(model: nn.Module, categories: dict[str, dict[str, np.ndarray]], grid: int = 16,
+                     with_aupro: bool = False) -> dict[str, dict[str, float]]:
+    """The chapter-02 pipeline (patch features, 1-NN bank, sigma-4 blur, image score = max) per category."""
+    out = {}
+    for name, c in categories.items():
+        bank = knn.PatchKNN(k=1).fit(patch_features(model, torch.from_numpy(c["train"]), grid=grid))
+        maps = knn.to_pixel_maps(bank.score_maps(patch_features(model, torch.from_numpy(c["test"]), grid=grid)),
+                                 c["test"].shape[-1])
+        res = {"image_auroc": metrics.image_auroc(c["labels"], maps.reshape(len(maps), -1).max(1)),
+               "pixel_auroc": metrics.pixel_auroc(c["masks"], maps)}
+        if with_aupro:
+            res["aupro"] = metrics.aupro(c["masks"], maps)
+        out[name] = res
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m adlib.pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", choices=sorted(RECIPES))
+    parser.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    parser.add_argument("--steps", type=int, help="override the recipe's number of steps (e.g. a smoke run)")
+    parser.add_argument("--n-classes", type=int, help="override the number of fractal classes")
+    parser.add_argument("--per-class", type=int, help="override the images rendered per fractal class")
+    parser.add_argument("--batch-size", type=int, help="override the batch size")
+    parser.add_argument("--lr", type=float, help="override the peak learning rate")
+    parser.add_argument("--validate", action="store_true", help="print patch-kNN AUROC on the validation set")
+    args = parser.parse_args(argv)
+    recipe = RECIPES[args.recipe]
+    overrides = {"steps": args.steps, "n_classes": args.n_classes, "per_class": args.per_class,
+                 "batch_size": args.batch_size, "lr": args.lr}
+    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    state, log = train(recipe)
+    sha = save_weights(state, args.out)
+    summary = {"recipe": asdict(recipe), "seconds": round(log["seconds"], 1), "sha256": sha,
+               "final_loss": float(np.mean(log["loss"][-50:])) if log["loss"] else None}
+    if args.validate:
+        from adlib.backbones import feature_extractor
+        model = feature_extractor(recipe.arch, (1, 2), weights=args.out)
+        scores = patch_knn_scores(model, validation_set())
+        summary["validation"] = {k: float(np.mean([s[k] for s in scores.values()]))
+                                 for k in ("image_auroc", "pixel_auroc")}
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

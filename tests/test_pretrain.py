@@ -1,0 +1,77 @@
+"""adlib.pretrain: the IFS renderer, the NT-Xent loss, weights files and a smoke run of the command."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adlib import pretrain, synthtex
+
+
+def test_ifs_points_converge_to_the_fixed_point_of_one_map():
+    # x' = 0.5 x + (0.5, -0.25) has the single fixed point (1, -0.5); after 6 steps chains are within 2 * 2^-6.
+    pts, ids = pretrain.ifs_points(np.array([[0.5, 0, 0, 0.5, 0.5, -0.25]]), np.random.default_rng(0),
+                                   n_chains=16, n_steps=10)
+    assert pts.shape == (16 * 4, 2) and (ids == 0).all()
+    assert np.abs(pts - [1.0, -0.5]).max() <= 2 * 0.5 ** 7 + 1e-12
+
+
+def test_ifs_systems_are_contractive_and_renders_repeat():
+    rng = np.random.default_rng(0)
+    system = pretrain.ifs_system(rng)
+    a = system[:, :4].reshape(-1, 2, 2)
+    assert 2 <= len(system) <= 8 and (np.linalg.norm(a, ord=2, axis=(1, 2)) <= 0.9 + 1e-9).all()
+    img = pretrain.render_fractal(system, 48, np.random.default_rng(1))
+    assert img.shape == (48, 48, 3) and img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1
+    np.testing.assert_array_equal(img, pretrain.render_fractal(system, 48, np.random.default_rng(1)))
+    images, labels = pretrain.fractal_dataset(3, 2, 32, seed=0)
+    assert images.shape == (6, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_training_data_is_disjoint_from_evaluation():
+    evaluation = set(synthtex.CATEGORIES) | {"brick", "grass", "gravel"}
+    assert not set(pretrain.NATURAL_IMAGES) & set(pretrain.VALIDATION_IMAGES)
+    assert not (set(pretrain.NATURAL_IMAGES) | set(pretrain.VALIDATION_IMAGES)) & evaluation
+
+
+def test_validation_set_labels_match_masks():
+    val = pretrain.validation_set(image_size=64, n_train=2, n_test_good=2, n_per_defect=1)
+    assert set(val) == set(pretrain.VALIDATION_IMAGES)
+    for c in val.values():
+        assert c["train"].shape == (2, 3, 64, 64) and c["test"].shape == (2 + len(synthtex.DEFECTS), 3, 64, 64)
+        np.testing.assert_array_equal(c["masks"].reshape(len(c["masks"]), -1).any(1), c["labels"] == 1)
+
+
+def test_augment_keeps_range_and_shape():
+    x = torch.rand(4, 3, 16, 16)
+    y = pretrain.augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+
+
+def test_save_weights_writes_fp16_and_its_sha256(tmp_path):
+    state = {"w": torch.randn(3, 2), "n": torch.tensor(7)}
+    sha = pretrain.save_weights(state, tmp_path / "w.safetensors")
+    assert sha == hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
+    back = load_file(str(tmp_path / "w.safetensors"))
+    assert back["w"].dtype == torch.float16 and back["n"].item() == 7
+    torch.testing.assert_close(back["w"].float(), state["w"].half().float())
+
+
+@pytest.mark.parametrize("recipe", ["fractal", "simclr"])
+def test_smoke_run_of_the_command_is_deterministic(tmp_path, capsys, recipe):
+    args = [recipe, "--steps", "1", "--batch-size", "4", "--n-classes", "3", "--per-class", "2"]
+    shas = []
+    for name in ("a", "b"):
+        pretrain.main(args + ["--out", str(tmp_path / f"{name}.safetensors")])
+        shas.append(json.loads(capsys.readouterr().out)["sha256"])
+    assert shas[0] == shas[1]
+    weights = load_file(str(tmp_path / "a.safetensors"))
+    assert "layer2.1.conv2.weight" in weights and "layer3.0.conv1.weight" not in weights
+
+
+def test_unknown_recipe_kind_is_refused():
+    with pytest.raises(ValueError, match="Unknown recipe"):
+        pretrain.train(pretrain.Recipe("rotation", steps=1))
