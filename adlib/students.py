@@ -41,8 +41,10 @@ def patch_net_depth(patch_size: int, stride: int) -> int:
 class PatchNet(nn.Module):
     """A descriptor network with receptive field ``patch_size``: teacher and students share this architecture.
 
-    ``forward(x)`` with x (N, 3, H, W): dense descriptors (N, n * dim, ceil(H / stride), ceil(W / stride)),
-    zero padding at the borders. ``forward(patches, dense=False)`` with patches (B, 3, p, p): one descriptor
+    ``forward(x)`` with x (N, 3, H, W), H, W >= p: dense descriptors (N, n * dim, ceil(H / stride),
+    ceil(W / stride)). Borders are padded by reflection, so a border cell sees (close to) a mirrored patch of the
+    same texture: zero padding would give border cells dark frames, unlike any interior patch, and their scores
+    would outrank the defects. ``forward(patches, dense=False)`` with patches (B, 3, p, p): one descriptor
     each, (B, n * dim, 1, 1), equal to the dense output at the cell whose patch it is. ``n`` > 1 holds n
     independent networks (an ensemble of students); their outputs are stacked along channels.
     Defaults are the paper's (p = 65, d = 128, 128 channels, exact dense evaluation).
@@ -66,8 +68,11 @@ class PatchNet(nn.Module):
         if not dense and x.shape[-2:] != (self.patch_size, self.patch_size):
             raise ValueError(f"dense=False expects patches of {self.patch_size} x {self.patch_size} px, "
                              f"got {tuple(x.shape[-2:])}.")
+        if dense and min(x.shape[-2:]) < self.patch_size:
+            raise ValueError(f"images of {tuple(x.shape[-2:])} px are smaller than patch_size {self.patch_size}; "
+                             f"use larger images or a smaller patch.")
         for i, (conv, pad) in enumerate(zip(self.convs, self.pads)):
-            x = conv(F.pad(x, [pad] * 4) if dense and pad else x)
+            x = conv(F.pad(x, [pad] * 4, mode="reflect") if dense and pad else x)
             if i < len(self.convs) - 1:
                 x = F.leaky_relu(x, 5e-3)  # the paper's leaky ReLU slope
         return x

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from adlib import students
+from adlib import knn, students
 
 
 @pytest.mark.parametrize("patch_size, stride", [(17, 1), (17, 4), (33, 4), (9, 1)])
@@ -31,12 +31,39 @@ def test_dense_output_equals_network_on_each_patch(stride):
     dense = net(x)
     cells = [(i, j) for i in range(dense.shape[-2]) for j in range(dense.shape[-1])
              if min(net.cell_origin(i), net.cell_origin(j)) >= 0
-             and max(net.cell_origin(i), net.cell_origin(j)) + 17 <= 28]  # border cells see zero padding
+             and max(net.cell_origin(i), net.cell_origin(j)) + 17 <= 28]  # border cells see padding
     assert cells
     patches = torch.cat([x[:, :, net.cell_origin(i):net.cell_origin(i) + 17, net.cell_origin(j):net.cell_origin(j) + 17]
                          for i, j in cells])
     expected = torch.cat([dense[:, :, i, j] for i, j in cells])
     torch.testing.assert_close(net(patches, dense=False)[:, :, 0, 0], expected)
+
+
+def test_border_cells_see_the_image_not_a_frame():
+    # Regression: with zero padding the border cells of a constant image got descriptors unlike any interior
+    # cell, and their scores outranked the defects (below-chance localisation). A constant image must give the
+    # descriptor of a constant patch at every cell, border included.
+    torch.manual_seed(0)
+    net = students.PatchNet(17, dim=4, width=4, stride=4).double()
+    x = torch.full((1, 3, 40, 40), 0.7, dtype=torch.float64)
+    dense = net(x)[0].flatten(1)
+    patch = net(x[:, :, :17, :17], dense=False)[0, :, 0, 0]
+    torch.testing.assert_close(dense, patch[:, None].expand_as(dense))
+
+
+def test_bright_square_is_scored_where_it_is():
+    # The cells whose patch overlaps a bright square, upsampled to pixels as the chapter does, centre on the
+    # square: a shifted map (e.g. by half a patch) would be off by several pixels.
+    torch.manual_seed(0)
+    net = students.PatchNet(9, dim=4, width=4, stride=4).double()
+    x = torch.full((1, 3, 64, 64), 0.5, dtype=torch.float64)
+    y = x.clone()
+    y[:, :, 38:45, 14:21] = 1.0  # centre (41, 17)
+    touched = ((net(y) - net(x)).abs().sum(1) > 1e-9).double().detach().numpy()
+    pixel = knn.to_pixel_maps(touched, 64, sigma=0)[0]
+    rows, cols = np.mgrid[:64, :64]
+    centre = (rows * pixel).sum() / pixel.sum(), (cols * pixel).sum() / pixel.sum()
+    assert abs(centre[0] - 41) <= 1 and abs(centre[1] - 17) <= 1
 
 
 def test_grouped_students_are_independent_networks():
@@ -57,6 +84,8 @@ def test_unreachable_patch_size_is_refused():
         students.PatchNet(65, stride=3)
     with pytest.raises(ValueError, match="dense=False expects"):
         students.PatchNet(17, dim=2, width=2, stride=4)(torch.rand(1, 3, 20, 20), dense=False)
+    with pytest.raises(ValueError, match="smaller than patch_size"):
+        students.PatchNet(17, dim=2, width=2, stride=4)(torch.rand(1, 3, 16, 40))
 
 
 def test_compactness_loss_against_numpy():
