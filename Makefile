@@ -15,6 +15,9 @@ export TORCH_HOME       := $(CACHE)/torch
 export SCIKIT_LEARN_DATA := $(CACHE)/scikit_learn
 export HF_HUB_OFFLINE   := 1
 export PYTHONHASHSEED   := 0
+# One thread per process: numbers repeat exactly (they move in the 2nd decimal between thread counts) and
+# small convolutions do not thrash on shared 2-core machines. Override: make book OMP_NUM_THREADS=8
+export OMP_NUM_THREADS  ?= 1
 
 .PHONY: setup book test clean
 
