@@ -62,17 +62,20 @@ def load_weights(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def _imagenet(name: str, layers: tuple[int, ...]) -> nn.Module:
-    """timm's ImageNet weights from the hub (or its cache), with an actionable error offline."""
+def _timm_pretrained(name: str, caller: str, **options) -> nn.Module:
+    """timm's ImageNet weights from the hub (or its cache), with an actionable error offline.
+
+    ``caller`` names the public function, so the message says which call to repeat with a local file.
+    """
     try:
-        return timm.create_model(name, pretrained=True, features_only=True, out_indices=layers)
+        return timm.create_model(name, pretrained=True, **options)
     except Exception as err:  # timm raises hub, OS or runtime errors depending on what is missing
         cfg = timm.models.get_pretrained_cfg(name)
         repo = getattr(cfg, "hf_hub_id", None) or name
         raise RuntimeError(
             f"Could not get timm's pretrained weights of {name!r} ({type(err).__name__}). Offline (or with "
             f"HF_HUB_OFFLINE=1), download 'model.safetensors' from https://huggingface.co/{repo} on a machine "
-            f"with internet and pass its path: feature_extractor({name!r}, ..., weights='/path/to/"
+            f"with internet and pass its path: {caller}({name!r}, ..., weights='/path/to/"
             f"model.safetensors'), or copy that machine's ~/.cache/huggingface/hub here."
         ) from err
 
@@ -87,7 +90,7 @@ def feature_extractor(name: str = "resnet18", layers: tuple[int, ...] = (1, 2), 
     local weights file. Shipped backbones expect images in [0, 1] without ImageNet normalisation.
     """
     if weights == "imagenet":
-        return _imagenet(name, layers).eval()
+        return _timm_pretrained(name, "feature_extractor", features_only=True, out_indices=layers).eval()
     entry = shipped_weights().get(str(weights)) if weights is not None else None
     if entry is not None:
         if entry["arch"] != name:
@@ -141,16 +144,7 @@ def vit_backbone(name: str = "vit_base_patch16_224", image_size: int = 224, weig
     if weights == "imagenet":
         if patch_size:
             raise ValueError("patch_size cannot change with pretrained weights; leave it None.")
-        try:
-            return timm.create_model(name, pretrained=True, **options).eval()
-        except Exception as err:  # timm raises hub, OS or runtime errors depending on what is missing
-            cfg = timm.models.get_pretrained_cfg(name)
-            repo = getattr(cfg, "hf_hub_id", None) or name
-            raise RuntimeError(
-                f"Could not get timm's pretrained weights of {name!r} ({type(err).__name__}). Offline, download "
-                f"'model.safetensors' from https://huggingface.co/{repo} on a machine with internet and pass "
-                f"its path: vit_backbone({name!r}, ..., weights='/path/to/model.safetensors')."
-            ) from err
+        return _timm_pretrained(name, "vit_backbone", **options).eval()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False, **options)
