@@ -130,21 +130,33 @@ def patch_features(model: nn.Module, images: torch.Tensor, pool: int = 3, grid: 
 
 
 def vit_backbone(name: str = "vit_base_patch16_224", image_size: int = 224, weights: str | None = None,
-                 patch_size: int | None = None, seed: int = 0) -> nn.Module:
-    """A timm Vision Transformer for ``image_size`` px inputs, in eval mode (for :func:`vit_patch_tokens`).
+                 patch_size: int | None = None, depth: int | None = None, seed: int = 0) -> nn.Module:
+    """A timm Vision Transformer for ``image_size`` px inputs, without classifier, in eval mode (for
+    :func:`vit_patch_tokens`).
 
     ``weights`` as in :func:`feature_extractor`: ``None`` = random init seeded by ``seed``, ``"imagenet"`` =
-    timm's pretrained weights (needs the hub or its cache; position embeddings are resized to
-    ``image_size``), a shipped name or a local file. ``patch_size`` overrides the architecture's (random
-    init only: pretrained patch embeddings fix it).
+    timm's pretrained weights (needs the hub or its cache), a shipped name (e.g. ``"book-vit-tiny"``, whose
+    patch size and depth come from the registry) or a local file. Position embeddings are resized to
+    ``image_size``. ``patch_size`` and ``depth`` (number of blocks) override the architecture's; pretrained
+    weights fix them.
 
     Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
     """
-    options = {"img_size": image_size} | ({"patch_size": patch_size} if patch_size else {})
+    options = {"img_size": image_size, "num_classes": 0} | ({"patch_size": patch_size} if patch_size else {}) | (
+        {"depth": depth} if depth else {})
     if weights == "imagenet":
-        if patch_size:
-            raise ValueError("patch_size cannot change with pretrained weights; leave it None.")
+        if patch_size or depth:
+            raise ValueError("patch_size and depth cannot change with pretrained weights; leave them None.")
         return _timm_pretrained(name, "vit_backbone", **options).eval()
+    entry = shipped_weights().get(str(weights)) if weights is not None else None
+    if entry is not None:
+        if entry["arch"] != name:
+            raise ValueError(f"{weights!r} is a {entry['arch']!r}; call vit_backbone({entry['arch']!r}, ...).")
+        fixed = entry.get("options", {})
+        clash = {k: v for k, v in fixed.items() if k in options and options[k] != v}
+        if clash:
+            raise ValueError(f"{weights!r} was trained with {fixed}; leave {sorted(clash)} unset.")
+        options |= fixed
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False, **options)
@@ -162,22 +174,34 @@ def vit_backbone(name: str = "vit_base_patch16_224", image_size: int = 224, weig
     return model.eval()
 
 
+class ViTStages(nn.Module):
+    """A timm ViT seen like a ``features_only`` CNN: ``forward`` returns the patch-token maps of ``blocks``.
+
+    images (N, 3, H, W) -> list of (N, C, H / patch, W / patch), class token dropped; blocks after the
+    last requested one are not run. :func:`patch_features` and ``adlib.pretrain`` use it like a CNN trunk.
+
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    """
+
+    def __init__(self, vit: nn.Module, blocks: tuple[int, ...]):
+        super().__init__()
+        depth = len(vit.blocks)
+        if not blocks or min(blocks) < 0 or max(blocks) >= depth:
+            raise ValueError(f"blocks must be indices in 0..{depth - 1} of the model's {depth} blocks, got {blocks}.")
+        self.vit, self.blocks = vit, tuple(blocks)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.vit.forward_intermediates(images, indices=list(self.blocks), stop_early=True,
+                                              output_fmt="NCHW", intermediates_only=True)
+
+
 @torch.no_grad()
 def vit_patch_tokens(model: nn.Module, images: torch.Tensor, blocks: tuple[int, ...] = (5, 8),
                      batch_size: int = 32) -> torch.Tensor:
     """Patch tokens of the ViT blocks ``blocks`` (0-based) as a feature grid: images (N, 3, H, W) ->
     (N, C * len(blocks), H / patch, W / patch), blocks concatenated along channels, class token dropped.
 
-    Blocks after the last requested one are not run.
-
     Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
     """
-    depth = len(model.blocks)
-    if not blocks or min(blocks) < 0 or max(blocks) >= depth:
-        raise ValueError(f"blocks must be indices in 0..{depth - 1} of the model's {depth} blocks, got {blocks}.")
-    out = []
-    for batch in torch.split(images, batch_size):
-        maps = model.forward_intermediates(batch, indices=list(blocks), stop_early=True, output_fmt="NCHW",
-                                           intermediates_only=True)
-        out.append(torch.cat(maps, dim=1))
-    return torch.cat(out)
+    stages = ViTStages(model, blocks)
+    return torch.cat([torch.cat(stages(batch), dim=1) for batch in torch.split(images, batch_size)])

@@ -34,7 +34,7 @@ from torch import nn
 
 from adlib import knn, metrics, synthtex
 from adlib.ssl import nt_xent
-from adlib.backbones import patch_features
+from adlib.backbones import ViTStages, patch_features
 
 NATURAL_IMAGES = ("astronaut", "coffee", "chelsea", "camera", "coins", "retina", "rocket", "cat", "page",
                   "clock", "colorwheel", "china", "flower")
@@ -43,11 +43,13 @@ VALIDATION_IMAGES = ("hubble_deep_field", "immunohistochemistry", "moon", "cell"
 
 @dataclass(frozen=True)
 class Recipe:
-    """One pretraining run. ``arch``: timm name; ``stages``: the trunk stages trained and shipped."""
+    """One pretraining run. ``arch``: timm name; ``stages``: the trunk stages (a ViT: blocks) trained and shipped."""
 
     kind: str  # "fractal", "simclr" or "fractal_simclr"
     arch: str = "resnet18"
     stages: int = 2
+    patch_size: int = 8  # ViTs only
+    optimizer: str = "sgd"  # "sgd" (Nesterov, wd 5e-4) or "adamw" (wd 0.05, as ViTs are usually trained)
     steps: int = 1500
     batch_size: int = 64
     crop: int = 32
@@ -61,6 +63,8 @@ class Recipe:
 
 # The candidates compared in MODEL_CARD.md; "fractal" is the shipped book-resnet18.
 RECIPES = {"fractal": Recipe("fractal", steps=600, n_classes=64, per_class=32),
+           "fractal_vit": Recipe("fractal", arch="vit_tiny_patch16_224", stages=4, crop=64, steps=1200,
+                                 n_classes=64, per_class=32, lr=1e-3, optimizer="adamw"),
            "simclr": Recipe("simclr", steps=600),
            "fractal_simclr": Recipe("fractal_simclr", steps=600, per_class=16),
            "random": Recipe("random", steps=0)}
@@ -215,11 +219,25 @@ def augment(x: torch.Tensor, gen: torch.Generator, strength: float = 0.5) -> tor
 
 
 # ------------------------------------------------------------------------------------------ training
-def trunk(arch: str, stages: int, seed: int) -> nn.Module:
-    """The timm ``features_only`` trunk up to stage ``stages``; returns that stage's map only."""
+def trunk(recipe: Recipe) -> nn.Module:
+    """The network being trained, returning the map of its last stage (a ViT: its last block's tokens).
+
+    CNNs: timm's ``features_only`` model up to stage ``recipe.stages``; ViTs: a ``recipe.stages``-block
+    timm ViT with ``recipe.patch_size`` patches on ``recipe.crop`` px images, wrapped in
+    :class:`adlib.backbones.ViTStages`.
+    """
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return timm.create_model(arch, pretrained=False, features_only=True, out_indices=(stages,))
+        torch.manual_seed(recipe.seed)
+        if recipe.arch.startswith("vit"):
+            vit = timm.create_model(recipe.arch, pretrained=False, img_size=recipe.crop, num_classes=0,
+                                    patch_size=recipe.patch_size, depth=recipe.stages)
+            return ViTStages(vit, (recipe.stages - 1,))
+        return timm.create_model(recipe.arch, pretrained=False, features_only=True, out_indices=(recipe.stages,))
+
+
+def shipped_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict that is saved: the trunk's, under the names ``adlib.backbones`` loads (a ViT: timm's)."""
+    return (model.vit if isinstance(model, ViTStages) else model).state_dict()
 
 
 def train(recipe: Recipe, log_every: int = 100) -> tuple[dict[str, torch.Tensor], dict]:
@@ -237,11 +255,12 @@ def _train(recipe: Recipe, log_every: int) -> tuple[dict[str, torch.Tensor], dic
         raise ValueError(f"Unknown recipe kind {recipe.kind!r}; choose from {sorted(RECIPES)}.")
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
-    model = trunk(recipe.arch, recipe.stages, recipe.seed)
+    model = trunk(recipe)
     log = {"loss": [], "seconds": 0.0}
     if recipe.kind == "random" or recipe.steps == 0:
-        return model.state_dict(), log
-    width = model.feature_info.channels()[-1]
+        return shipped_state(model), log
+    with torch.no_grad():
+        width = model(torch.zeros(1, 3, recipe.crop, recipe.crop))[-1].shape[1]
     heads = nn.ModuleDict()
     use_fractal = recipe.kind in ("fractal", "fractal_simclr")
     use_simclr = recipe.kind in ("simclr", "fractal_simclr")
@@ -254,7 +273,10 @@ def _train(recipe: Recipe, log_every: int) -> tuple[dict[str, torch.Tensor], dic
         photos = natural_images()
         heads["proj"] = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 128))
     params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    if recipe.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.1)
     model.train()
     embed = lambda x: model(x)[-1].mean(dim=(2, 3))  # noqa: E731
@@ -278,7 +300,7 @@ def _train(recipe: Recipe, log_every: int) -> tuple[dict[str, torch.Tensor], dic
             print(f"step {step + 1}/{recipe.steps} loss {np.mean(log['loss'][-log_every:]):.3f} "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
     log["seconds"] = time.perf_counter() - start
-    return model.eval().state_dict(), log
+    return shipped_state(model.eval()), log
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> str:
@@ -348,6 +370,15 @@ def patch_knn_scores(model: nn.Module, categories: dict[str, dict[str, np.ndarra
     return out
 
 
+def validation_model(recipe: Recipe, weights: str | Path) -> nn.Module:
+    """The trained trunk as the detectors use it: a CNN's stages (1, 2); a ViT's blocks (1, last) at 128 px."""
+    from adlib.backbones import feature_extractor, vit_backbone
+    if recipe.arch.startswith("vit"):
+        vit = vit_backbone(recipe.arch, 128, weights=str(weights), patch_size=recipe.patch_size, depth=recipe.stages)
+        return ViTStages(vit, (1, recipe.stages - 1))
+    return feature_extractor(recipe.arch, (1, 2), weights=str(weights))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m adlib.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", choices=sorted(RECIPES))
@@ -368,8 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = {"recipe": asdict(recipe), "seconds": round(log["seconds"], 1), "sha256": sha,
                "final_loss": float(np.mean(log["loss"][-50:])) if log["loss"] else None}
     if args.validate:
-        from adlib.backbones import feature_extractor
-        model = feature_extractor(recipe.arch, (1, 2), weights=args.out)
+        model = validation_model(recipe, args.out)
         scores = patch_knn_scores(model, validation_set())
         summary["validation"] = {k: float(np.mean([s[k] for s in scores.values()]))
                                  for k in ("image_auroc", "pixel_auroc")}

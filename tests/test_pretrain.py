@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adlib import pretrain, synthtex
+from adlib import backbones, pretrain, synthtex
 
 
 def test_ifs_points_converge_to_the_fixed_point_of_one_map():
@@ -70,6 +70,21 @@ def test_smoke_run_of_the_command_is_deterministic(tmp_path, capsys, recipe):
     assert shas[0] == shas[1]
     weights = load_file(str(tmp_path / "a.safetensors"))
     assert "layer2.1.conv2.weight" in weights and "layer3.0.conv1.weight" not in weights
+
+
+def test_smoke_run_of_the_vit_command_loads_as_a_vit(tmp_path, capsys):
+    args = ["fractal_vit", "--steps", "2", "--batch-size", "4", "--n-classes", "3", "--per-class", "2"]
+    out = tmp_path / "vit.safetensors"
+    pretrain.main(args + ["--out", str(out)])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["recipe"]["arch"] == "vit_tiny_patch16_224" and summary["final_loss"] > 0
+    recipe = pretrain.RECIPES["fractal_vit"]
+    weights = load_file(str(out))
+    assert f"blocks.{recipe.stages - 1}.mlp.fc2.weight" in weights and f"blocks.{recipe.stages}.norm1.weight" not in weights
+    maps = pretrain.validation_model(recipe, out)(torch.rand(2, 3, 128, 128))
+    assert [m.shape for m in maps] == [(2, 192, 16, 16)] * 2
+    with pytest.raises(ValueError, match="lack"):  # a 12-block ViT cannot be filled from 4 trained blocks
+        backbones.vit_backbone(recipe.arch, 64, weights=str(out), patch_size=recipe.patch_size)
 
 
 def test_unknown_recipe_kind_is_refused():
