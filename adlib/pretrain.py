@@ -61,7 +61,7 @@ class Recipe:
     threads: int = 1
 
 
-# The candidates compared in MODEL_CARD.md; "fractal" is the shipped book-resnet18.
+# The candidates compared in MODEL_CARD.md; "fractal" is the shipped book-resnet18, "fractal_vit" book-vit-tiny.
 RECIPES = {"fractal": Recipe("fractal", steps=600, n_classes=64, per_class=32),
            "fractal_vit": Recipe("fractal", arch="vit_tiny_patch16_224", stages=4, crop=64, steps=1200,
                                  n_classes=64, per_class=32, lr=1e-3, optimizer="adamw"),
@@ -370,13 +370,29 @@ def patch_knn_scores(model: nn.Module, categories: dict[str, dict[str, np.ndarra
     return out
 
 
-def validation_model(recipe: Recipe, weights: str | Path) -> nn.Module:
-    """The trained trunk as the detectors use it: a CNN's stages (1, 2); a ViT's blocks (1, last) at 128 px."""
+def candidates() -> list[dict]:
+    """Every pretraining candidate measured when the shipped weights were made (``weights/candidates.json``,
+    the table of ``weights/MODEL_CARD.md``): name, arch, recipe (the arguments of this module's command),
+    training seconds, final loss, validation and SynthTex patch-kNN AUROC / AUPRO, and ``shipped_as``.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    """
+    return json.loads((Path(__file__).parent / "weights" / "candidates.json").read_text())
+
+
+def validation_model(recipe: Recipe, weights: str | Path | None, image_size: int = 128) -> nn.Module:
+    """The trunk of ``recipe`` as the detectors use it, with ``weights`` (a file, a shipped name, or ``None`` for
+    random init seeded by ``recipe.seed``): a CNN's stages (1, 2); a ViT's blocks (1, last) for ``image_size`` px.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    """
     from adlib.backbones import feature_extractor, vit_backbone
+    weights = None if weights is None else str(weights)
     if recipe.arch.startswith("vit"):
-        vit = vit_backbone(recipe.arch, 128, weights=str(weights), patch_size=recipe.patch_size, depth=recipe.stages)
+        vit = vit_backbone(recipe.arch, image_size, weights=weights, patch_size=recipe.patch_size, depth=recipe.stages,
+                           seed=recipe.seed)
         return ViTStages(vit, (1, recipe.stages - 1))
-    return feature_extractor(recipe.arch, (1, 2), weights=str(weights))
+    return feature_extractor(recipe.arch, (1, 2), weights=weights, seed=recipe.seed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,11 +68,25 @@ def test_imagenet_offline_says_what_to_download(monkeypatch):
 def test_every_shipped_backbone_loads_and_is_not_random():
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     shipped = backbones.shipped_weights()
-    assert "book-resnet18" in shipped
+    assert {"book-resnet18", "book-vit-tiny"} <= set(shipped)
     for name, entry in shipped.items():
-        model = backbones.feature_extractor(entry["arch"], (1, 2), weights=name)
-        random = backbones.feature_extractor(entry["arch"], (1, 2), seed=0)
+        if entry["arch"].startswith("vit"):
+            model = backbones.ViTStages(backbones.vit_backbone(entry["arch"], 64, weights=name), (1, 3))
+            random = backbones.ViTStages(backbones.vit_backbone(entry["arch"], 64, **entry["options"]), (1, 3))
+        else:
+            model = backbones.feature_extractor(entry["arch"], (1, 2), weights=name)
+            random = backbones.feature_extractor(entry["arch"], (1, 2), seed=0)
         feats = backbones.patch_features(model, images, grid=8)
         assert feats.shape == backbones.patch_features(random, images, grid=8).shape
         assert torch.isfinite(feats).all()
         assert not torch.allclose(feats, backbones.patch_features(random, images, grid=8))
+        assert (backbones.WEIGHTS_DIR / entry["file"]).stat().st_size <= 15 * 2**20
+
+
+def test_shipped_vit_fixes_its_patch_size_and_depth():
+    vit = backbones.vit_backbone("vit_tiny_patch16_224", 64, weights="book-vit-tiny")
+    assert vit.patch_embed.patch_size == (8, 8) and len(vit.blocks) == 4 and vit.pos_embed.shape[1] == 1 + 8 * 8
+    with pytest.raises(ValueError, match="leave \\['patch_size'\\] unset"):
+        backbones.vit_backbone("vit_tiny_patch16_224", 64, weights="book-vit-tiny", patch_size=16)
+    with pytest.raises(ValueError, match="is a 'vit_tiny_patch16_224'"):
+        backbones.vit_backbone("vit_small_patch16_224", 64, weights="book-vit-tiny")

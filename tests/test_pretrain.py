@@ -90,3 +90,16 @@ def test_smoke_run_of_the_vit_command_loads_as_a_vit(tmp_path, capsys):
 def test_unknown_recipe_kind_is_refused():
     with pytest.raises(ValueError, match="Unknown recipe"):
         pretrain.train(pretrain.Recipe("rotation", steps=1))
+
+
+def test_candidates_table_matches_the_registry_and_the_model_card():
+    rows = pretrain.candidates()
+    shipped = {r["shipped_as"]: r for r in rows if r["shipped_as"]}
+    registry = backbones.shipped_weights()
+    assert set(shipped) == set(registry)
+    card = (backbones.WEIGHTS_DIR / "MODEL_CARD.md").read_text()
+    for name, row in shipped.items():
+        assert registry[name]["recipe"] == row["recipe"].split()[0]
+    for row in rows:  # every number of the json is in the card's tables
+        for key in ("val_image_auroc", "val_pixel_auroc", "synthtex_image_auroc", "synthtex_aupro"):
+            assert f"{row[key]:.3f}" in card, (row["candidate"], key)
