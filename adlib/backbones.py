@@ -138,7 +138,8 @@ def vit_backbone(name: str = "vit_base_patch16_224", image_size: int = 224, weig
     timm's pretrained weights (needs the hub or its cache), a shipped name (e.g. ``"book-vit-tiny"``, whose
     patch size and depth come from the registry) or a local file. Position embeddings are resized to
     ``image_size``. ``patch_size`` and ``depth`` (number of blocks) override the architecture's; pretrained
-    weights fix them.
+    weights fix them. Tensors of a weights file that the model lacks (e.g. a classifier head) are ignored;
+    tensors the model needs but the file lacks are an error.
 
     Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
     """

@@ -64,8 +64,8 @@ class ConvStem(nn.Sequential):
     """A convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see better").
 
     (N, 3, S, S) -> (N, width, S / patch, S / patch), like the ViT's linear patch projection it replaces,
-    but through log2(patch) stride-2 3x3 convolutions (widths ``channels``, then ``width``) with batch norm
-    and GELU. Trained from scratch on a small data set, a ViT with a linear stem learnt the toy world's
+    but through log2(patch) stride-2 3x3 convolutions: one per entry of ``channels`` (with batch norm and
+    GELU), then a last one to ``width`` channels (plain, as the linear projection it replaces). Trained from scratch on a small data set, a ViT with a linear stem learnt the toy world's
     colours but not its shapes; with this stem it learns both.
     """
 
@@ -614,7 +614,9 @@ def train_tiny_clip(
 ) -> dict:
     """Train a tiny CLIP with the CLIP contrastive loss on toy-world image-caption pairs and save it.
 
-    Pairs come from ``toyworld.sample(n_pairs, seed, **TINY_WORLD)`` (defects rare and mostly unnamed);
+    ``config``: the model (default :data:`TINY_CONFIG`; its ViT image size sets the toy images' size);
+    ``log``: where progress lines go. Pairs come from ``toyworld.sample(n_pairs, seed, **TINY_WORLD)``
+    (defects rare and mostly unnamed);
     the learning rate warms up linearly for ``warmup`` steps, then follows a cosine to zero; the logit
     scale is clamped at ln(100) as in CLIP. After training, zero-shot shape accuracy is measured on
     ``n_eval`` held-out scenes (seed + 1) and written with the sha256 into the sidecar json.

@@ -45,7 +45,7 @@ VALIDATION_IMAGES = ("hubble_deep_field", "immunohistochemistry", "moon", "cell"
 class Recipe:
     """One pretraining run. ``arch``: timm name; ``stages``: the trunk stages (a ViT: blocks) trained and shipped."""
 
-    kind: str  # "fractal", "simclr" or "fractal_simclr"
+    kind: str  # one of KINDS
     arch: str = "resnet18"
     stages: int = 2
     patch_size: int = 8  # ViTs only
@@ -61,6 +61,7 @@ class Recipe:
     threads: int = 1
 
 
+KINDS = ("fractal", "simclr", "fractal_simclr", "random")
 # The candidates compared in MODEL_CARD.md; "fractal" is the shipped book-resnet18, "fractal_vit" book-vit-tiny.
 RECIPES = {"fractal": Recipe("fractal", steps=600, n_classes=64, per_class=32),
            "fractal_vit": Recipe("fractal", arch="vit_tiny_patch16_224", stages=4, crop=64, steps=1200,
@@ -220,11 +221,12 @@ def augment(x: torch.Tensor, gen: torch.Generator, strength: float = 0.5) -> tor
 
 # ------------------------------------------------------------------------------------------ training
 def trunk(recipe: Recipe) -> nn.Module:
-    """The network being trained, returning the map of its last stage (a ViT: its last block's tokens).
+    """The network being trained: images (N, 3, crop, crop) -> a list of one map (N, C, h, w), its last stage.
 
     CNNs: timm's ``features_only`` model up to stage ``recipe.stages``; ViTs: a ``recipe.stages``-block
     timm ViT with ``recipe.patch_size`` patches on ``recipe.crop`` px images, wrapped in
-    :class:`adlib.backbones.ViTStages`.
+    :class:`adlib.backbones.ViTStages` (the last block's patch tokens; the ViT's final ``norm`` is not used,
+    so it stays at its initial values in the saved weights).
     """
     with torch.random.fork_rng():
         torch.manual_seed(recipe.seed)
@@ -251,8 +253,8 @@ def train(recipe: Recipe, log_every: int = 100) -> tuple[dict[str, torch.Tensor]
 
 
 def _train(recipe: Recipe, log_every: int) -> tuple[dict[str, torch.Tensor], dict]:
-    if recipe.kind not in RECIPES:
-        raise ValueError(f"Unknown recipe kind {recipe.kind!r}; choose from {sorted(RECIPES)}.")
+    if recipe.kind not in KINDS:
+        raise ValueError(f"Unknown recipe kind {recipe.kind!r}; choose from {KINDS}.")
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     model = trunk(recipe)
@@ -356,7 +358,12 @@ def validation_set(image_size: int = 128, n_train: int = 30, n_test_good: int = 
 
 def patch_knn_scores(model: nn.Module, categories: dict[str, dict[str, np.ndarray]], grid: int = 16,
                      with_aupro: bool = False) -> dict[str, dict[str, float]]:
-    """The chapter-02 pipeline (patch features, 1-NN bank, sigma-4 blur, image score = max) per category."""
+    """The chapter-02 pipeline (patch features, 1-NN bank, sigma-4 blur, image score = max) per category.
+
+    ``categories``: name -> ``train`` (N, 3, S, S) float in [0, 1], ``test`` (M, 3, S, S), ``labels`` (M,) 0/1,
+    ``masks`` (M, S, S), as :func:`validation_set` returns. Returns name -> {"image_auroc", "pixel_auroc"
+    (, "aupro")}.
+    """
     out = {}
     for name, c in categories.items():
         bank = knn.PatchKNN(k=1).fit(patch_features(model, torch.from_numpy(c["train"]), grid=grid))
@@ -382,7 +389,9 @@ def candidates() -> list[dict]:
 
 def validation_model(recipe: Recipe, weights: str | Path | None, image_size: int = 128) -> nn.Module:
     """The trunk of ``recipe`` as the detectors use it, with ``weights`` (a file, a shipped name, or ``None`` for
-    random init seeded by ``recipe.seed``): a CNN's stages (1, 2); a ViT's blocks (1, last) for ``image_size`` px.
+    random init seeded by ``recipe.seed``): a CNN's stages (1, 2) (those of chapter 2, whatever
+    ``recipe.stages``); a ViT's blocks (1, last) for ``image_size`` px. Returns a module mapping images
+    (N, 3, S, S) to a list of feature maps, as :func:`adlib.backbones.patch_features` expects.
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
