@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import io
 import json
 import math
 import os
@@ -452,7 +453,9 @@ def save_clip(model: open_clip.CLIP, path: str | os.PathLike, config: dict, meta
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    torch.save({"config": config, "state_dict": state}, path)
+    buffer = io.BytesIO()  # torch.save names its archive after a file's name; a buffer keeps the bytes name-free
+    torch.save({"config": config, "state_dict": state}, buffer)
+    path.write_bytes(buffer.getvalue())
     sha = sha256_file(path)
     card = {"file": path.name, "sha256": sha, "bytes": path.stat().st_size, "config": config, **(meta or {})}
     path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")

@@ -81,6 +81,8 @@ def test_save_load_roundtrip_and_sha_check(model, tmp_path):
         clip.load_tiny_clip(path)
     with pytest.raises(FileNotFoundError, match="train-tiny"):
         clip.load_tiny_clip(tmp_path / "missing.pt")
+    # The bytes (so the sha256) do not depend on the file's name.
+    assert clip.save_clip(model, tmp_path / "other_name.pt", SMALL) == clip.save_clip(model, tmp_path / "x.pt", SMALL)
 
 
 def test_conv_stem_replaces_the_patch_projection(images, tmp_path):
