@@ -413,11 +413,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-class", type=int, help="override the images rendered per fractal class")
     parser.add_argument("--batch-size", type=int, help="override the batch size")
     parser.add_argument("--lr", type=float, help="override the peak learning rate")
+    parser.add_argument("--crop", type=int, help="override the training crop size in pixels")
     parser.add_argument("--validate", action="store_true", help="print patch-kNN AUROC on the validation set")
     args = parser.parse_args(argv)
     recipe = RECIPES[args.recipe]
     overrides = {"steps": args.steps, "n_classes": args.n_classes, "per_class": args.per_class,
-                 "batch_size": args.batch_size, "lr": args.lr}
+                 "batch_size": args.batch_size, "lr": args.lr, "crop": args.crop}
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     state, log = train(recipe)
     sha = save_weights(state, args.out)
