@@ -21,7 +21,7 @@ Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import open_clip
@@ -329,30 +329,20 @@ def train_text_adapters(
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     _check_training_data(images, masks, labels, names)
-    optimizer = torch.optim.Adam(model.text_parameters(), lr=lr, betas=(0.5, 0.999))
-    generator, scale, size = torch.Generator().manual_seed(seed), model.logit_scale, masks.shape[-1]
-    model.train()
-    history = []
-    for _ in range(epochs):
-        losses = []
-        for idx in _batches(len(images), batch_size, generator):
-            x, mask, label = _batch(model, images, masks, labels, idx)
-            patches, image_emb = model.frozen_features(x)
-            batch_names = [names[i] for i in idx]
-            per_name = {n: model.anchors(n) for n in dict.fromkeys(batch_names)}
-            anchors = torch.stack([per_name[n] for n in batch_names])  # (B, 2, D)
-            probs = similarity_probs(patches, anchors, scale, size)
-            logits = scale * torch.einsum("nd,nkd->nk", image_emb, anchors)
-            loss = (F.cross_entropy(logits, label)
-                    + segmentation_loss(probs, mask)
-                    + disentangle_weight * disentangle_loss(anchors))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        history.append(float(np.mean(losses)))
-    model.eval()
-    return history
+    scale, size = model.logit_scale, masks.shape[-1]
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        x, mask, label = _batch(model, images, masks, labels, idx)
+        patches, image_emb = model.frozen_features(x)
+        batch_names = [names[i] for i in idx]
+        per_name = {n: model.anchors(n) for n in dict.fromkeys(batch_names)}
+        anchors = torch.stack([per_name[n] for n in batch_names])  # (B, 2, D)
+        probs = similarity_probs(patches, anchors, scale, size)
+        logits = scale * torch.einsum("nd,nkd->nk", image_emb, anchors)
+        return (F.cross_entropy(logits, label) + segmentation_loss(probs, mask)
+                + disentangle_weight * disentangle_loss(anchors))
+
+    return _train_epochs(model, model.text_parameters(), batch_loss, len(images), epochs, lr, batch_size, seed)
 
 
 def train_image_adapters(
@@ -378,19 +368,33 @@ def train_image_adapters(
     _check_training_data(images, masks, labels, names)
     with torch.no_grad():
         per_name = {n: model.anchors(n) for n in dict.fromkeys(names)}
-    optimizer = torch.optim.Adam(model.image_parameters(), lr=lr, betas=(0.5, 0.999))
-    generator, scale, size = torch.Generator().manual_seed(seed), model.logit_scale, masks.shape[-1]
+    scale, size = model.logit_scale, masks.shape[-1]
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        anchors = torch.stack([per_name[names[i]] for i in idx])
+        x, mask, label = _batch(model, images, masks, labels, idx)
+        patches, image_feat = model.encode_image(x)
+        loss = F.cross_entropy(torch.einsum("nd,nkd->nk", image_feat, anchors), label)
+        for level in patches:
+            loss = loss + segmentation_loss(similarity_probs(level, anchors, scale, size), mask)
+        return loss
+
+    return _train_epochs(model, model.image_parameters(), batch_loss, len(images), epochs, lr, batch_size, seed)
+
+
+def _train_epochs(model: AACLIP, parameters: Iterable[torch.nn.Parameter],
+                  batch_loss: Callable[[np.ndarray], torch.Tensor], n: int, epochs: int, lr: float, batch_size: int,
+                  seed: int) -> list[float]:
+    """The loop both stages share: Adam with betas (0.5, 0.999) as the official code, seeded shuffled batches of
+    indices into the n training images, ``batch_loss(idx)`` per batch; returns the mean loss per epoch."""
+    optimizer = torch.optim.Adam(parameters, lr=lr, betas=(0.5, 0.999))
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     history = []
     for _ in range(epochs):
         losses = []
-        for idx in _batches(len(images), batch_size, generator):
-            anchors = torch.stack([per_name[names[i]] for i in idx])
-            x, mask, label = _batch(model, images, masks, labels, idx)
-            patches, image_feat = model.encode_image(x)
-            loss = F.cross_entropy(torch.einsum("nd,nkd->nk", image_feat, anchors), label)
-            for level in patches:
-                loss = loss + segmentation_loss(similarity_probs(level, anchors, scale, size), mask)
+        for idx in _batches(n, batch_size, generator):
+            loss = batch_loss(idx)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
