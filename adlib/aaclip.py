@@ -324,7 +324,8 @@ def train_text_adapters(
     model's input size, ``labels`` (N,) 0 = normal, 1 = anomalous, ``names`` the object name of each
     image. Per batch: image-level cross-entropy of the class embedding against the two anchors (paper),
     the segmentation loss of the (patch + class) features against the anchors (official code, last
-    layer), and ``disentangle_weight`` times the disentangle loss. Adam with betas (0.5, 0.999) as the official code; defaults are its values.
+    layer), and ``disentangle_weight`` times the disentangle loss. Adam with betas (0.5, 0.999) as the
+    official code; defaults are its values.
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """

@@ -66,8 +66,9 @@ class ConvStem(nn.Sequential):
 
     (N, 3, S, S) -> (N, width, S / patch, S / patch), like the ViT's linear patch projection it replaces,
     but through log2(patch) stride-2 3x3 convolutions: one per entry of ``channels`` (with batch norm and
-    GELU), then a last one to ``width`` channels (plain, as the linear projection it replaces). Trained from scratch on a small data set, a ViT with a linear stem learnt the toy world's
-    colours but not its shapes; with this stem it learns both.
+    GELU), then a last one to ``width`` channels (plain, as the linear projection it replaces). Trained
+    from scratch on a small data set, a ViT with a linear stem learnt the toy world's colours but not its
+    shapes; with this stem it learns both.
     """
 
     def __init__(self, patch: int, width: int, channels: Sequence[int]):
