@@ -64,8 +64,8 @@ class Recipe:
 KINDS = ("fractal", "simclr", "fractal_simclr", "random")
 # The candidates compared in MODEL_CARD.md; "fractal" is the shipped book-resnet18, "fractal_vit" book-vit-tiny.
 RECIPES = {"fractal": Recipe("fractal", steps=3000, n_classes=256, per_class=16, lr=0.1),
-           "fractal_vit": Recipe("fractal", arch="vit_tiny_patch16_224", stages=4, crop=64, steps=1200,
-                                 n_classes=64, per_class=32, lr=1e-3, optimizer="adamw"),
+           "fractal_vit": Recipe("fractal", arch="vit_tiny_patch16_224", stages=4, crop=64, steps=3000,
+                                 n_classes=256, per_class=16, lr=1e-3, optimizer="adamw"),
            "simclr": Recipe("simclr", steps=600),
            "fractal_simclr": Recipe("fractal_simclr", steps=600, per_class=16),
            "random": Recipe("random", steps=0)}
