@@ -80,6 +80,14 @@ def _timm_pretrained(name: str, caller: str, **options) -> nn.Module:
         ) from err
 
 
+def _shipped_entry(weights: str | None, name: str, caller: str) -> dict | None:
+    """The registry entry of a shipped ``weights`` name (None for any other weights), checked against ``name``."""
+    entry = shipped_weights().get(str(weights)) if weights is not None else None
+    if entry is not None and entry["arch"] != name:
+        raise ValueError(f"{weights!r} is a {entry['arch']!r}; call {caller}({entry['arch']!r}, ...).")
+    return entry
+
+
 def feature_extractor(name: str = "resnet18", layers: tuple[int, ...] = (1, 2), weights: str | None = None,
                       seed: int = 0) -> nn.Module:
     """A timm model returning the feature maps of stages ``layers`` (timm's ``features_only``), in eval mode.
@@ -91,10 +99,8 @@ def feature_extractor(name: str = "resnet18", layers: tuple[int, ...] = (1, 2), 
     """
     if weights == "imagenet":
         return _timm_pretrained(name, "feature_extractor", features_only=True, out_indices=layers).eval()
-    entry = shipped_weights().get(str(weights)) if weights is not None else None
+    entry = _shipped_entry(weights, name, "feature_extractor")
     if entry is not None:
-        if entry["arch"] != name:
-            raise ValueError(f"{weights!r} is a {entry['arch']!r}; call feature_extractor({entry['arch']!r}, ...).")
         if max(layers) > entry["max_stage"]:
             raise ValueError(f"{weights!r} ships stages 0-{entry['max_stage']} only; got layers={layers}.")
     with torch.random.fork_rng():
@@ -149,10 +155,8 @@ def vit_backbone(name: str = "vit_base_patch16_224", image_size: int = 224, weig
         if patch_size or depth:
             raise ValueError("patch_size and depth cannot change with pretrained weights; leave them None.")
         return _timm_pretrained(name, "vit_backbone", **options).eval()
-    entry = shipped_weights().get(str(weights)) if weights is not None else None
+    entry = _shipped_entry(weights, name, "vit_backbone")
     if entry is not None:
-        if entry["arch"] != name:
-            raise ValueError(f"{weights!r} is a {entry['arch']!r}; call vit_backbone({entry['arch']!r}, ...).")
         fixed = entry.get("options", {})
         clash = {k: v for k, v in fixed.items() if k in options and options[k] != v}
         if clash:

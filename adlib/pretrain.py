@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -34,7 +33,7 @@ from torch import nn
 
 from adlib import knn, metrics, synthtex
 from adlib.ssl import nt_xent
-from adlib.backbones import ViTStages, patch_features
+from adlib.backbones import ViTStages, feature_extractor, patch_features, vit_backbone
 
 NATURAL_IMAGES = ("astronaut", "coffee", "chelsea", "camera", "coins", "retina", "rocket", "cat", "page",
                   "clock", "colorwheel", "china", "flower")
@@ -228,13 +227,11 @@ def trunk(recipe: Recipe) -> nn.Module:
     :class:`adlib.backbones.ViTStages` (the last block's patch tokens; the ViT's final ``norm`` is not used,
     so it stays at its initial values in the saved weights).
     """
-    with torch.random.fork_rng():
-        torch.manual_seed(recipe.seed)
-        if recipe.arch.startswith("vit"):
-            vit = timm.create_model(recipe.arch, pretrained=False, img_size=recipe.crop, num_classes=0,
-                                    patch_size=recipe.patch_size, depth=recipe.stages)
-            return ViTStages(vit, (recipe.stages - 1,))
-        return timm.create_model(recipe.arch, pretrained=False, features_only=True, out_indices=(recipe.stages,))
+    if recipe.arch.startswith("vit"):
+        vit = vit_backbone(recipe.arch, recipe.crop, patch_size=recipe.patch_size, depth=recipe.stages,
+                           seed=recipe.seed)
+        return ViTStages(vit, (recipe.stages - 1,)).train()
+    return feature_extractor(recipe.arch, (recipe.stages,), seed=recipe.seed).train()
 
 
 def shipped_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -261,6 +258,7 @@ def _train(recipe: Recipe, log_every: int) -> tuple[dict[str, torch.Tensor], dic
     log = {"loss": [], "seconds": 0.0}
     if recipe.kind == "random" or recipe.steps == 0:
         return shipped_state(model), log
+    # In train mode this probe also moves batch-norm statistics; the shipped weights include that step.
     with torch.no_grad():
         width = model(torch.zeros(1, 3, recipe.crop, recipe.crop))[-1].shape[1]
     heads = nn.ModuleDict()
@@ -395,11 +393,10 @@ def validation_model(recipe: Recipe, weights: str | Path | None, image_size: int
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
-    from adlib.backbones import feature_extractor, vit_backbone
     weights = None if weights is None else str(weights)
     if recipe.arch.startswith("vit"):
-        vit = vit_backbone(recipe.arch, image_size, weights=weights, patch_size=recipe.patch_size, depth=recipe.stages,
-                           seed=recipe.seed)
+        vit = vit_backbone(recipe.arch, image_size, weights=weights, patch_size=recipe.patch_size,
+                           depth=recipe.stages, seed=recipe.seed)
         return ViTStages(vit, (1, recipe.stages - 1))
     return feature_extractor(recipe.arch, (1, 2), weights=weights, seed=recipe.seed)
 
