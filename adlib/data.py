@@ -68,7 +68,7 @@ NORMAL_DIRS = ("good", "ok")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_LAYOUT = (
+LAYOUT = (
     "  <root>/<category>/train/good/*.png                 normal training images\n"
     "  <root>/<category>/test/good/*.png                  normal test images\n"
     "  <root>/<category>/test/<defect>/*.png              anomalous test images\n"
@@ -107,6 +107,35 @@ def _read_rgb(path: Path) -> Image.Image:
         raise ValueError(f"Cannot read image {path}: {err}. Replace the file or delete it.") from err
 
 
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) -> (3, *size): antialiased bilinear, the resize of every image the book reads."""
+    return TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def read_images(paths: Sequence[str | Path], image_size: int | tuple[int, int] = 256) -> np.ndarray:
+    """Image files (png, jpg, ...) -> (N, 3, H, W) float32 in [0, 1], resized as :class:`MVTecDataset` does.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    size = _pair(image_size, "image_size")
+    if not paths:
+        raise ValueError("No image files given.")
+    return torch.stack([_resize(_to_tensor(_read_rgb(Path(p))), size) for p in paths]).numpy()
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files directly in ``folder`` (any of :data:`IMAGE_EXTENSIONS`, any letter case), sorted.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    return _list_images(Path(folder))
+
+
 def _read_mask(path: Path) -> np.ndarray:
     """Decode a mask file to (H, W) bool: any non-zero value (in any colour channel) is anomalous."""
     try:
@@ -138,7 +167,7 @@ def _pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
 def _check_root(root: Path) -> None:
     if not root.is_dir():
         raise FileNotFoundError(
-            f"No data set found at {root}. Expected the MVTec AD layout:\n{_LAYOUT}\n{_WHERE_TO_GET_DATA}"
+            f"No data set found at {root}. Expected the MVTec AD layout:\n{LAYOUT}\n{_WHERE_TO_GET_DATA}"
         )
 
 
@@ -159,7 +188,9 @@ class MVTecDataset(Dataset):
 
     Each item is a dict: ``image`` (3, H, W) float32 in [0, 1] (or normalised), ``label`` int
     (0 = good, 1 = defect), ``mask`` (1, H, W) float32 in {0, 1} (all zeros for good images),
-    ``path`` str and ``defect`` str (the folder name, e.g. ``"good"`` or ``"scratch"``).
+    ``path`` str and ``defect`` str (the folder name, e.g. ``"good"`` or ``"scratch"``). A defect folder
+    without any masks in ``ground_truth/`` is accepted (:attr:`has_masks` is then False: image-level metrics
+    only); one with some masks missing is an error.
 
     Images are resized to ``image_size`` (int = square, or (h, w)) with antialiased bilinear
     interpolation, masks with nearest neighbour so they stay binary; ``crop_size`` then center-crops
@@ -209,9 +240,15 @@ class MVTecDataset(Dataset):
         if not samples:
             raise FileNotFoundError(
                 f"No training images in {cat_dir / 'train' / 'good'} (extensions {', '.join(IMAGE_EXTENSIONS)}). "
-                f"One-class training needs normal images there. Expected layout:\n{_LAYOUT}"
+                f"One-class training needs normal images there. Expected layout:\n{LAYOUT}"
             )
         return samples
+
+    @property
+    def has_masks(self) -> bool:
+        """True when every defect image has a mask; False when some defect folder has no ``ground_truth/``
+        masks (accepted: image-level metrics only; such images get all-zero ``mask`` items)."""
+        return all(mask is not None for _, label, mask, _ in self.samples if label == 1)
 
     @property
     def defects(self) -> list[str]:
@@ -228,6 +265,9 @@ class MVTecDataset(Dataset):
                 samples += [(p, 0, None, defect) for p in images]
                 continue
             masks = {_mask_key(m): m for m in _list_images(gt_dir / defect)}
+            if not masks:  # no ground truth for this defect type at all: image-level labels only
+                samples += [(p, 1, None, defect) for p in images]
+                continue
             for image in images:
                 mask = masks.pop(image.stem, None)
                 if mask is None:
@@ -257,7 +297,7 @@ class MVTecDataset(Dataset):
                 f"{test_dir / stray_dirs[0].name}. Delete the masks or restore the images."
             )
         if not samples:
-            raise FileNotFoundError(f"No test images under {test_dir}. Expected layout:\n{_LAYOUT}")
+            raise FileNotFoundError(f"No test images under {test_dir}. Expected layout:\n{LAYOUT}")
         return samples
 
     def __len__(self) -> int:
@@ -265,12 +305,12 @@ class MVTecDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, label, mask_path, defect = self.samples[index]
-        image = torch.from_numpy(np.asarray(_read_rgb(path)).copy()).permute(2, 0, 1).float().div_(255.0)
+        image = _to_tensor(_read_rgb(path))
         if mask_path is None:
             mask = torch.zeros((1, *image.shape[1:]), dtype=torch.float32)
         else:
             mask = torch.from_numpy(_read_mask(mask_path)).float()[None]
-        image = TF.resize(image, list(self.image_size), interpolation=InterpolationMode.BILINEAR, antialias=True)
+        image = _resize(image, self.image_size)
         # NEAREST_EXACT samples pixel centres as the bilinear image resize does; plain NEAREST shifts
         # the mask by up to a pixel relative to the image.
         mask = TF.resize(mask, list(self.image_size), interpolation=InterpolationMode.NEAREST_EXACT)

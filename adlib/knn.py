@@ -1,8 +1,10 @@
 """Nearest-neighbour scoring of patch features against a memory bank of normal patches (faiss).
 
-The score of a test patch is its distance to the nearest normal patch (PatchCore with k = 1, SPADE's
-pixel-level step); the image score is the maximum of the map. The same bank serves the ViT-kNN and
-CFA chapters.
+The score of a test patch is its distance to the nearest normal patch of *every* training image (a full
+memory bank: PatchCore without its coreset and reweighting, SPADE's pixel step without its image gallery);
+the image score is the maximum of the map. The same bank serves the ViT-kNN and CFA chapters.
+:class:`PatchKNNDetector` and :class:`SPADEDetector` put both behind the detector protocol of
+``adlib.detectors``.
 
 Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
 """
@@ -11,8 +13,10 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import ndimage
+
+from adlib.arrays import to_numpy
+from adlib.backbones import aggregate_patches
+from adlib.detectors import FeatureDetector, to_pixel_maps  # noqa: F401  (to_pixel_maps: used by chapters 6-8)
 
 
 def _as_rows(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -21,7 +25,7 @@ def _as_rows(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, tuple[int
     if f.ndim != 4:
         raise ValueError(f"patch features must be (N, C, h, w), got shape {tuple(f.shape)}.")
     n, c, h, w = f.shape
-    rows = f.permute(0, 2, 3, 1).reshape(-1, c).contiguous().float().numpy()
+    rows = np.ascontiguousarray(to_numpy(f.permute(0, 2, 3, 1).reshape(-1, c), np.float32))
     return rows, (n, h, w)
 
 
@@ -55,17 +59,6 @@ class PatchKNN:
         return np.sqrt(np.maximum(sq, 0)).mean(axis=1).astype(np.float64).reshape(shape)
 
 
-def to_pixel_maps(maps: np.ndarray, size: int | tuple[int, int], sigma: float = 4.0) -> np.ndarray:
-    """Upsample patch score maps (N, h, w) bilinearly to ``size`` and blur with a Gaussian of ``sigma`` px.
-
-    sigma = 4 as SPADE and PatchCore; the blur smooths the blocky upsampled grid.
-    """
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    up = F.interpolate(torch.as_tensor(maps, dtype=torch.float64)[:, None], size=size, mode="bilinear",
-                       align_corners=False)[:, 0].numpy()
-    return np.stack([ndimage.gaussian_filter(m, sigma) for m in up]) if sigma > 0 else up
-
-
 def nearest_images(train_global: torch.Tensor | np.ndarray, test_global: torch.Tensor | np.ndarray,
                    k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest training images of each test image in global feature space (exact, faiss).
@@ -75,8 +68,8 @@ def nearest_images(train_global: torch.Tensor | np.ndarray, test_global: torch.T
 
     Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
     """
-    train = torch.as_tensor(train_global).float().contiguous().numpy()
-    test = torch.as_tensor(test_global).float().contiguous().numpy()
+    train = np.ascontiguousarray(to_numpy(train_global, np.float32))
+    test = np.ascontiguousarray(to_numpy(test_global, np.float32))
     if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
         raise ValueError(f"global features must be (M, D) and (N, D), got {train.shape} and {test.shape}.")
     if not 1 <= k <= len(train):
@@ -107,7 +100,7 @@ class SPADE:
         self.train_patches: torch.Tensor | None = None
 
     def fit(self, train_global: torch.Tensor | np.ndarray, train_patches: torch.Tensor | np.ndarray) -> "SPADE":
-        g, p = torch.as_tensor(train_global).float(), torch.as_tensor(train_patches).float()
+        g, p = torch.as_tensor(to_numpy(train_global, np.float32)), torch.as_tensor(to_numpy(train_patches, np.float32))
         if p.ndim != 4 or g.ndim != 2 or len(g) != len(p):
             raise ValueError(f"need train_global (M, D) and train_patches (M, C, h, w) for the same M images, "
                              f"got {tuple(g.shape)} and {tuple(p.shape)}.")
@@ -120,7 +113,7 @@ class SPADE:
                 test_patches: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.train_patches is None:
             raise RuntimeError("Call fit(train_global, train_patches) before predict().")
-        q = torch.as_tensor(test_patches).float()
+        q = torch.as_tensor(to_numpy(test_patches, np.float32))
         if q.shape[1:] != self.train_patches.shape[1:]:
             raise ValueError(f"test patches {tuple(q.shape[1:])} differ from training patches "
                              f"{tuple(self.train_patches.shape[1:])} (C, h, w).")
@@ -133,3 +126,79 @@ class SPADE:
             d = torch.cdist(q[i].permute(1, 2, 0).reshape(-1, c), gallery)
             maps[i] = d.topk(self.kappa, largest=False).values.mean(1).reshape(h, w).double().numpy()
         return dist.mean(1), maps
+
+
+class PatchKNNDetector(FeatureDetector):
+    """Patch kNN behind the detector protocol: :func:`adlib.backbones.aggregate_patches` (3 x 3 local average,
+    stages resized to one grid) in a full :class:`PatchKNN` bank; image score = maximum of the blurred map.
+
+    ``k`` neighbours averaged; ``stride`` 8 px by default (the stride of PatchCore's first layer on its
+    WideResNet-50), other arguments as :class:`adlib.detectors.FeatureDetector`.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+
+    summary = "nearest training patch of every training image (full bank); image score = max of the map"
+    method = "patchknn"
+    fitted = ("bank",)
+
+    def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None, stride: int | None = 8,
+                 k: int = 1, sigma: float = 4.0, device: str = "cpu", seed: int = 0, batch_size: int = 32):
+        super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
+        self.k = k
+        self.knn = PatchKNN(k)
+
+    def embed(self, maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        return aggregate_patches(maps, grid=grid)
+
+    def fit_features(self, features: torch.Tensor) -> None:
+        self.bank = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        self.restore()
+
+    def restore(self) -> None:
+        self.knn.fit(self.bank[:, :, None, None])
+
+    def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, None]:
+        return self.knn.score_maps(features), None
+
+
+class SPADEDetector(FeatureDetector):
+    """SPADE behind the detector protocol: image score = mean distance of the global feature to the ``k``
+    nearest training images; pixel map from the patches of those images (:class:`SPADE`). Paper: k = 50,
+    kappa = 1. The global feature is the spatial mean of the last requested stage (the paper pools the
+    network's last stage, which the shallow backbones here do not compute).
+
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    """
+
+    summary = "SPADE (Cohen & Hoshen 2020): k nearest images by global feature, then their patches"
+    method = "spade"
+    fitted = ("train_global", "train_patches")
+
+    def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None, stride: int | None = 8,
+                 k: int = 50, kappa: int = 1, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
+                 batch_size: int = 32):
+        super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
+        self.k, self.kappa = k, kappa
+        self.spade = SPADE(k, kappa)
+
+    def embed(self, maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        # The global feature rides along as extra channels (constant over the grid), split off again below.
+        patches = aggregate_patches(maps, grid=grid)
+        pooled = maps[-1].mean(dim=(2, 3))[:, :, None, None].expand(-1, -1, *grid)
+        return torch.cat([patches, pooled], dim=1)
+
+    def _split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.extractor.net.feature_info.channels()[-1]
+        return features[:, -c:, 0, 0], features[:, :-c]
+
+    def fit_features(self, features: torch.Tensor) -> None:
+        self.train_global, self.train_patches = self._split(features)
+        self.restore()
+
+    def restore(self) -> None:
+        self.spade = SPADE(self.k, self.kappa).fit(self.train_global, self.train_patches)
+
+    def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = self.spade.predict(*self._split(features))
+        return maps, scores

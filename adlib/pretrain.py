@@ -33,7 +33,7 @@ from torch import nn
 
 from adlib import knn, metrics, synthtex
 from adlib.ssl import nt_xent
-from adlib.backbones import ViTStages, feature_extractor, patch_features, vit_backbone
+from adlib.backbones import Backbone, ViTStages, feature_extractor, patch_features, vit_backbone
 
 NATURAL_IMAGES = ("astronaut", "coffee", "chelsea", "camera", "coins", "retina", "rocket", "cat", "page",
                   "clock", "colorwheel", "china", "flower")
@@ -236,7 +236,8 @@ def trunk(recipe: Recipe) -> nn.Module:
 
 def shipped_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict that is saved: the trunk's, under the names ``adlib.backbones`` loads (a ViT: timm's)."""
-    return (model.vit if isinstance(model, ViTStages) else model).state_dict()
+    net = model.net if isinstance(model, Backbone) else model
+    return (net.vit if isinstance(net, ViTStages) else net).state_dict()
 
 
 def train(recipe: Recipe, log_every: int = 100) -> tuple[dict[str, torch.Tensor], dict]:

@@ -7,8 +7,9 @@ Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``)
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -22,6 +23,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from adlib import metrics
+from adlib.arrays import to_numpy
 from adlib.profiles import check_profile
 
 __all__ = [
@@ -36,15 +38,9 @@ __all__ = [
 ]
 
 
-def _numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _as_rgb(image: Any) -> np.ndarray:
     """One image (H, W), (H, W, 3), (3, H, W) or a 1-channel variant, uint8 or float in [0, 1] -> (H, W, 3) float."""
-    x = _numpy(image)
+    x = to_numpy(image)
     if x.ndim == 3 and x.shape[-1] not in (1, 3) and x.shape[0] in (1, 3):
         x = np.moveaxis(x, 0, -1)
     if x.ndim == 3 and x.shape[-1] == 1:
@@ -85,7 +81,7 @@ def overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     rgb = _as_rgb(image)
-    s = _numpy(score_map).astype(np.float64)
+    s = to_numpy(score_map).astype(np.float64)
     if s.shape != rgb.shape[:2]:
         raise ValueError(
             f"score_map must be (H, W) = {rgb.shape[:2]} like the image, got {s.shape}; "
@@ -94,6 +90,33 @@ def overlay(
     norm = Normalize(s.min() if vmin is None else vmin, s.max() if vmax is None else vmax)
     colours = colormaps[cmap](norm(s))[..., :3]
     return (1.0 - alpha) * rgb + alpha * colours
+
+
+def save_overlays(folder: str | Path, images: Any, maps: Any, names: Sequence[str], *,
+                  vmin: float | None = None, vmax: float | None = None) -> list[Path]:
+    """Write one PNG per image: its anomaly map (N, H, W) blended onto it (:func:`overlay`), as
+    ``folder/<name>.png``. The colour scale is shared by all images ([``vmin``, ``vmax``], default the maps'
+    overall min and max), so a brighter overlay means a higher score. Refuses to overwrite existing files.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    maps = to_numpy(maps, np.float64)
+    if len(names) != len(maps):
+        raise ValueError(f"need one name per map: {len(names)} names for {len(maps)} maps.")
+    paths = [folder / f"{name}.png" for name in names]
+    existing = [p for p in paths if p.exists()]
+    if existing:
+        raise FileExistsError(f"{existing[0]} exists ({len(existing)} of the overlays would be overwritten); "
+                              "choose another folder or delete them first.")
+    lo, hi = (maps.min() if vmin is None else vmin), (maps.max() if vmax is None else vmax)
+    for path, image, amap in zip(paths, images, maps):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rgb = overlay(image, amap, vmin=lo, vmax=hi)
+        Image.fromarray((rgb * 255).round().astype(np.uint8)).save(path)
+    return paths
 
 
 def heatmap_grid(
@@ -116,7 +139,7 @@ def heatmap_grid(
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
-    images, masks, maps = _numpy(images), _numpy(masks), _numpy(maps).astype(np.float64)
+    images, masks, maps = to_numpy(images), to_numpy(masks), to_numpy(maps).astype(np.float64)
     n = len(images)
     if n == 0 or len(masks) != n or len(maps) != n:
         raise ValueError(f"images, masks and maps need the same, nonzero length; got {n}, {len(masks)}, {len(maps)}.")

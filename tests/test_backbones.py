@@ -15,7 +15,7 @@ def _registry(folder, name, file, sha, arch="resnet18", max_stage=3):
 
 
 def _trunk_state(seed):
-    return backbones.feature_extractor("resnet18", (1, 2, 3), seed=seed).state_dict()
+    return backbones.feature_extractor("resnet18", (1, 2, 3), seed=seed).net.state_dict()
 
 
 def test_local_file_loads_exactly(tmp_path):
@@ -35,7 +35,7 @@ def test_shipped_name_is_sha_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(backbones, "WEIGHTS_DIR", tmp_path)
     _registry(tmp_path, "toy-resnet18", "toy.safetensors", sha)
     model = backbones.feature_extractor("resnet18", (1, 2), weights="toy-resnet18")
-    torch.testing.assert_close(model.state_dict()["conv1.weight"], state["conv1.weight"].float())
+    torch.testing.assert_close(model.net.state_dict()["conv1.weight"], state["conv1.weight"].float())
     _registry(tmp_path, "toy-resnet18", "toy.safetensors", "0" * 64)
     with pytest.raises(ValueError, match="sha256 mismatch for .*toy.safetensors"):
         backbones.feature_extractor("resnet18", (1, 2), weights="toy-resnet18")

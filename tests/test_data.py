@@ -209,6 +209,18 @@ def test_defect_image_without_mask(tree) -> None:
     assert str(root / "widget/ground_truth/scratch/002_mask.png") in str(err.value)
 
 
+def test_defect_folder_without_any_masks_is_image_level_only(tree) -> None:
+    root, _ = tree
+    assert MVTecDataset(root, "widget", "test").has_masks
+    save_image(root / "widget/test/dent/000.png", 30)
+    save_image(root / "widget/test/dent/001.PNG", 31)
+    ds = MVTecDataset(root, "widget", "test")
+    assert not ds.has_masks
+    assert ds.defects.count("dent") == 2
+    item = ds[ds.defects.index("dent")]
+    assert item["label"] == 1 and item["mask"].sum() == 0
+
+
 def test_mask_without_image(tree) -> None:
     root, _ = tree
     save_mask(root / "widget/ground_truth/scratch/007_mask.png", (0, 1, 0, 1))

@@ -1,0 +1,4 @@
+"""``python -m adlib``: see :mod:`adlib.cli`."""
+from adlib.cli import main
+
+raise SystemExit(main())

