@@ -25,10 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from torch import nn
 
 from adlib import metrics
 from adlib.arrays import as_images, to_numpy
-from adlib.backbones import feature_extractor
+from adlib.backbones import Backbone, feature_extractor
 
 # method name -> "module:Class"; the classes live in one module per method (imported when first used).
 METHODS = {
@@ -62,8 +63,9 @@ class FeatureDetector:
     an attribute of the same name, so :meth:`save` can rebuild the detector; fitted tensors are listed in
     ``fitted``.
 
-    ``backbone``: a name of :data:`adlib.backbones.BACKBONES`; ``layers``: its stages (None = the backbone's
-    default); ``stride``: pixels per patch of the grid (None = the first stage's stride); ``sigma``: blur of
+    ``backbone``: a name of :data:`adlib.backbones.BACKBONES` (or a module mapping [0, 1] images to a list of
+    stage maps, with an explicit ``stride``; such a detector cannot be saved); ``layers``: its stages (None =
+    the backbone's default); ``stride``: pixels per patch of the grid (None = the first stage's stride); ``sigma``: blur of
     the maps; ``device``: where features are computed (inputs move there).
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
@@ -73,15 +75,21 @@ class FeatureDetector:
     summary: ClassVar[str] = ""  # one line for ``python -m adlib list``
     fitted: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None,
+    def __init__(self, backbone: str | nn.Module = "effnet-lite0", layers: tuple[int, ...] | None = None,
                  stride: int | None = None, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
                  batch_size: int = 32):
         self.backbone, self.sigma, self.device, self.seed, self.batch_size = backbone, sigma, str(device), seed, batch_size
-        self.extractor = feature_extractor(backbone, None if layers is None else tuple(layers), seed=seed,
-                                           device=device)
-        self.layers = tuple(self.extractor.net.feature_info.out_indices)
-        reductions = self.extractor.net.feature_info.reduction()
-        self.stride = int(reductions[0]) if stride is None else int(stride)
+        if isinstance(backbone, str):
+            self.extractor = feature_extractor(backbone, None if layers is None else tuple(layers), seed=seed,
+                                               device=device)
+            self.layers = tuple(self.extractor.net.feature_info.out_indices)
+            first_stride = int(self.extractor.net.feature_info.reduction()[0])
+        else:  # any module mapping [0, 1] images to a list of stage maps (e.g. a ViT's ViTStages)
+            if stride is None:
+                raise ValueError("a backbone given as a module needs an explicit stride (pixels per patch).")
+            self.extractor = (backbone if isinstance(backbone, Backbone) else Backbone(backbone)).to(device)
+            self.layers, first_stride = layers, stride
+        self.stride = first_stride if stride is None else int(stride)
         self.image_shape: tuple[int, int] | None = None
 
     # -- what subclasses define ----------------------------------------------------------------------
@@ -141,6 +149,9 @@ class FeatureDetector:
         with it (e.g. the image size it expects). Refuses to overwrite an existing file."""
         if self.image_shape is None:
             raise RuntimeError("Fit the detector before saving it.")
+        if not isinstance(self.backbone, str):
+            raise TypeError("a detector built on a backbone module cannot be rebuilt from a file; build it on a "
+                            "backbone name of adlib.backbones.BACKBONES to save it.")
         path = Path(path)
         if path.exists():
             raise FileExistsError(f"{path} exists; choose another file name or delete it first.")

@@ -142,8 +142,8 @@ class PatchKNNDetector(FeatureDetector):
     method = "patchknn"
     fitted = ("bank",)
 
-    def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None, stride: int | None = 8,
-                 k: int = 1, sigma: float = 4.0, device: str = "cpu", seed: int = 0, batch_size: int = 32):
+    def __init__(self, backbone: str | torch.nn.Module = "effnet-lite0", layers: tuple[int, ...] | None = None,
+                 stride: int | None = 8, k: int = 1, sigma: float = 4.0, device: str = "cpu", seed: int = 0, batch_size: int = 32):
         super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
         self.k = k
         self.knn = PatchKNN(k)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from adlib import knn, metrics, synthtex
+from adlib import detectors, knn, synthtex
 from adlib.ssl import nt_xent
 from adlib.backbones import Backbone, ViTStages, feature_extractor, patch_features, vit_backbone
 
@@ -357,7 +357,8 @@ def validation_set(image_size: int = 128, n_train: int = 30, n_test_good: int = 
 
 def patch_knn_scores(model: nn.Module, categories: dict[str, dict[str, np.ndarray]], grid: int = 16,
                      with_aupro: bool = False) -> dict[str, dict[str, float]]:
-    """The chapter-02 pipeline (patch features, 1-NN bank, sigma-4 blur, image score = max) per category.
+    """The chapter-02 patch-kNN detector (:class:`adlib.knn.PatchKNNDetector` on ``model``'s stages, a
+    ``grid`` x ``grid`` patch grid) evaluated per category with :func:`adlib.detectors.evaluate`.
 
     ``categories``: name -> ``train`` (N, 3, S, S) float in [0, 1], ``test`` (M, 3, S, S), ``labels`` (M,) 0/1,
     ``masks`` (M, S, S), as :func:`validation_set` returns. Returns name -> {"image_auroc", "pixel_auroc"
@@ -365,14 +366,9 @@ def patch_knn_scores(model: nn.Module, categories: dict[str, dict[str, np.ndarra
     """
     out = {}
     for name, c in categories.items():
-        bank = knn.PatchKNN(k=1).fit(patch_features(model, torch.from_numpy(c["train"]), grid=grid))
-        maps = knn.to_pixel_maps(bank.score_maps(patch_features(model, torch.from_numpy(c["test"]), grid=grid)),
-                                 c["test"].shape[-1])
-        res = {"image_auroc": metrics.image_auroc(c["labels"], maps.reshape(len(maps), -1).max(1)),
-               "pixel_auroc": metrics.pixel_auroc(c["masks"], maps)}
-        if with_aupro:
-            res["aupro"] = metrics.aupro(c["masks"], maps)
-        out[name] = res
+        det = knn.PatchKNNDetector(model, stride=c["test"].shape[-1] // grid)
+        row, _, _ = detectors.evaluate(det, c["train"], c["test"], c["labels"], c["masks"])
+        out[name] = {k: row[k] for k in ("image_auroc", "pixel_auroc", "aupro")[:3 if with_aupro else 2]}
     return out
 
 
