@@ -22,6 +22,8 @@ from sklearn.cluster import KMeans
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adlib.backbones import aggregate_patches
+from adlib.detectors import FeatureDetector
 from adlib.train import fit
 
 
@@ -210,3 +212,58 @@ def train_cfa(model: CFA, features: torch.Tensor, *, epochs: int = 30, lr: float
     history = fit(step, loader, epochs=epochs, seed=seed, progress=progress)
     model.eval()
     return history
+
+
+class CFADetector(FeatureDetector):
+    """CFA behind the detector protocol: frozen patch features (:func:`adlib.backbones.aggregate_patches`),
+    a :class:`CFA` descriptor and memory bank trained for ``epochs`` with :func:`train_cfa`, softmin scores.
+
+    The paper's hyperparameters are the keyword defaults (``gamma_c = gamma_d = 1``, ``k = j = 3``,
+    ``alpha = 0.1``, ``nu = 1e-3``, ``radius = 1e-5``, 30 epochs, AdamW lr 1e-3, weight decay 5e-4, batch 4);
+    the number of epochs is fixed in advance, never chosen on test images. ``stride`` 8 px by default.
+
+    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
+    """
+
+    summary = "CFA (Lee et al. 2022): patch descriptor + memory bank trained with hypersphere losses"
+    method = "cfa"
+
+    def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None, stride: int | None = 8,
+                 gamma_c: int = 1, gamma_d: int = 1, k: int = 3, j: int = 3, alpha: float = 0.1, nu: float = 1e-3,
+                 radius: float = 1e-5, epochs: int = 30, lr: float = 1e-3, weight_decay: float = 5e-4,
+                 train_batch_size: int = 4, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
+                 batch_size: int = 32):
+        super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
+        self.gamma_c, self.gamma_d, self.k, self.j, self.alpha, self.nu = gamma_c, gamma_d, k, j, alpha, nu
+        self.radius, self.epochs, self.lr, self.weight_decay = radius, epochs, lr, weight_decay
+        self.train_batch_size = train_batch_size
+        self.model: CFA | None = None
+
+    def embed(self, maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        return aggregate_patches(maps, grid=grid)
+
+    def _new_model(self, in_channels: int) -> CFA:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = CFA(in_channels, gamma_c=self.gamma_c, gamma_d=self.gamma_d, k=self.k, j=self.j, alpha=self.alpha,
+                        nu=self.nu, radius=self.radius)
+        return model.to(self.extractor.device)
+
+    def fit_features(self, features: torch.Tensor) -> None:
+        self.model = self._new_model(features.shape[1]).init_bank(features, self.seed)
+        with torch.enable_grad():
+            self.history = train_cfa(self.model, features, epochs=self.epochs, lr=self.lr,
+                                     weight_decay=self.weight_decay, batch_size=self.train_batch_size, seed=self.seed,
+                                     progress=False)
+
+    def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, None]:
+        return self.model.score_maps(features), None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict())
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.model = self._new_model(state["descriptor.conv.weight"].shape[1] - 2)
+        self.model.bank = state["bank"].to(self.extractor.device)  # an empty buffer until fitted: set it first
+        self.model.load_state_dict(state)
+        self.model.eval()

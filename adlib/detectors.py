@@ -37,6 +37,8 @@ METHODS = {
     "spade": "adlib.knn:SPADEDetector",
     "patchcore": "adlib.patchcore:PatchCore",
     "padim": "adlib.padim:PaDiM",
+    "cfa": "adlib.cfa:CFADetector",
+    "students": "adlib.students:StudentsDetector",
 }
 FORMAT = "adlib-detector/1"
 
@@ -105,6 +107,16 @@ class FeatureDetector:
     def restore(self) -> None:
         """Rebuild what is derived from the ``fitted`` tensors after loading (e.g. a search index)."""
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The fitted tensors :meth:`save` stores (by default the attributes named in ``fitted``)."""
+        return {name: getattr(self, name) for name in self.fitted}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The inverse of :meth:`state`: set the fitted tensors (on ``device``) and :meth:`restore`."""
+        for name, value in state.items():
+            setattr(self, name, value.to(self.extractor.device))
+        self.restore()
+
     # -- the protocol ---------------------------------------------------------------------------------
     @torch.no_grad()
     def features(self, images: Any) -> torch.Tensor:
@@ -156,7 +168,7 @@ class FeatureDetector:
         if path.exists():
             raise FileExistsError(f"{path} exists; choose another file name or delete it first.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {name: getattr(self, name).detach().cpu() for name in self.fitted}
+        state = {name: tensor.detach().cpu() for name, tensor in self.state().items()}
         torch.save({"format": FORMAT, "method": self.method, "config": self.config(), "state": state,
                     "image_shape": list(self.image_shape), "meta": meta}, path)
         return path
@@ -194,10 +206,8 @@ def load_detector(path: str | Path, device: str = "cpu") -> tuple[FeatureDetecto
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a detector saved by adlib ({FORMAT}).")
     det = make_detector(blob["method"], **blob["config"], device=device)
-    for name, value in blob["state"].items():
-        setattr(det, name, value.to(det.extractor.device))
+    det.load_state(blob["state"])
     det.image_shape = tuple(blob["image_shape"])
-    det.restore()
     return det, blob["meta"]
 
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adlib.arrays import as_images
+from adlib.detectors import FeatureDetector
 from adlib.train import fit
 
 
@@ -109,7 +111,7 @@ def pretrained_descriptors(extractor: nn.Module, patches: torch.Tensor, size: in
     out = []
     for batch in torch.split(patches, batch_size):
         batch = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False)
-        out.append(torch.cat([m.mean(dim=(2, 3)) for m in extractor(batch)], dim=1))
+        out.append(torch.cat([m.mean(dim=(2, 3)) for m in extractor(batch)], dim=1).cpu())  # students train on CPU
     return torch.cat(out)
 
 
@@ -254,3 +256,60 @@ class StudentTeacher(nn.Module):
         """The paper's score per cell: normalised error + normalised variance, (N, h, w) float64."""
         e, v = self.normalised_terms(images)
         return e + v
+
+
+class StudentsDetector(FeatureDetector):
+    """Uninformed Students behind the detector protocol: a teacher distilled from ``backbone`` on random
+    ``patch_size`` patches of the training images, ``n_students`` students regressing it, and the score
+    e + v normalised on ``n_val`` training images held out from training (the paper's validation images).
+
+    Defaults follow the book profile of its chapter (p = 17 at 128 px, d = width = 32, a 4 px grid, short
+    schedules), which fit the CPU budget; the paper's are p = 17/33/65, d = 128, stride 1, 50,000 patches,
+    10 teacher and 100 student epochs (pass them as keywords on a GPU). The networks train on the CPU; only
+    the backbone runs on ``device``.
+
+    Defined in: "Uninformed Students" (``notebooks/06_uninformed_students.ipynb``).
+    """
+
+    summary = "Uninformed Students (Bergmann et al. 2020): students regress a distilled teacher; error + variance"
+    method = "students"
+
+    def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None, patch_size: int = 17,
+                 stride: int = 4, dim: int = 32, width: int = 32, n_students: int = 3, n_patches: int = 1024,
+                 target_size: int = 32, teacher_epochs: int = 3, student_epochs: int = 16, lr: float = 1e-3,
+                 n_val: int = 10, sigma: float = 4.0, device: str = "cpu", seed: int = 0, batch_size: int = 32):
+        super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
+        self.patch_size, self.dim, self.width, self.n_students = patch_size, dim, width, n_students
+        self.n_patches, self.target_size, self.teacher_epochs = n_patches, target_size, teacher_epochs
+        self.student_epochs, self.lr, self.n_val = student_epochs, lr, n_val
+        self.model: StudentTeacher | None = None
+
+    def features(self, images) -> torch.Tensor:
+        """The students see the images themselves (on the CPU); the backbone only teaches the teacher."""
+        return as_images(images).cpu()
+
+    def fit_features(self, images: torch.Tensor) -> None:
+        if len(images) <= self.n_val:
+            raise ValueError(f"need more than n_val={self.n_val} training images (held out to normalise the "
+                             f"scores), got {len(images)}; lower n_val.")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
+        val, train = images[order[:self.n_val]], images[order[self.n_val:]]
+        with torch.enable_grad():
+            teacher, _ = train_teacher(train, self.extractor, self.patch_size, dim=self.dim, width=self.width,
+                                       stride=self.stride, n_patches=self.n_patches, target_size=self.target_size,
+                                       epochs=self.teacher_epochs, seed=self.seed, progress=False)
+            self.model = StudentTeacher(teacher, self.n_students, self.seed)
+            self.model.fit(train, epochs=self.student_epochs, batch_size=2, lr=self.lr, seed=self.seed, progress=False)
+        self.model.calibrate(val)
+
+    def score_features(self, images: torch.Tensor) -> tuple[np.ndarray, None]:
+        return self.model.score_maps(images), None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict())
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        teacher = PatchNet(self.patch_size, self.dim, self.width, self.stride)
+        self.model = StudentTeacher(teacher, self.n_students, self.seed)
+        self.model.load_state_dict(state)
+        self.model.eval()

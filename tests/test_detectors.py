@@ -179,7 +179,9 @@ def test_padim_random_channels_and_errors() -> None:
 
 
 # ----------------------------------------------------------------------------- the protocol
-SMALL = {"patchknn": {}, "spade": {"k": 2}, "patchcore": {"coreset_ratio": 0.5}, "padim": {"layers": (1, 2), "d": 16}}
+SMALL = {"patchknn": {}, "spade": {"k": 2}, "patchcore": {"coreset_ratio": 0.5}, "padim": {"layers": (1, 2), "d": 16},
+         "cfa": {"epochs": 2, "train_batch_size": 2},
+         "students": {"n_patches": 64, "teacher_epochs": 1, "student_epochs": 1, "n_val": 1, "dim": 4, "width": 4}}
 
 
 @pytest.mark.parametrize("method", sorted(detectors.METHODS))
