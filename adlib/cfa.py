@@ -247,7 +247,7 @@ class CFADetector(FeatureDetector):
             torch.manual_seed(self.seed)
             model = CFA(in_channels, gamma_c=self.gamma_c, gamma_d=self.gamma_d, k=self.k, j=self.j, alpha=self.alpha,
                         nu=self.nu, radius=self.radius)
-        return model.to(self.extractor.device)
+        return model.to(self.device)
 
     def fit_features(self, features: torch.Tensor) -> None:
         self.model = self._new_model(features.shape[1]).init_bank(features, self.seed)
@@ -264,6 +264,6 @@ class CFADetector(FeatureDetector):
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.model = self._new_model(state["descriptor.conv.weight"].shape[1] - 2)
-        self.model.bank = state["bank"].to(self.extractor.device)  # an empty buffer until fitted: set it first
+        self.model.bank = state["bank"].to(self.device)  # an empty buffer until fitted: set it first
         self.model.load_state_dict(state)
         self.model.eval()

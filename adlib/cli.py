@@ -3,6 +3,7 @@
     python -m adlib list
     python -m adlib run patchcore --data ROOT [--category C ...] [--backbone effnet-lite0] [--image-size 128]
                         [--device cpu|cuda] [--seed 0] [--out results.json] [--save-maps DIR] [--save-model FILE]
+                        [--set KEY=VALUE ...]
     python -m adlib predict --model FILE IMAGES_OR_FOLDERS... [--out scores.csv] [--save-maps DIR]
     python -m adlib bench [--methods patchcore padim patchknn] [--categories ...]
 
@@ -11,7 +12,9 @@ Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``)
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
+import inspect
 import json
 import sys
 import time
@@ -92,7 +95,8 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
         raise ValueError(f"Unknown category {unknown[0]!r} in {root}. Available categories: {available}.")
     device = str(choose_device(device))
     seed_everything(seed)
-    opts = {"backbone": backbone, "device": device, "seed": seed} | (options or {})
+    uses_backbone = "backbone" in inspect.signature(detectors.detector_class(method)).parameters
+    opts = {"device": device, "seed": seed} | ({"backbone": backbone} if uses_backbone else {}) | (options or {})
     model_paths = _model_paths(None if save_model is None else Path(save_model), cats)
     rows = {}
     for cat in cats:
@@ -100,8 +104,8 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
                                  model_paths[cat])
     mean = {k: (None if any(r[k] is None for r in rows.values()) else float(np.mean([r[k] for r in rows.values()])))
             for k in COLUMNS}
-    return {"method": method, "backbone": backbone, "image_size": image_size, "device": device, "seed": seed,
-            "categories": rows, "mean": mean}
+    return {"method": method, "backbone": backbone if uses_backbone else None, "image_size": image_size,
+            "device": device, "seed": seed, "options": options or {}, "categories": rows, "mean": mean}
 
 
 def results_table(result: dict[str, Any]) -> pd.DataFrame:
@@ -180,6 +184,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="write the results as JSON")
     r.add_argument("--save-maps", type=Path, help="write one heatmap overlay PNG per test image here")
     r.add_argument("--save-model", type=Path, help="save the fitted detector (FILE_<category> for several)")
+    r.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", type=_option,
+                   help="a keyword of the method, e.g. coreset_ratio=0.25 or kind=vae (python -m adlib list)")
 
     p = sub.add_parser("predict", help="score new images with a saved detector")
     p.add_argument("--model", required=True, type=Path)
@@ -195,6 +201,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     b.add_argument("--device", choices=("cpu", "cuda"))
     return parser
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value), the value read as a Python literal (0.25, (1, 2), None) or kept as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def _refuse_overwrite(path: Path | None) -> None:
@@ -216,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _refuse_overwrite(args.out)
             t0 = time.perf_counter()
             result = run(args.method, args.data, args.category, backbone=args.backbone, image_size=args.image_size,
-                         device=args.device, seed=args.seed, save_maps=args.save_maps, save_model=args.save_model)
+                         device=args.device, seed=args.seed, save_maps=args.save_maps, save_model=args.save_model,
+                         options=dict(args.set))
             print(f"{args.method} with {args.backbone} at {args.image_size} px on {result['device']} "
                   f"({time.perf_counter() - t0:.0f} s)")
             print(_format(results_table(result)))
@@ -234,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             table = benchmark(args.methods, args.categories, args.backbone, args.image_size, args.device)
             print(table.to_string(float_format=lambda v: f"{v:.3f}"))
-    except (FileNotFoundError, FileExistsError, ValueError, ModuleNotFoundError, RuntimeError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError, ModuleNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -39,6 +39,7 @@ METHODS = {
     "padim": "adlib.padim:PaDiM",
     "cfa": "adlib.cfa:CFADetector",
     "students": "adlib.students:StudentsDetector",
+    "ae": "adlib.recon:AutoencoderDetector",
 }
 FORMAT = "adlib-detector/1"
 
@@ -59,16 +60,17 @@ def to_pixel_maps(maps: Any, size: int | tuple[int, int], sigma: float = 4.0) ->
 class FeatureDetector:
     """Base class: a frozen backbone, a patch grid, and the ``fit`` / ``predict`` protocol.
 
-    Subclasses define ``embed(stage_maps) -> (B, D, h, w)`` (how stage maps become patch features),
+    Subclasses define ``embed(stage_maps, grid) -> (B, D, *grid)`` (how stage maps become patch features),
     ``fit_features(features (N, D, h, w))`` and ``score_features(features) -> (patch maps (M, h, w), image
     scores (M,) or None)``; None means the maximum of the blurred map. Every ``__init__`` argument is kept as
-    an attribute of the same name, so :meth:`save` can rebuild the detector; fitted tensors are listed in
-    ``fitted``.
+    an attribute of the same name, so :meth:`save` can rebuild the detector; the fitted tensors it stores are
+    those of :meth:`state` (by default the attributes named in ``fitted``).
 
     ``backbone``: a name of :data:`adlib.backbones.BACKBONES` (or a module mapping [0, 1] images to a list of
     stage maps, with an explicit ``stride``; such a detector cannot be saved); ``layers``: its stages (None =
-    the backbone's default); ``stride``: pixels per patch of the grid (None = the first stage's stride); ``sigma``: blur of
-    the maps; ``device``: where features are computed (inputs move there).
+    the backbone's default); ``stride``: pixels per patch of the grid (None = the first stage's stride);
+    ``sigma``: blur of the maps; ``device``: where features are computed (inputs move there). ``backbone=None``
+    (models that learn from the pixels themselves) needs its own :meth:`features`.
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
@@ -77,11 +79,13 @@ class FeatureDetector:
     summary: ClassVar[str] = ""  # one line for ``python -m adlib list``
     fitted: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, backbone: str | nn.Module = "effnet-lite0", layers: tuple[int, ...] | None = None,
+    def __init__(self, backbone: str | nn.Module | None = "effnet-lite0", layers: tuple[int, ...] | None = None,
                  stride: int | None = None, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
                  batch_size: int = 32):
         self.backbone, self.sigma, self.device, self.seed, self.batch_size = backbone, sigma, str(device), seed, batch_size
-        if isinstance(backbone, str):
+        if backbone is None:  # a detector that learns from pixels (an autoencoder): no feature network
+            self.extractor, self.layers, first_stride = None, None, 1
+        elif isinstance(backbone, str):
             self.extractor = feature_extractor(backbone, None if layers is None else tuple(layers), seed=seed,
                                                device=device)
             self.layers = tuple(self.extractor.net.feature_info.out_indices)
@@ -114,7 +118,7 @@ class FeatureDetector:
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """The inverse of :meth:`state`: set the fitted tensors (on ``device``) and :meth:`restore`."""
         for name, value in state.items():
-            setattr(self, name, value.to(self.extractor.device))
+            setattr(self, name, value.to(self.device))
         self.restore()
 
     # -- the protocol ---------------------------------------------------------------------------------
@@ -161,7 +165,7 @@ class FeatureDetector:
         with it (e.g. the image size it expects). Refuses to overwrite an existing file."""
         if self.image_shape is None:
             raise RuntimeError("Fit the detector before saving it.")
-        if not isinstance(self.backbone, str):
+        if isinstance(self.backbone, nn.Module):
             raise TypeError("a detector built on a backbone module cannot be rebuilt from a file; build it on a "
                             "backbone name of adlib.backbones.BACKBONES to save it.")
         path = Path(path)
@@ -206,8 +210,8 @@ def load_detector(path: str | Path, device: str = "cpu") -> tuple[FeatureDetecto
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a detector saved by adlib ({FORMAT}).")
     det = make_detector(blob["method"], **blob["config"], device=device)
-    det.load_state(blob["state"])
     det.image_shape = tuple(blob["image_shape"])
+    det.load_state(blob["state"])
     return det, blob["meta"]
 
 

@@ -19,6 +19,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from adlib.arrays import as_images
+from adlib.detectors import FeatureDetector
+from adlib.train import fit
 
 StepFn = Callable[[Any], dict[str, float]]
 
@@ -439,3 +444,68 @@ def ganomaly_score(z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
     if z.shape != z_hat.shape:
         raise ValueError(f"z and z_hat must have the same shape, got {tuple(z.shape)} and {tuple(z_hat.shape)}.")
     return (z - z_hat).pow(2).flatten(1).mean(dim=1)
+
+
+class AutoencoderDetector(FeatureDetector):
+    """An autoencoder (``kind="ae"``) or a VAE (``kind="vae"``) behind the detector protocol: trained on the
+    normal images with :func:`adlib.train.fit`; the map is the residual (:func:`residual_map`), blurred like
+    every map, and the image score the mean residual (:func:`image_score_from_map`).
+
+    Images must be square with a power-of-two side (the DCGAN encoder halves it down to 4 px). Defaults are the
+    texture settings of the reconstruction chapter's book profile (8 base channels, latent 100 as GANomaly's nz,
+    Adam lr 3e-3, 50 epochs of batches of 16); no backbone is used.
+
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    """
+
+    summary = "autoencoder / VAE (kind=vae) trained on the normal images; residual map, mean residual score"
+    method = "ae"
+
+    def __init__(self, kind: str = "ae", latent_dim: int = 100, base_channels: int = 8, epochs: int = 50,
+                 lr: float = 3e-3, train_batch_size: int = 16, beta: float = 1.0, sigma: float = 4.0,
+                 device: str = "cpu", seed: int = 0, batch_size: int = 32):
+        if kind not in ("ae", "vae"):
+            raise ValueError(f"kind must be 'ae' or 'vae', got {kind!r}.")
+        super().__init__(None, None, 1, sigma, device, seed, batch_size)
+        self.kind, self.latent_dim, self.base_channels, self.epochs = kind, latent_dim, base_channels, epochs
+        self.lr, self.train_batch_size, self.beta = lr, train_batch_size, beta
+        self.model: nn.Module | None = None
+
+    def features(self, images: Any) -> torch.Tensor:
+        """The autoencoder sees the images themselves, on ``device``."""
+        return as_images(images).to(self.device)
+
+    def _new_model(self, image_size: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            cls = ConvAutoencoder if self.kind == "ae" else ConvVAE
+            return cls(3, image_size, self.latent_dim, self.base_channels).to(self.device)
+
+    def fit_features(self, images: torch.Tensor) -> None:
+        if images.shape[-1] != images.shape[-2]:
+            raise ValueError(f"the autoencoder needs square images, got {tuple(images.shape[-2:])}.")
+        self.model = self._new_model(images.shape[-1])
+        opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        step = ae_step(self.model, opt) if self.kind == "ae" else vae_step(self.model, opt, beta=self.beta)
+        loader = DataLoader(TensorDataset(images), batch_size=self.train_batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(self.seed))
+        with torch.enable_grad():
+            self.history = fit(step, loader, epochs=self.epochs, seed=self.seed, progress=False)
+        self.model.eval()
+
+    def score_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.cat([self._reconstruct(batch) for batch in torch.split(images, self.batch_size)])
+        amap = residual_map(images, out)
+        return amap, image_score_from_map(amap)
+
+    def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out if self.kind == "ae" else out[0]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict())
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.model = self._new_model(self.image_shape[-1])
+        self.model.load_state_dict(state)
+        self.model.eval()

@@ -179,9 +179,12 @@ def test_padim_random_channels_and_errors() -> None:
 
 
 # ----------------------------------------------------------------------------- the protocol
-SMALL = {"patchknn": {}, "spade": {"k": 2}, "patchcore": {"coreset_ratio": 0.5}, "padim": {"layers": (1, 2), "d": 16},
-         "cfa": {"epochs": 2, "train_batch_size": 2},
-         "students": {"n_patches": 64, "teacher_epochs": 1, "student_epochs": 1, "n_val": 1, "dim": 4, "width": 4}}
+RANDOM = {"backbone": "random-resnet18"}  # fast and offline; every method but the autoencoder uses a backbone
+SMALL = {"patchknn": RANDOM, "spade": RANDOM | {"k": 2}, "patchcore": RANDOM | {"coreset_ratio": 0.5},
+         "padim": RANDOM | {"layers": (1, 2), "d": 16}, "cfa": RANDOM | {"epochs": 2, "train_batch_size": 2},
+         "students": RANDOM | {"n_patches": 64, "teacher_epochs": 1, "student_epochs": 1, "n_val": 1, "dim": 4,
+                               "width": 4},
+         "ae": {"epochs": 2, "train_batch_size": 2, "latent_dim": 8, "base_channels": 4}}
 
 
 @pytest.mark.parametrize("method", sorted(detectors.METHODS))
@@ -189,7 +192,7 @@ def test_every_method_follows_the_protocol(method: str, tmp_path: Path) -> None:
     assert set(SMALL) == set(detectors.METHODS)
     gen = torch.Generator().manual_seed(0)
     train, test = torch.rand(4, 3, 32, 32, generator=gen), torch.rand(3, 3, 32, 32, generator=gen)
-    det = detectors.make_detector(method, backbone="random-resnet18", **SMALL[method])
+    det = detectors.make_detector(method, **SMALL[method])
     with pytest.raises(RuntimeError, match="Call fit"):
         det.predict(test)
     scores, maps = det.fit(train).predict(test)
@@ -197,6 +200,8 @@ def test_every_method_follows_the_protocol(method: str, tmp_path: Path) -> None:
     assert scores.dtype == np.float64 and np.isfinite(maps).all()
     np_scores, np_maps = det.predict(test.numpy())
     assert np.array_equal(np_scores, scores) and np.array_equal(np_maps, maps)
+    again = detectors.make_detector(method, **SMALL[method]).fit(train.numpy())
+    assert np.array_equal(again.predict(test)[0], scores)  # seeded: the same fit gives the same scores
     with pytest.raises(ValueError, match="fitted on"):
         det.predict(torch.rand(1, 3, 64, 64))
     path = det.save(tmp_path / "det.pt", image_size=32)
@@ -241,9 +246,9 @@ def test_evaluate_matches_the_metrics() -> None:
 @pytest.mark.parametrize("method", sorted(detectors.METHODS))
 def test_every_method_runs_on_cuda(method: str) -> None:
     train, test = torch.rand(4, 3, 32, 32, device="cuda"), torch.rand(2, 3, 32, 32, device="cuda")
-    det = detectors.make_detector(method, backbone="random-resnet18", device="cuda", **SMALL[method])
+    det = detectors.make_detector(method, device="cuda", **SMALL[method])
     scores, maps = det.fit(train).predict(test)
-    cpu = detectors.make_detector(method, backbone="random-resnet18", **SMALL[method]).fit(train.cpu())
+    cpu = detectors.make_detector(method, **SMALL[method]).fit(train.cpu())
     assert np.allclose(scores, cpu.predict(test.cpu())[0], rtol=1e-3, atol=1e-3)
 
 
@@ -309,6 +314,12 @@ def test_cli_errors_are_messages(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "Available categories: ['widget']" in capsys.readouterr().err
     assert cli.main(["run", "padim", "--data", str(tmp_path / "nowhere")]) == 2
     assert "Expected the MVTec AD layout" in capsys.readouterr().err
+    small = ["--backbone", "random-resnet18", "--image-size", "32", "--device", "cpu"]
+    assert cli.main(["run", "patchcore", "--data", str(root), *small, "--set", "coreset_ration=0.5"]) == 2
+    assert "coreset_ration" in capsys.readouterr().err
+    assert cli.main(["run", "patchcore", "--data", str(root), *small, "--set", "coreset_ratio=0.5", "b=2"]) == 0
+    assert cli._option("layers=(1, 2)") == ("layers", (1, 2)) and cli._option("kind=vae") == ("kind", "vae")
+    capsys.readouterr()
     assert cli.main(["list"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in [*detectors.METHODS, *backbones.BACKBONES])
