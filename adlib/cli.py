@@ -235,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run(args.method, args.data, args.category, backbone=args.backbone, image_size=args.image_size,
                          device=args.device, seed=args.seed, save_maps=args.save_maps, save_model=args.save_model,
                          options=dict(args.set))
-            print(f"{args.method} with {args.backbone} at {args.image_size} px on {result['device']} "
+            backbone = result["backbone"] or "no backbone"
+            print(f"{args.method} with {backbone} at {args.image_size} px on {result['device']} "
                   f"({time.perf_counter() - t0:.0f} s)")
             print(_format(results_table(result)))
             if args.out is not None:

@@ -1,4 +1,4 @@
-"""PaDiM (Defard et al., ICPR 2020): a Gaussian per patch position, scored by the Mahalanobis distance.
+"""PaDiM (Defard et al., ICPR 2020 workshops): a Gaussian per patch position, scored by the Mahalanobis distance.
 
 The stages of a pretrained CNN are brought to the first stage's grid (nearest-neighbour upsampling, as the
 official code's ``embedding_concat``) and concatenated; ``d`` channels are kept at random (paper: 100 of a
@@ -53,7 +53,7 @@ class PaDiM(FeatureDetector):
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
 
-    summary = "PaDiM (Defard et al. 2020): a Gaussian per patch position, Mahalanobis distance"
+    summary = "PaDiM (Defard et al. 2021): a Gaussian per patch position, Mahalanobis distance"
     method = "padim"
     fitted = ("channels", "mean", "inv_cov")
 
