@@ -19,14 +19,15 @@ export PYTHONHASHSEED   := 0
 # small convolutions do not thrash on shared 2-core machines. Override: make book OMP_NUM_THREADS=8
 export OMP_NUM_THREADS  ?= 1
 
-.PHONY: setup book test clean
+.PHONY: setup book test check-lock lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The exact versions of constraints.txt (the lock): a fresh clone gets the packages that made the book's numbers.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[book,test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[book,test]"
 	touch $(STAMP)
 
 book: setup
@@ -36,6 +37,23 @@ book: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Colab runs CPython 3.13: the locked set must resolve there from wheels alone (no 3.13 interpreter needed here).
+MANYLINUX := $(foreach m,17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35,--platform manylinux_2_$(m)_x86_64)
+check-lock: setup
+	$(BIN)/python -m pip install --quiet --dry-run --ignore-installed --only-binary=:all: --python-version 3.13 \
+	  --implementation cp --abi cp313 $(MANYLINUX) --platform manylinux2014_x86_64 \
+	  --target $(CACHE)/lock-check-313 -c constraints.txt -r constraints.txt
+	@echo "constraints.txt resolves for CPython 3.13 (manylinux x86_64)."
+
+# Rewrite the lock from a clean environment (then rerun the book and say in the commit which numbers moved).
+lock:
+	rm -rf $(CACHE)/lock-venv
+	$(PYTHON) -m venv $(CACHE)/lock-venv
+	$(CACHE)/lock-venv/bin/python -m pip install --quiet --upgrade pip
+	$(CACHE)/lock-venv/bin/python -m pip install --quiet -e ".[book,test]"
+	(sed -n '/^#/p' constraints.txt; $(CACHE)/lock-venv/bin/python -m pip freeze --exclude-editable) > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf _build build .cache .pytest_cache

@@ -81,5 +81,25 @@ def test_environment_yml_has_the_same_pins_as_pyproject():
                            + project["optional-dependencies"]["test"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_reqs = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    have = _requirements([r for r in pip_reqs if not r.startswith("-e")])
+    have = _requirements([r for r in pip_reqs if not r.startswith(("-e", "-c"))])
     assert have == wanted, "environment.yml and pyproject.toml disagree; keep their pins identical"
+    assert "-c constraints.txt" in pip_reqs, "environment.yml must install under the lock, as the Makefile does"
+
+
+def test_the_lock_pins_every_dependency_exactly_and_satisfies_pyproject():
+    from packaging.requirements import Requirement
+
+    lock = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt must pin exact versions (name==version), got {line!r}"
+            lock[name.lower().replace("_", "-")] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"] + sum(project["optional-dependencies"].values(), []):
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-")
+        assert name in lock, f"{name} is a dependency but not in constraints.txt; run `make lock`"
+        assert req.specifier.contains(lock[name]), f"the lock's {name}=={lock[name]} violates pyproject's {spec}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-c constraints.txt -e" in makefile, "make setup must install under the lock"
