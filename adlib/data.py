@@ -5,7 +5,6 @@ Labels follow one convention everywhere in the book: ``0`` = normal, ``1`` = ano
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -18,6 +17,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm  # text bars: a widget would need JavaScript in the built book
 
+from adlib import download, synthtex
+from adlib.home import data_home  # noqa: F401  (re-exported: chapters call data.data_home())
 from adlib.profiles import check_profile
 
 
@@ -462,11 +463,6 @@ def one_class_cifar10(root: str | Path, normal_class: int, download: bool = Fals
     )
 
 
-def data_home() -> Path:
-    """``$ADLIB_DATA``, else ``~/.cache/adlib``: where generated and downloaded data sets live."""
-    return Path(os.environ.get("ADLIB_DATA") or Path.home() / ".cache" / "adlib").expanduser()
-
-
 def benchmark_root(profile: str) -> Path:
     """The MVTec-format benchmark a profile evaluates on, ready to read with :class:`MVTecDataset`.
 
@@ -476,8 +472,6 @@ def benchmark_root(profile: str) -> Path:
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
-    from adlib import download, synthtex  # synthtex imports this module
-
     if check_profile(profile) == "paper":
         return download.fetch("mvtec_ad", data_home() / "mvtec_ad")
     return synthtex.generate_for_profile(profile)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from adlib.arrays import as_images
 from adlib.detectors import FeatureDetector
-from adlib.train import fit
+from adlib.train import batch_images, fit, model_device
 
 StepFn = Callable[[Any], dict[str, float]]
 
@@ -285,24 +285,6 @@ def ganomaly_optimizers(
     )
 
 
-def _images(batch: Any) -> torch.Tensor:
-    """The image tensor of a batch: a tensor, the first item of a tuple/list, or ``batch["image"]``."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
-        return batch["image"]
-    raise TypeError(
-        f"Cannot find images in a batch of type {type(batch).__name__}; yield a tensor, a tuple "
-        "(images, ...) or a dict with an 'image' tensor."
-    )
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def ae_step(model: ConvAutoencoder, optimizer: torch.optim.Optimizer) -> StepFn:
     """A step function for :func:`adlib.train.fit`: one optimisation step of the mean squared error.
 
@@ -310,10 +292,10 @@ def ae_step(model: ConvAutoencoder, optimizer: torch.optim.Optimizer) -> StepFn:
 
     Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
     """
-    device = _device(model)
+    device = model_device(model)
 
     def step(batch: Any) -> dict[str, float]:
-        x = _images(batch).to(device)
+        x = batch_images(batch).to(device)
         model.train()
         loss = F.mse_loss(model(x), x)
         optimizer.zero_grad(set_to_none=True)
@@ -331,10 +313,10 @@ def vae_step(model: ConvVAE, optimizer: torch.optim.Optimizer, *, beta: float = 
 
     Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
     """
-    device = _device(model)
+    device = model_device(model)
 
     def step(batch: Any) -> dict[str, float]:
-        x = _images(batch).to(device)
+        x = batch_images(batch).to(device)
         model.train()
         total, recon_term, kl_term = vae_loss(x, *model(x), beta=beta)
         optimizer.zero_grad(set_to_none=True)
@@ -367,10 +349,10 @@ def ganomaly_step(
 
     Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
     """
-    device = _device(generator)
+    device = model_device(generator)
 
     def step(batch: Any) -> dict[str, float]:
-        x = _images(batch).to(device)
+        x = batch_images(batch).to(device)
         generator.train()
         discriminator.train()
         x_hat, z, z_hat = generator(x)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adlib.recon import _device, _images
+from adlib.train import batch_images, model_device
 
 StepFn = Callable[[Any], dict[str, float]]
 Scorer = Callable[[np.ndarray], np.ndarray]
@@ -232,7 +232,7 @@ def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 512) 
     """
     was_training = encoder.training
     encoder.eval()
-    device = _device(encoder)
+    device = model_device(encoder)
     feats = [encoder(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
     encoder.train(was_training)
     return torch.cat(feats).numpy().astype(np.float32)
@@ -283,10 +283,10 @@ def simclr_step(
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
-    device = _device(encoder)
+    device = model_device(encoder)
 
     def step(batch: Any) -> dict[str, float]:
-        x = _images(batch)
+        x = batch_images(batch)
         if distribution_augmentation:
             x = rotate(x, torch.randint(0, 4, (len(x),)))
         v1, v2_ = augment(x).to(device), augment(x).to(device)
@@ -336,10 +336,10 @@ def rotation_step(
 
     Defined in: "SSL-OCC: self-supervised one-class classification" (``notebooks/05_ssl_occ.ipynb``).
     """
-    device = _device(encoder)
+    device = model_device(encoder)
 
     def step(batch: Any) -> dict[str, float]:
-        x = _images(batch)
+        x = batch_images(batch)
         if augment is not None:
             x = augment(x)
         k = torch.arange(4).repeat_interleave(len(x))

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from adlib.data import data_home
+from adlib.home import data_home
 from adlib.profiles import check_profile
 
 CATEGORIES: tuple[str, ...] = ("brick", "grass", "gravel", "weave", "wood", "tile")

@@ -41,6 +41,31 @@ def choose_device(prefer: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def batch_images(batch: Any) -> torch.Tensor:
+    """The image tensor of a batch: a tensor, the first item of a tuple/list, or ``batch["image"]``.
+
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
+        return batch["image"]
+    raise TypeError(
+        f"Cannot find images in a batch of type {type(batch).__name__}; yield a tensor, a tuple "
+        "(images, ...) or a dict with an 'image' tensor."
+    )
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's parameters (where its step functions move each batch).
+
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    """
+    return next(model.parameters()).device
+
+
 _FORMAT = "adlib.train.fit/1"
 _PROGRESS_MODES = ("widget", "text", "summary", "none")
 # Hyperparameters that define a run; other param_group entries (foreach, fused, ...) vary with torch versions.

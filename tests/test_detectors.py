@@ -323,3 +323,22 @@ def test_cli_errors_are_messages(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert cli.main(["list"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in [*detectors.METHODS, *backbones.BACKBONES])
+
+
+def test_two_fresh_processes_give_the_same_table(tmp_path: Path) -> None:
+    """The same run in two new Python processes gives the same metrics bit for bit (README: repeatable tables)."""
+    import os
+    import subprocess
+    import sys
+
+    root = make_folder(tmp_path / "data", masks=True)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    tables = []
+    for i in range(2):
+        out = tmp_path / f"run{i}.json"
+        subprocess.run([sys.executable, "-m", "adlib", "run", "patchcore", "--data", str(root), "--image-size", "64",
+                        "--device", "cpu", "--out", str(out)], check=True, capture_output=True, env=env)
+        result = json.loads(out.read_text())
+        tables.append({cat: {k: row[k] for k in ("image_auroc", "pixel_auroc", "aupro")}
+                       for cat, row in result["categories"].items()})
+    assert tables[0] == tables[1]

@@ -1,0 +1,66 @@
+"""The package's shape: no import cycles, no private names used across modules, light modules stay light."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = {p.stem: p for p in (ROOT / "adlib").glob("*.py")}
+
+
+def _imports(path: Path) -> tuple[set[str], list[str]]:
+    """The adlib modules ``path`` imports anywhere (top level or inside functions) and the private names it takes."""
+    deps, private = set(), []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "adlib":
+            parts = node.module.split(".")
+            if len(parts) == 1:
+                deps |= {a.name for a in node.names if a.name in MODULES}
+            else:
+                deps.add(parts[1])
+                private += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Import):
+            deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("adlib.")}
+    return deps - {path.stem, "__init__"}, private
+
+
+def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``edges`` (depth-first search), or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := visit(nxt, path + [nxt])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(edges):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycles_and_no_private_imports() -> None:
+    edges, private = {}, []
+    for name, path in MODULES.items():
+        edges[name], taken = _imports(path)
+        private += [f"{name} imports {p}" for p in taken]
+    assert _cycle(edges) is None, f"import cycle: {' -> '.join(_cycle(edges))}"
+    assert not private, f"private names used across modules: {private}"
+
+
+def test_metrics_import_without_torch() -> None:
+    code = "import sys; from adlib import metrics; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False", "adlib.metrics (or adlib/__init__) imports torch"
