@@ -69,7 +69,10 @@ def residual_adapt(x: torch.Tensor, adapted: torch.Tensor, lam: float = 0.1) -> 
 
 
 class Adapter(nn.Module):
-    """The official ``SimpleAdapter``: a bias-free linear layer and a LeakyReLU, (..., C) -> (..., C)."""
+    """The official ``SimpleAdapter``: a bias-free linear layer and a LeakyReLU, (..., C) -> (..., C).
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``)
+    """
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -259,7 +262,10 @@ def segmentation_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def similarity_logits(patches: torch.Tensor, anchors: torch.Tensor, scale: float) -> torch.Tensor:
-    """(N, P, D) patch features and (N, 2, D) or (2, D) anchors -> (N, 2, g, g) logits ``scale * cos``, g^2 = P."""
+    """(N, P, D) patch features and (N, 2, D) or (2, D) anchors -> (N, 2, g, g) logits ``scale * cos``, g^2 = P.
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``)
+    """
     anchors = anchors.expand(len(patches), -1, -1) if anchors.dim() == 2 else anchors
     logits = scale * torch.einsum("npd,nkd->nkp", patches, anchors)
     side = int(round(math.sqrt(patches.shape[1])))
@@ -269,7 +275,10 @@ def similarity_logits(patches: torch.Tensor, anchors: torch.Tensor, scale: float
 
 
 def similarity_probs(patches: torch.Tensor, anchors: torch.Tensor, scale: float, size: int) -> torch.Tensor:
-    """Training maps as the official code: logits upsampled (bilinear) to ``size``, then softmax -> (N, 2, size, size)."""
+    """Training maps as the official code: logits upsampled (bilinear) to ``size``, then softmax -> (N, 2, size, size).
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``)
+    """
     logits = F.interpolate(similarity_logits(patches, anchors, scale), size=(size, size), mode="bilinear",
                            align_corners=True)
     return logits.softmax(1)

@@ -151,6 +151,8 @@ def lukemelas_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[
     Both list the same tensors in the same order (stem, blocks in order, head, classifier), under other names
     (``_blocks.3._bn1.weight`` is timm's ``blocks.2.0.bn2.weight``), so the i-th tensor of one is the i-th of
     the other; each pair must agree in shape and in kind (the last part of the name: weight, running_var, ...).
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``)
     """
     target = model.state_dict()
     if len(state) != len(target):
@@ -251,7 +253,8 @@ def feature_extractor(name: str = "resnet18", layers: tuple[int, ...] | None = N
     return Backbone(net, mean, std).to(device).eval()
 
 
-def aggregate_patches(maps: list[torch.Tensor], pool: int = 3, grid: int | tuple[int, int] | None = None) -> torch.Tensor:
+def aggregate_patches(maps: list[torch.Tensor], pool: int = 3,
+                      grid: int | tuple[int, int] | None = None) -> torch.Tensor:
     """Stage maps [(N, C_i, h_i, w_i), ...] -> patch features (N, sum C_i, grid, grid) on one grid.
 
     Each stage's map is averaged over a ``pool`` x ``pool`` neighbourhood (stride 1) first, so a patch

@@ -11,7 +11,10 @@ import numpy as np
 
 
 class PixelGaussian:
-    """Per-pixel, per-channel mean and variance of normal images (N, C, H, W); score = summed z^2."""
+    """Per-pixel, per-channel mean and variance of normal images (N, C, H, W); score = summed z^2.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``)
+    """
 
     def __init__(self, eps: float = 1e-4):
         self.eps = eps  # keeps constant pixels (variance 0) from dividing by zero

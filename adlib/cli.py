@@ -195,7 +195,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-maps", type=Path, help="write one heatmap overlay PNG per image here")
 
     b = sub.add_parser("bench", help="PatchCore, PaDiM and patch kNN on SynthTex: quality, seconds, memory")
-    b.add_argument("--methods", nargs="+", default=["patchcore", "padim", "patchknn"], choices=sorted(detectors.METHODS))
+    b.add_argument("--methods", nargs="+", default=["patchcore", "padim", "patchknn"],
+                   choices=sorted(detectors.METHODS))
     b.add_argument("--categories", nargs="+")
     b.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
     b.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
@@ -220,6 +221,10 @@ def _refuse_overwrite(path: Path | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m adlib`` (and the ``adlib`` console script); returns the exit status (2 on a bad input).
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":

@@ -69,6 +69,8 @@ class ConvStem(nn.Sequential):
     GELU), then a last one to ``width`` channels (plain, as the linear projection it replaces). Trained
     from scratch on a small data set, a ViT with a linear stem learnt the toy world's colours but not its
     shapes; with this stem it learns both.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
 
     def __init__(self, patch: int, width: int, channels: Sequence[int]):
@@ -87,6 +89,8 @@ def build_tiny_clip(config: dict | None = None) -> open_clip.CLIP:
     """A randomly initialised ``open_clip.CLIP`` of ``config`` (default :data:`TINY_CONFIG`).
 
     With a ``conv_stem`` entry the ViT's ``conv1`` (its patch projection) becomes a :class:`ConvStem`.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     cfg = copy.deepcopy(config or TINY_CONFIG)
     model = open_clip.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
@@ -97,22 +101,34 @@ def build_tiny_clip(config: dict | None = None) -> open_clip.CLIP:
 
 
 def context_length(model: open_clip.CLIP) -> int:
-    """The number of text tokens ``model`` reads."""
+    """The number of text tokens ``model`` reads.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     return int(model.positional_embedding.shape[0])
 
 
 def tokenize(texts: Sequence[str] | str, model: open_clip.CLIP) -> torch.Tensor:
-    """open_clip's BPE tokenizer (offline) at the model's context length: (T,) strings -> (T, L) int64."""
+    """open_clip's BPE tokenizer (offline) at the model's context length: (T,) strings -> (T, L) int64.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     return open_clip.tokenize(texts, context_length=context_length(model))
 
 
 def image_size(model: open_clip.CLIP) -> int:
-    """Side of the square images the model's ViT expects."""
+    """Side of the square images the model's ViT expects.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     return int(model.visual.image_size[0])
 
 
 def to_tensor(images: np.ndarray, size: int | None = None) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, size, size) float, normalised with CLIP's mean and std."""
+    """(N, H, W, 3) uint8 -> (N, 3, size, size) float, normalised with CLIP's mean and std.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"Expected (N, H, W, 3) uint8 images, got {images.shape} {images.dtype}.")
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
@@ -132,6 +148,8 @@ def encode_images(model: open_clip.CLIP, images: np.ndarray | torch.Tensor, batc
     ((N, D) global, (N, P, D) patches) where P = (S / patch)^2 in row-major order; patch tokens pass
     through the same final norm and projection as the class token (the way WinCLIP-style methods read
     them), so they can be compared with text embeddings.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     x = to_tensor(images, image_size(model)) if isinstance(images, np.ndarray) else images
     visual, device = model.visual, next(model.parameters()).device
@@ -152,7 +170,10 @@ def encode_images(model: open_clip.CLIP, images: np.ndarray | torch.Tensor, batc
 
 @torch.no_grad()
 def encode_texts(model: open_clip.CLIP, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
-    """(T,) strings -> (T, D) L2-normalised text embeddings."""
+    """(T,) strings -> (T, D) L2-normalised text embeddings.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     device = next(model.parameters()).device
     tokens = tokenize(list(texts), model)
     out = [model.encode_text(tokens[i:i + batch_size].to(device), normalize=True).float().cpu()
@@ -173,6 +194,8 @@ def class_embeddings(model: open_clip.CLIP, classnames: Sequence[str],
 
     ``encode`` maps strings to (T, D) unit embeddings (default: the model's text encoder); CLIPN passes
     its "no" encoder here.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     encode = encode or (lambda texts: encode_texts(model, texts))
     prompts = [t.format(c) for c in classnames for t in templates]
@@ -181,13 +204,19 @@ def class_embeddings(model: open_clip.CLIP, classnames: Sequence[str],
 
 
 def zero_shot_logits(model: open_clip.CLIP, image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
-    """(N, D) image and (C, D) class embeddings (unit) -> (N, C) logits scaled by the model's temperature."""
+    """(N, D) image and (C, D) class embeddings (unit) -> (N, C) logits scaled by the model's temperature.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     return model.logit_scale.exp().detach().float() * image_emb @ class_emb.T
 
 
 def zero_shot_accuracy(model: open_clip.CLIP, images: np.ndarray, labels: np.ndarray, classnames: Sequence[str],
                        templates: Sequence[str] = CLASS_TEMPLATES) -> float:
-    """Top-1 accuracy of zero-shot classification: (N, H, W, 3) uint8 images, (N,) labels indexing ``classnames``."""
+    """Top-1 accuracy of zero-shot classification: (N, H, W, 3) uint8 images, (N,) labels indexing ``classnames``.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     image_emb, _ = encode_images(model, images)
     pred = (image_emb @ class_embeddings(model, classnames, templates).T).argmax(1).numpy()
     return float((pred == np.asarray(labels)).mean())
@@ -212,14 +241,20 @@ WINCLIP_TEMPLATES: tuple[str, ...] = (
 
 
 def prompt_ensemble(object_name: str) -> tuple[list[str], list[str]]:
-    """WinCLIP's (normal prompts, anomalous prompts) for one object name: 7 x 21 and 4 x 21 strings."""
+    """WinCLIP's (normal prompts, anomalous prompts) for one object name: 7 x 21 and 4 x 21 strings.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     normal = [t.format(s.format(object_name)) for s in NORMAL_STATES for t in WINCLIP_TEMPLATES]
     anomalous = [t.format(s.format(object_name)) for s in ANOMALOUS_STATES for t in WINCLIP_TEMPLATES]
     return normal, anomalous
 
 
 def text_anchors(model: open_clip.CLIP, object_name: str) -> torch.Tensor:
-    """(2, D) unit text anchors [normal, anomalous]: the normalised mean of each ensemble's embeddings."""
+    """(2, D) unit text anchors [normal, anomalous]: the normalised mean of each ensemble's embeddings.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     normal, anomalous = prompt_ensemble(object_name)
     anchors = [F.normalize(encode_texts(model, p).mean(0), dim=-1) for p in (normal, anomalous)]
     return torch.stack(anchors)
@@ -303,6 +338,8 @@ def itbo_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, no_emb: torch.Ten
     pair should say "yes", every other pair "no": loss_yes = mean of -log p_yes over matches, loss_no =
     mean of -log p_no over non-matches. ``positives`` (N, N) bool marks matches (default: the diagonal,
     as in the paper, where captions of other images are assumed not to describe image i).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     n = image_emb.shape[0]
     pos = torch.eye(n, dtype=torch.bool, device=image_emb.device) if positives is None else positives.bool()
@@ -319,6 +356,8 @@ def tso_loss(text_emb: torch.Tensor, no_emb: torch.Tensor, eps: float = 1e-4) ->
 
     Pushes each caption's "no" embedding away from its standard one (distance at most 2 on the unit
     sphere). ``eps`` under the square root avoids an infinite gradient at zero distance (official code).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     dist = torch.sqrt(2 - 2 * (text_emb * no_emb).sum(-1) + eps)
     return (2 - dist).mean()
@@ -326,7 +365,10 @@ def tso_loss(text_emb: torch.Tensor, no_emb: torch.Tensor, eps: float = 1e-4) ->
 
 def clipn_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, no_emb: torch.Tensor, logit_scale: float | torch.Tensor,
                positives: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """CLIPN's training loss 0.5 * (ITBO yes + ITBO no + TSO) (the official weighting), with its parts."""
+    """CLIPN's training loss 0.5 * (ITBO yes + ITBO no + TSO) (the official weighting), with its parts.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     loss_yes, loss_no = itbo_loss(image_emb, text_emb, no_emb, logit_scale, positives)
     loss_tso = tso_loss(text_emb, no_emb)
     return {"loss": 0.5 * (loss_yes + loss_no + loss_tso), "itbo_yes": loss_yes, "itbo_no": loss_no, "tso": loss_tso}
@@ -390,6 +432,8 @@ def yes_no_logits(model: open_clip.CLIP, no_encoder: NoTextEncoder, image_emb: t
 
     Class embeddings average the templates for both encoders (as the official ``merge_yes_no_feature``);
     ``scale`` defaults to the model's temperature (the official ViT-B-16 evaluation uses 100).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     scale = model.logit_scale.exp().item() if scale is None else scale
     yes = class_embeddings(model, classnames, templates)
@@ -398,12 +442,18 @@ def yes_no_logits(model: open_clip.CLIP, no_encoder: NoTextEncoder, image_emb: t
 
 
 def p_yes(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> torch.Tensor:
-    """(N, C) pairs of logits -> (N, C) probability that class c's "yes" prompt beats its "no" prompt."""
+    """(N, C) pairs of logits -> (N, C) probability that class c's "yes" prompt beats its "no" prompt.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     return torch.stack([logits_yes, logits_no], -1).softmax(-1)[..., 0]
 
 
 def msp_score(logits_yes: torch.Tensor) -> np.ndarray:
-    """MCM-style zero-shot OOD score: 1 - max softmax over the ID classes. (N, C) -> (N,), higher = OOD."""
+    """MCM-style zero-shot OOD score: 1 - max softmax over the ID classes. (N, C) -> (N,), higher = OOD.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     return (1 - logits_yes.softmax(-1).amax(-1)).double().numpy()
 
 
@@ -411,6 +461,8 @@ def ctw_score(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> np.ndarray:
     """Competing-to-win: 1 - p_yes of the predicted (argmax "yes") class. (N, C) x 2 -> (N,), higher = OOD.
 
     The paper's rule (OOD when the predicted class's "no" wins, p_no > 0.5) thresholds this score at 0.5.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     pred = logits_yes.argmax(-1, keepdim=True)
     return (1 - p_yes(logits_yes, logits_no).gather(1, pred)[:, 0]).double().numpy()
@@ -420,6 +472,8 @@ def atd_score(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> np.ndarray:
     """Agreeing-to-differ: p_OOD = 1 - sum_c p_c * (1 - p_no_c), with p_c the ID softmax. (N,), higher = OOD.
 
     The paper's rule calls an image OOD when p_OOD exceeds every p_c * (1 - p_no_c).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     probs = logits_yes.softmax(-1)
     return (1 - (probs * p_yes(logits_yes, logits_no)).sum(-1)).double().numpy()
@@ -430,6 +484,8 @@ def ood_metrics(is_ood: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 
     ``is_ood`` (N,) 1 for OOD; ``scores`` (N,) higher = more OOD. FPR95 is the fraction of OOD images
     accepted as ID at the threshold that keeps 95 % of ID images (ID is the positive class there).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     from adlib import metrics
 
@@ -441,7 +497,10 @@ def ood_metrics(is_ood: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file."""
+    """Hex sha256 of a file.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -450,7 +509,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def save_clip(model: open_clip.CLIP, path: str | os.PathLike, config: dict, meta: dict | None = None) -> str:
-    """Save config + fp16 state dict to ``path`` and a sidecar ``path.json`` with its sha256; returns the sha256."""
+    """Save config + fp16 state dict to ``path`` and a sidecar ``path.json`` with its sha256; returns the sha256.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
@@ -467,6 +529,8 @@ def load_tiny_clip(path: str | os.PathLike | None = None, sha256: str | None = N
     """Load a tiny CLIP saved by :func:`save_clip` (default: the shipped weights), in eval mode, fp32.
 
     The file's sha256 must equal ``sha256`` or, if not given, the one in the sidecar ``.json``.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     path = Path(path) if path is not None else TINY_WEIGHTS
     if not path.is_file():
@@ -487,7 +551,10 @@ def load_tiny_clip(path: str | os.PathLike | None = None, sha256: str | None = N
 
 
 def tiny_clip_card(path: str | os.PathLike | None = None) -> dict:
-    """The sidecar metadata of saved tiny CLIP weights (sha256, config, training settings, accuracy)."""
+    """The sidecar metadata of saved tiny CLIP weights (sha256, config, training settings, accuracy).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     path = Path(path) if path is not None else TINY_WEIGHTS
     return json.loads(path.with_suffix(".json").read_text())
 
@@ -566,6 +633,8 @@ def read_image_folder(root: str | os.PathLike, classnames_file: str | None = "cl
 
     Class names come from ``root/<classnames_file>`` (one readable name per line, in sorted folder
     order, as for ImageNet's wnid folders) when it exists, else from the folder names.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     root = Path(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -588,7 +657,10 @@ def read_image_folder(root: str | os.PathLike, classnames_file: str | None = "cl
 @torch.no_grad()
 def encode_image_files(model: open_clip.CLIP, preprocess: Callable, paths: Sequence[Path], batch_size: int = 128
                        ) -> torch.Tensor:
-    """Image files -> (N, D) unit embeddings, with open_clip's preprocessing (paper profile)."""
+    """Image files -> (N, D) unit embeddings, with open_clip's preprocessing (paper profile).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     from PIL import Image
 
     device = next(model.parameters()).device
@@ -625,6 +697,8 @@ def train_tiny_clip(
     scale is clamped at ln(100) as in CLIP. After training, zero-shot shape accuracy is measured on
     ``n_eval`` held-out scenes (seed + 1) and written with the sha256 into the sidecar json.
     Returns that metadata.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     config = copy.deepcopy(config or TINY_CONFIG)
     start = time.time()
@@ -678,7 +752,10 @@ def train_tiny_clip(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m adlib.clip train-tiny --out PATH [--steps N ...]``: (re)train the tiny CLIP."""
+    """``python -m adlib.clip train-tiny --out PATH [--steps N ...]``: (re)train the tiny CLIP.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
     parser = argparse.ArgumentParser(prog="python -m adlib.clip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train-tiny", help="train the tiny CLIP on the toy world and save it with its sha256")

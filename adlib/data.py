@@ -27,6 +27,8 @@ class OneClassSplit(NamedTuple):
 
     ``x_train``: (n_train, d) float32, ``x_test``: (n_test, d) float32, ``y_test``: (n_test,) int64
     with 1 = anomalous, ``classes_test``: (n_test,) original class of each test sample.
+
+    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``)
     """
 
     x_train: np.ndarray

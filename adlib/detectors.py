@@ -82,7 +82,8 @@ class FeatureDetector:
     def __init__(self, backbone: str | nn.Module | None = "effnet-lite0", layers: tuple[int, ...] | None = None,
                  stride: int | None = None, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
                  batch_size: int = 32):
-        self.backbone, self.sigma, self.device, self.seed, self.batch_size = backbone, sigma, str(device), seed, batch_size
+        self.backbone, self.sigma, self.device = backbone, sigma, str(device)
+        self.seed, self.batch_size = seed, batch_size
         if backbone is None:  # a detector that learns from pixels (an autoencoder): no feature network
             self.extractor, self.layers, first_stride = None, None, 1
         elif isinstance(backbone, str):

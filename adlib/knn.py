@@ -33,6 +33,8 @@ class PatchKNN:
     """A memory bank of normal patch features; ``score_maps`` gives each test patch's kNN distance.
 
     ``k``: neighbours averaged (1 = nearest only). Search is exact (``faiss.IndexFlatL2``).
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``)
     """
 
     def __init__(self, k: int = 1):
@@ -143,7 +145,8 @@ class PatchKNNDetector(FeatureDetector):
     fitted = ("bank",)
 
     def __init__(self, backbone: str | torch.nn.Module = "effnet-lite0", layers: tuple[int, ...] | None = None,
-                 stride: int | None = 8, k: int = 1, sigma: float = 4.0, device: str = "cpu", seed: int = 0, batch_size: int = 32):
+                 stride: int | None = 8, k: int = 1, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
+                 batch_size: int = 32):
         super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
         self.k = k
         self.knn = PatchKNN(k)

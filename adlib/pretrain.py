@@ -42,7 +42,10 @@ VALIDATION_IMAGES = ("hubble_deep_field", "immunohistochemistry", "moon", "cell"
 
 @dataclass(frozen=True)
 class Recipe:
-    """One pretraining run. ``arch``: timm name; ``stages``: the trunk stages (a ViT: blocks) trained and shipped."""
+    """One pretraining run. ``arch``: timm name; ``stages``: the trunk stages (a ViT: blocks) trained and shipped.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    """
 
     kind: str  # one of KINDS
     arch: str = "resnet18"
@@ -76,6 +79,8 @@ def ifs_system(rng: np.random.Generator, max_maps: int = 8) -> np.ndarray:
 
     As FractalDB, parameters are uniform in [-1, 1]; maps are shrunk to spectral norm <= 0.9 so every
     system converges, and systems whose attractor fills too little of its bounding box are redrawn.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
     """
     while True:
         n = int(rng.integers(2, max_maps + 1))
@@ -90,7 +95,10 @@ def ifs_system(rng: np.random.Generator, max_maps: int = 8) -> np.ndarray:
 
 def ifs_points(params: np.ndarray, rng: np.random.Generator, n_chains: int = 1024,
                n_steps: int = 24) -> tuple[np.ndarray, np.ndarray]:
-    """Chaos-game points (M, 2) of an IFS and the index (M,) of the map that placed each point."""
+    """Chaos-game points (M, 2) of an IFS and the index (M,) of the map that placed each point.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    """
     a = params[:, :4].reshape(-1, 2, 2)
     b = params[:, 4:]
     prob = np.abs(np.linalg.det(a)) + 1e-3  # FractalDB picks maps in proportion to their area
@@ -118,6 +126,8 @@ def render_fractal(params: np.ndarray, size: int, rng: np.random.Generator) -> n
     Each instance jitters the parameters a little (intra-class variation), is rotated, scaled and placed
     at random, and colours its points by the map that placed them; the background is a random colour
     with smooth noise, so the class is told by shape and local structure, not by colour.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
     """
     yy, xx = np.mgrid[0:size, 0:size] / size
     bg = rng.uniform(0, 1, 3) + rng.uniform(-0.2, 0.2, 3) * np.sin(
@@ -147,7 +157,10 @@ def render_fractal(params: np.ndarray, size: int, rng: np.random.Generator) -> n
 
 
 def fractal_dataset(n_classes: int, per_class: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (n_classes * per_class, 3, size, size) uint8 and labels: ``n_classes`` random IFS classes."""
+    """Images (n_classes * per_class, 3, size, size) uint8 and labels: ``n_classes`` random IFS classes.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    """
     rng = np.random.default_rng(seed)
     systems = [ifs_system(rng) for _ in range(n_classes)]
     images = np.stack([render_fractal(s, size, rng) for s in systems for _ in range(per_class)])
@@ -171,7 +184,10 @@ def _skimage_rgb(name: str) -> np.ndarray:
 
 
 def natural_images() -> list[torch.Tensor]:
-    """The SimCLR training photographs, each (3, H, W) float32; none is a SynthTex or validation source."""
+    """The SimCLR training photographs, each (3, H, W) float32; none is a SynthTex or validation source.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    """
     out = []
     for name in NATURAL_IMAGES:
         img = torch.from_numpy(_skimage_rgb(name)).permute(2, 0, 1)[None]
@@ -200,6 +216,8 @@ def augment(x: torch.Tensor, gen: torch.Generator, strength: float = 0.5) -> tor
     """Per-image flips, 90-degree rotations, colour jitter and grayscale (SimCLR's colour distortion, p 0.8/0.2).
 
     ``x``: (N, 3, H, W) in [0, 1] -> same shape.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
     """
     n = len(x)
     u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
@@ -226,6 +244,8 @@ def trunk(recipe: Recipe) -> nn.Module:
     timm ViT with ``recipe.patch_size`` patches on ``recipe.crop`` px images, wrapped in
     :class:`adlib.backbones.ViTStages` (the last block's patch tokens; the ViT's final ``norm`` is not used,
     so it stays at its initial values in the saved weights).
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
     """
     if recipe.arch.startswith("vit"):
         vit = vit_backbone(recipe.arch, recipe.crop, patch_size=recipe.patch_size, depth=recipe.stages,
@@ -235,13 +255,19 @@ def trunk(recipe: Recipe) -> nn.Module:
 
 
 def shipped_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict that is saved: the trunk's, under the names ``adlib.backbones`` loads (a ViT: timm's)."""
+    """The state dict that is saved: the trunk's, under the names ``adlib.backbones`` loads (a ViT: timm's).
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    """
     net = model.net if isinstance(model, Backbone) else model
     return (net.vit if isinstance(net, ViTStages) else net).state_dict()
 
 
 def train(recipe: Recipe, log_every: int = 100) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run ``recipe``; returns the trunk's state dict (float32) and a log (losses, seconds)."""
+    """Run ``recipe``; returns the trunk's state dict (float32) and a log (losses, seconds).
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)  # float sums depend on the thread count: fixed for repeatability
     try:
@@ -305,7 +331,10 @@ def _train(recipe: Recipe, log_every: int) -> tuple[dict[str, torch.Tensor], dic
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> str:
-    """Write ``state`` as fp16 safetensors (integer buffers unchanged); returns the file's sha256."""
+    """Write ``state`` as fp16 safetensors (integer buffers unchanged); returns the file's sha256.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    """
     import hashlib
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,6 +350,8 @@ def validation_set(image_size: int = 128, n_train: int = 30, n_test_good: int = 
     One category per image of ``VALIDATION_IMAGES``: normal images are random crops (a quarter to a half of
     the side), flipped at random; defective ones get one SynthTex defect each. Returns, per category,
     ``train`` (n_train, 3, S, S), ``test`` (M, 3, S, S), ``labels`` (M,) and ``masks`` (M, S, S).
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
     """
     rng = np.random.default_rng(seed)
     sources = {n: _skimage_rgb(n) for n in VALIDATION_IMAGES}
@@ -363,6 +394,8 @@ def patch_knn_scores(model: nn.Module, categories: dict[str, dict[str, np.ndarra
     ``categories``: name -> ``train`` (N, 3, S, S) float in [0, 1], ``test`` (M, 3, S, S), ``labels`` (M,) 0/1,
     ``masks`` (M, S, S), as :func:`validation_set` returns. Returns name -> {"image_auroc", "pixel_auroc"
     (, "aupro")}.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
     """
     out = {}
     for name, c in categories.items():
@@ -399,6 +432,10 @@ def validation_model(recipe: Recipe, weights: str | Path | None, image_size: int
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m adlib.pretrain RECIPE --out FILE``: train a recipe and write its weights and a JSON summary.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    """
     parser = argparse.ArgumentParser(prog="python -m adlib.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", choices=sorted(RECIPES))
     parser.add_argument("--out", required=True, help="weights file to write (.safetensors)")

@@ -8,7 +8,7 @@ profile    where                     data                                       
 ``paper``  GPU + internet            MVTec AD, VisA, CIFAR-10, real weights      as the paper
 =========  ========================  ==========================================  ======================
 
-Defined in: "How a chapter is built" (``book/chapter_template.md``).
+Defined in: "How a chapter is built" (``book/chapter_template.ipynb``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ PROFILES: dict[str, str] = {
 
 
 def check_profile(name: str) -> str:
-    """Return ``name`` if it is a known profile, else raise a ``ValueError`` listing the valid ones."""
+    """Return ``name`` if it is a known profile, else raise a ``ValueError`` listing the valid ones.
+
+    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    """
     if name not in PROFILES:
         valid = ", ".join(f"{k!r} ({v})" for k, v in PROFILES.items())
         raise ValueError(f"Unknown profile {name!r}. Valid profiles are: {valid}.")
@@ -36,5 +39,7 @@ def by_profile(profile: str, *, smoke: T, book: T, paper: T) -> T:
 
     Chapters use it in their settings cell so that every knob that differs between profiles is
     visible in one place.
+
+    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
     """
     return {"smoke": smoke, "book": book, "paper": paper}[check_profile(profile)]

@@ -289,10 +289,10 @@ def simclr_step(
         x = batch_images(batch)
         if distribution_augmentation:
             x = rotate(x, torch.randint(0, 4, (len(x),)))
-        v1, v2_ = augment(x).to(device), augment(x).to(device)
+        view1, view2 = augment(x).to(device), augment(x).to(device)
         encoder.train()
         head.train()
-        z = head(encoder(torch.cat([v1, v2_])))
+        z = head(encoder(torch.cat([view1, view2])))
         loss = nt_xent(z[: len(x)], z[len(x) :], temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -116,7 +116,10 @@ def pretrained_descriptors(extractor: nn.Module, patches: torch.Tensor, size: in
 
 
 def random_patches(images: torch.Tensor, patch_size: int, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` patches (n, 3, p, p) cropped at uniformly random positions of images (N, 3, H, W)."""
+    """``n`` patches (n, 3, p, p) cropped at uniformly random positions of images (N, 3, H, W).
+
+    Defined in: "Uninformed Students" (``notebooks/06_uninformed_students.ipynb``)
+    """
     g = torch.Generator().manual_seed(seed)
     n_img, _, h, w = images.shape
     if h < patch_size or w < patch_size:
@@ -204,7 +207,7 @@ class StudentTeacher(nn.Module):
         self.students = PatchNet(teacher.patch_size, dim, teacher.width, teacher.stride, n=n_students)
         self.register_buffer("t_mean", torch.zeros(1, dim, 1, 1))
         self.register_buffer("t_std", torch.ones(1, dim, 1, 1))
-        self.register_buffer("stats", torch.full((4,), float("nan")))  # e mean, e std, v mean, v std
+        self.register_buffer("calibration", torch.full((4,), float("nan")))  # e mean, e std, v mean, v std
 
     def fit(self, images: torch.Tensor, *, epochs: int = 100, batch_size: int = 1, lr: float = 1e-4,
             weight_decay: float = 1e-5, seed: int = 0, progress: bool = True) -> list[dict]:
@@ -241,15 +244,15 @@ class StudentTeacher(nn.Module):
     def calibrate(self, images: torch.Tensor) -> "StudentTeacher":
         """Mean and std of e and v over every cell of normal images unseen in training (paper: validation set)."""
         e, v = self.errors_and_variances(images)
-        self.stats.copy_(torch.stack([e.mean(), e.std(), v.mean(), v.std()]))
+        self.calibration.copy_(torch.stack([e.mean(), e.std(), v.mean(), v.std()]))
         return self
 
     def normalised_terms(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(e - mean_e) / std_e and (v - mean_v) / std_v per cell, each (N, h, w) float64, for the ablation."""
-        if torch.isnan(self.stats).any():
+        if torch.isnan(self.calibration).any():
             raise RuntimeError("Call calibrate(held_out_normal_images) before scoring.")
         e, v = self.errors_and_variances(images)
-        em, es, vm, vs = self.stats.tolist()
+        em, es, vm, vs = self.calibration.tolist()
         return to_numpy((e.double() - em) / es), to_numpy((v.double() - vm) / vs)
 
     def score_maps(self, images: torch.Tensor) -> np.ndarray:

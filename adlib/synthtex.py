@@ -361,12 +361,12 @@ def _to_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels.astype(np.uint8)).save(path, compress_level=1)
 
 
-def _write_category(folder: Path, category: str, p: dict[str, int]) -> int:
+def _write_category(folder: Path, category: str, spec: dict[str, int]) -> int:
     """Render and write one category; returns the number of files written."""
-    size, seed = p["image_size"], p["seed"]
-    name = "{:0%dd}" % max(3, len(str(max(p["n_train"], p["n_test_good"], p["n_test_per_defect"]) - 1)))
-    jobs = [("train/good", 0, p["n_train"]), ("test/good", 1, p["n_test_good"])]
-    jobs += [(f"test/{d}", 2 + k, p["n_test_per_defect"]) for k, d in enumerate(DEFECTS)]
+    size, seed = spec["image_size"], spec["seed"]
+    name = "{:0%dd}" % max(3, len(str(max(spec["n_train"], spec["n_test_good"], spec["n_test_per_defect"]) - 1)))
+    jobs = [("train/good", 0, spec["n_train"]), ("test/good", 1, spec["n_test_good"])]
+    jobs += [(f"test/{d}", 2 + k, spec["n_test_per_defect"]) for k, d in enumerate(DEFECTS)]
     count = 0
     for sub, part, n in jobs:
         (folder / sub).mkdir(parents=True)

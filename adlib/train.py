@@ -21,7 +21,10 @@ import torch
 
 
 def seed_everything(seed: int = 0) -> int:
-    """Seed Python, NumPy and PyTorch (CPU and CUDA) so a run repeats exactly; returns ``seed``."""
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) so a run repeats exactly; returns ``seed``.
+
+    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -31,7 +34,10 @@ def seed_everything(seed: int = 0) -> int:
 
 
 def choose_device(prefer: str | None = None) -> torch.device:
-    """CUDA if available, else CPU; ``prefer`` (e.g. ``"cpu"``) or ``$ADLIB_DEVICE`` overrides."""
+    """CUDA if available, else CPU; ``prefer`` (e.g. ``"cpu"``) or ``$ADLIB_DEVICE`` overrides.
+
+    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    """
     name = prefer or os.environ.get("ADLIB_DEVICE")
     if name:
         device = torch.device(name)

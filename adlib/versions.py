@@ -9,7 +9,10 @@ _PACKAGES = ("adlib", "torch", "torchvision", "timm", "open_clip_torch", "numpy"
 
 
 def versions(profile: str | None = None, seed: int | None = None) -> dict[str, str]:
-    """Python/package versions, the compute device, the seed and the profile, as a dict."""
+    """Python/package versions, the compute device, the seed and the profile, as a dict.
+
+    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    """
     import torch
 
     info = {"python": platform.python_version(), "platform": platform.platform()}
@@ -25,7 +28,10 @@ def versions(profile: str | None = None, seed: int | None = None) -> dict[str, s
 
 
 def show_versions(profile: str | None = None, seed: int | None = None) -> None:
-    """Print :func:`versions` as an aligned two-column list (the last cell of every chapter)."""
+    """Print :func:`versions` as an aligned two-column list (the last cell of every chapter).
+
+    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    """
     info = versions(profile, seed)
     width = max(map(len, info))
     print("\n".join(f"{key:<{width}} : {value}" for key, value in info.items()))

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +68,36 @@ def test_metrics_import_without_torch() -> None:
     code = "import sys; from adlib import metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False", "adlib.metrics (or adlib/__init__) imports torch"
+
+
+POINTER = re.compile(r'Defined in: "([^"]+)" \(``([^`]+)``\)')
+
+
+def _title(path: Path) -> str:
+    """The first '# ' heading of a notebook."""
+    first = json.loads(path.read_text())["cells"][0]
+    return next(line[2:].strip() for line in "".join(first["source"]).splitlines() if line.startswith("# "))
+
+
+def test_every_public_object_names_the_chapter_that_teaches_it() -> None:
+    missing, wrong = [], []
+    for name in sorted(MODULES):
+        if name.startswith("_"):
+            continue
+        module = importlib.import_module(f"adlib.{name}")
+        for attr, obj in vars(module).items():
+            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                continue
+            if obj.__module__ != module.__name__:
+                continue  # imported from elsewhere; checked where it is defined
+            found = POINTER.search(inspect.getdoc(obj) or "")
+            if found is None:
+                missing.append(f"{name}.{attr}")
+                continue
+            title, page = found.groups()
+            if not (ROOT / page).is_file():
+                wrong.append(f"{name}.{attr}: no page {page}")
+            elif not (_title(ROOT / page) == title or _title(ROOT / page).startswith(title + ":")):
+                wrong.append(f"{name}.{attr}: {page} is titled {_title(ROOT / page)!r}, not {title!r}")
+    assert not missing, f"public objects without a 'Defined in' pointer: {missing}"
+    assert not wrong, f"pointers to the wrong page: {wrong}"
