@@ -32,3 +32,18 @@ class PixelGaussian:
         if x.shape[1:] != self.mean.shape:
             raise ValueError(f"images have shape {x.shape[1:]}, the model was fitted on {self.mean.shape}.")
         return (((x - self.mean) ** 2) / self.var).sum(axis=1)
+
+
+def global_statistics(images: np.ndarray, bins: int = 32) -> np.ndarray:
+    """Global statistics of images (N, C, H, W) in [0, 1]: per channel the mean, the standard deviation and a
+    ``bins``-bin histogram (fractions of pixels) -> (N, C * (2 + bins)). A detector on these features sees
+    whether an image's colours and contrast are unusual, not where: the baseline that local features must beat.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    x = np.asarray(images, dtype=np.float64)
+    if x.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {x.shape}.")
+    flat = x.reshape(*x.shape[:2], -1)
+    hist = [np.stack([np.histogram(ch, bins, (0, 1))[0] / ch.size for ch in img]).ravel() for img in flat]
+    return np.concatenate([flat.mean(-1), flat.std(-1), np.stack(hist)], axis=1)

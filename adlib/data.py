@@ -37,28 +37,30 @@ class OneClassSplit(NamedTuple):
     classes_test: np.ndarray
 
 
-def one_class_digits(normal_class: int, *, test_fraction: float = 0.5, seed: int = 0) -> OneClassSplit:
-    """sklearn's 8x8 digits as a one-class problem: ``normal_class`` is normal, the nine others anomalous.
+def one_class_digits(normal_class: int | Sequence[int], *, test_fraction: float = 0.5, seed: int = 0) -> OneClassSplit:
+    """sklearn's 8x8 digits as a one-class problem: ``normal_class`` is normal, the other digits anomalous.
 
-    Every class is split ``1 - test_fraction`` / ``test_fraction`` (stratified, seeded); training keeps
-    only the normal part of the first split, testing uses all of the second. Pixels are scaled to
-    [0, 1], so ``x`` is (n, 64); reshape to (n, 8, 8) to look at it.
+    ``normal_class``: one digit, or several (a *multimodal* normal class; e.g. nine digits, leaving one out as
+    the anomaly). Every class is split ``1 - test_fraction`` / ``test_fraction`` (stratified, seeded);
+    training keeps only the normal part of the first split, testing uses all of the second. Pixels are scaled
+    to [0, 1], so ``x`` is (n, 64); reshape to (n, 8, 8) to look at it.
 
     Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    if normal_class not in range(10):
-        raise ValueError(f"normal_class must be a digit 0-9, got {normal_class!r}.")
+    normal = [normal_class] if isinstance(normal_class, (int, np.integer)) else list(normal_class)
+    if not normal or any(c not in range(10) for c in normal) or len(set(normal)) == 10:
+        raise ValueError(f"normal_class must be one digit 0-9 or a list of 1-9 distinct digits, got {normal_class!r}.")
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
     return OneClassSplit(
-        x_train=x_tr[y_tr == normal_class],
+        x_train=x_tr[np.isin(y_tr, normal)],
         x_test=x_te,
-        y_test=(y_te != normal_class).astype(np.int64),
+        y_test=(~np.isin(y_te, normal)).astype(np.int64),
         classes_test=y_te,
     )
 

@@ -30,6 +30,8 @@ def build(source: Path, out: Path, config: dict | None = None) -> subprocess.Com
 def test_book_builds_without_warnings(tmp_path):
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     config["execute"]["execute_notebooks"] = "off"
+    # Unexecuted notebooks glue nothing, so the scorecard's references are empty here (make book checks them).
+    config["sphinx"]["config"]["suppress_warnings"] = ["mystnb.glue_ref"]
     result = build(ROOT, tmp_path / "book", config)
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"jupyter-book build failed:\n{log[-6000:]}"

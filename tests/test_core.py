@@ -95,3 +95,17 @@ def test_unknown_detector_and_bad_shapes_are_refused():
         classic.fit_detector("SVDD", np.zeros((5, 2)))
     with pytest.raises(ValueError, match=r"\(n >= 2, d\)"):
         classic.fit_detector("kNN", np.zeros(5))
+
+
+def test_global_statistics_by_hand() -> None:
+    import numpy as np
+
+    from adlib import baselines
+
+    img = np.zeros((1, 2, 2, 2))
+    img[0, 0] = [[0.0, 0.25], [0.5, 0.75]]
+    img[0, 1] = 1.0
+    f = baselines.global_statistics(img, bins=4)
+    assert f.shape == (1, 2 * (2 + 4))
+    assert np.allclose(f[0, :2], [0.375, 1.0]) and np.allclose(f[0, 2:4], [np.std([0, 0.25, 0.5, 0.75]), 0.0])
+    assert np.allclose(f[0, 4:8], [0.25, 0.25, 0.25, 0.25]) and np.allclose(f[0, 8:12], [0, 0, 0, 1])

@@ -1,6 +1,7 @@
 """Every chapter in the toc runs top to bottom at the smoke profile (papermill, in-process)."""
 from __future__ import annotations
 
+import json
 import time
 
 import papermill
@@ -28,3 +29,16 @@ def test_notebook_runs_at_smoke_profile(path):
             pytrace=False,
         )
     print(f"{path.name}: {time.perf_counter() - start:.1f} s at the smoke profile")
+    _check_claim_boxes(path, OUT / path.name)
+
+
+def _check_claim_boxes(source, executed) -> None:
+    """A chapter that calls ``claims.show`` must show a claim box per claim and glue its table for the scorecard."""
+    if "claims.show(" not in source.read_text():
+        return
+    outputs = [o for c in json.loads(executed.read_text())["cells"] if c["cell_type"] == "code"
+               for o in c.get("outputs", [])]
+    html = "".join("".join(o.get("data", {}).get("text/html", "")) for o in outputs)
+    assert "Claim check (chapter" in html, f"{source.name}: claims.show produced no claim box"
+    glued = [o for o in outputs if o.get("metadata", {}).get("scrapbook", {}).get("name") == "claims"]
+    assert glued, f"{source.name}: the claim table was not glued under 'claims' for the scorecard page"
