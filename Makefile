@@ -31,6 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 book: setup
+	touch book/scorecard.md  # it pastes the chapters' glued claims: re-render it even when only a chapter changed
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo
 	@echo "Book built. Open: $(CURDIR)/_build/html/book/intro.html"

