@@ -31,7 +31,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from adlib import clip as aclip
+from adlib.clip import encode_images, image_size, load_open_clip, to_tensor, tokenize
 
 #: The official prompt states and templates (``dataset/constants.py``): 3 x 2 normal, 5 x 2 anomalous prompts.
 NORMAL_STATES: tuple[str, ...] = ("{}", "a {}", "the {}")
@@ -175,7 +175,7 @@ class AACLIP(nn.Module):
         device = self.text_proj.weight.device
         out = []
         for texts in prompts(object_name):
-            emb = self.encode_text(aclip.tokenize(texts, self.clip).to(device), adapt)
+            emb = self.encode_text(tokenize(texts, self.clip).to(device), adapt)
             out.append(F.normalize(emb.mean(0), dim=-1))
         return torch.stack(out)
 
@@ -205,7 +205,7 @@ class AACLIP(nn.Module):
         As the official code, every unit patch feature gets the unit class embedding added, so the
         patch-level loss also sees the image-level evidence.
         """
-        image, patches = aclip.encode_images(self.clip, images)
+        image, patches = encode_images(self.clip, images)
         device = self.text_proj.weight.device
         return (patches + image[:, None]).to(device), image.to(device)
 
@@ -309,7 +309,7 @@ def _batch(model: AACLIP, images, masks, labels, idx: np.ndarray) -> tuple[torch
     Converting per batch keeps a large training set (VisA at 518 px) in uint8 until it is used."""
     device = model.text_proj.weight.device
     x = images[idx]
-    x = aclip.to_tensor(x, aclip.image_size(model.clip)) if isinstance(x, np.ndarray) else x
+    x = to_tensor(x, image_size(model.clip)) if isinstance(x, np.ndarray) else x
     return (x.to(device), torch.as_tensor(masks[idx]).float().to(device),
             torch.as_tensor(labels[idx]).long().to(device))
 
@@ -450,7 +450,7 @@ def anomaly_scores(
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 (adapted text only) or 2 (text and image adapters), got {stage}.")
     size = images.shape[1] if isinstance(images, np.ndarray) else images.shape[-1]
-    x = aclip.to_tensor(images, aclip.image_size(model.clip)) if isinstance(images, np.ndarray) else images
+    x = to_tensor(images, image_size(model.clip)) if isinstance(images, np.ndarray) else images
     device, scale = model.text_proj.weight.device, model.logit_scale
     model.eval()
     anchors = model.anchors(object_name)
@@ -539,5 +539,5 @@ def paper_clip(name: str = "ViT-L-14-336", pretrained: str = "openai", image_siz
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
-    model, _ = aclip.load_open_clip(name, pretrained, device)
+    model, _ = load_open_clip(name, pretrained, device)
     return resize_input(model, image_size)

@@ -9,8 +9,8 @@ scikit-learn or are rendered from formulas, disjoint from the SynthTex evaluatio
 - ``simclr``: SimCLR (NT-Xent) on random crops of bundled natural photographs;
 - ``fractal_simclr``: both losses at every step.
 
-Recipes are chosen by patch-kNN AUROC on :func:`validation_set` (defects on textures that are neither
-SynthTex categories nor training data), never on SynthTex. A run is a fixed number of steps with fixed
+Recipes are chosen by patch-kNN AUROC on :func:`adlib.validation.validation_set` (defects on textures that are
+neither SynthTex categories nor training data), never on SynthTex. A run is a fixed number of steps with fixed
 seeds and thread count, so it repeats bit for bit on the same machine and library versions::
 
     python -m adlib.pretrain fractal --out adlib/weights/book-resnet18.safetensors
@@ -31,13 +31,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from adlib import detectors, knn, synthtex
+from adlib.validation import bundled_image, patch_knn_scores, validation_set
 from adlib.ssl import nt_xent
-from adlib.backbones import Backbone, ViTStages, feature_extractor, patch_features, vit_backbone
+from adlib.backbones import Backbone, ViTStages, feature_extractor, vit_backbone
 
 NATURAL_IMAGES = ("astronaut", "coffee", "chelsea", "camera", "coins", "retina", "rocket", "cat", "page",
                   "clock", "colorwheel", "china", "flower")
-VALIDATION_IMAGES = ("hubble_deep_field", "immunohistochemistry", "moon", "cell")
 
 
 @dataclass(frozen=True)
@@ -168,21 +167,6 @@ def fractal_dataset(n_classes: int, per_class: int, size: int, seed: int) -> tup
     return torch.from_numpy((images * 255).round().astype(np.uint8)).permute(0, 3, 1, 2), torch.from_numpy(labels)
 
 
-def _skimage_rgb(name: str) -> np.ndarray:
-    """A bundled photograph as (H, W, 3) float32 in [0, 1]."""
-    if name in ("china", "flower"):
-        from sklearn.datasets import load_sample_image
-        img = load_sample_image(f"{name}.jpg")
-    else:
-        import skimage.data
-        img = getattr(skimage.data, name)()
-    img = np.asarray(img, dtype=np.float32)
-    img = img / 255.0 if img.max() > 1 else img
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    return img[..., :3]
-
-
 def natural_images() -> list[torch.Tensor]:
     """The SimCLR training photographs, each (3, H, W) float32; none is a SynthTex or validation source.
 
@@ -190,7 +174,7 @@ def natural_images() -> list[torch.Tensor]:
     """
     out = []
     for name in NATURAL_IMAGES:
-        img = torch.from_numpy(_skimage_rgb(name)).permute(2, 0, 1)[None]
+        img = torch.from_numpy(bundled_image(name)).permute(2, 0, 1)[None]
         scale = min(1.0, 512 / max(img.shape[-2:]))  # large photos are shrunk once, so crops stay cheap
         out.append(F.interpolate(img, scale_factor=scale, mode="area")[0] if scale < 1 else img[0])
     return out
@@ -340,69 +324,6 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(path))
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------- validation
-def validation_set(image_size: int = 128, n_train: int = 30, n_test_good: int = 40, n_per_defect: int = 8,
-                   seed: int = 1234) -> dict[str, dict[str, np.ndarray]]:
-    """Defects on textures used neither by SynthTex nor for pretraining, for choosing a recipe.
-
-    One category per image of ``VALIDATION_IMAGES``: normal images are random crops (a quarter to a half of
-    the side), flipped at random; defective ones get one SynthTex defect each. Returns, per category,
-    ``train`` (n_train, 3, S, S), ``test`` (M, 3, S, S), ``labels`` (M,) and ``masks`` (M, S, S).
-
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
-    """
-    rng = np.random.default_rng(seed)
-    sources = {n: _skimage_rgb(n) for n in VALIDATION_IMAGES}
-
-    def crop(img: np.ndarray) -> np.ndarray:
-        h, w = img.shape[:2]
-        side = int(min(h, w) * rng.uniform(0.25, 0.5))
-        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        t = torch.from_numpy(np.ascontiguousarray(img[top:top + side, left:left + side])).permute(2, 0, 1)[None]
-        out = F.interpolate(t, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-        out = out[0].permute(1, 2, 0).numpy()
-        return np.ascontiguousarray(out[:, ::-1] if rng.uniform() < 0.5 else out).clip(0, 1)
-
-    out = {}
-    for name, img in sources.items():
-        train_x = np.stack([crop(img) for _ in range(n_train)])
-        test_x, labels, masks = [], [], []
-        for _ in range(n_test_good):
-            test_x.append(crop(img))
-            labels.append(0)
-            masks.append(np.zeros((image_size, image_size), bool))
-        donor_name = VALIDATION_IMAGES[(VALIDATION_IMAGES.index(name) + 1) % len(VALIDATION_IMAGES)]
-        for defect in synthtex.DEFECTS:
-            for _ in range(n_per_defect):
-                bad, mask = synthtex.add_defect(crop(img), defect, rng, donor=crop(sources[donor_name]))
-                test_x.append(bad)
-                labels.append(1)
-                masks.append(mask)
-        to_chw = lambda a: np.stack(a).transpose(0, 3, 1, 2).astype(np.float32)  # noqa: E731
-        out[name] = {"train": to_chw(list(train_x)), "test": to_chw(test_x), "labels": np.array(labels),
-                     "masks": np.stack(masks).astype(np.uint8)}
-    return out
-
-
-def patch_knn_scores(model: nn.Module, categories: dict[str, dict[str, np.ndarray]], grid: int = 16,
-                     with_aupro: bool = False) -> dict[str, dict[str, float]]:
-    """The chapter-02 patch-kNN detector (:class:`adlib.knn.PatchKNNDetector` on ``model``'s stages, a
-    ``grid`` x ``grid`` patch grid) evaluated per category with :func:`adlib.detectors.evaluate`.
-
-    ``categories``: name -> ``train`` (N, 3, S, S) float in [0, 1], ``test`` (M, 3, S, S), ``labels`` (M,) 0/1,
-    ``masks`` (M, S, S), as :func:`validation_set` returns. Returns name -> {"image_auroc", "pixel_auroc"
-    (, "aupro")}.
-
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
-    """
-    out = {}
-    for name, c in categories.items():
-        det = knn.PatchKNNDetector(model, stride=c["test"].shape[-1] // grid)
-        row, _, _ = detectors.evaluate(det, c["train"], c["test"], c["labels"], c["masks"])
-        out[name] = {k: row[k] for k in ("image_auroc", "pixel_auroc", "aupro")[:3 if with_aupro else 2]}
-    return out
 
 
 def candidates() -> list[dict]:

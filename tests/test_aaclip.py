@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adlib import aaclip
-from adlib import clip as aclip
+from adlib import clip
 
 SMALL = {
     "embed_dim": 32,
@@ -26,9 +26,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(one_thread) -> aclip.open_clip.CLIP:
+def tiny(one_thread) -> clip.open_clip.CLIP:
     torch.manual_seed(0)
-    return aclip.build_tiny_clip(SMALL).eval()
+    return clip.build_tiny_clip(SMALL).eval()
 
 
 def make_model(tiny, **kw) -> aaclip.AACLIP:
@@ -145,13 +145,13 @@ def test_prompts_as_official_code():
 
 def test_unadapted_paths_equal_clip(tiny):
     model = make_model(tiny, text_adapt_until=0, image_adapt_until=0, levels=(3,))
-    tokens = aclip.tokenize(["a photo of a star.", "a broken ring."], tiny)
+    tokens = clip.tokenize(["a photo of a star.", "a broken ring."], tiny)
     torch.testing.assert_close(model.encode_text(tokens, adapt=False), tiny.encode_text(tokens, normalize=True))
     # no adapters + projection copied from CLIP = CLIP's own text embedding
     torch.testing.assert_close(model.encode_text(tokens), tiny.encode_text(tokens, normalize=True))
     images = torch.randn(2, 3, 32, 32)
     patches, _ = model.encode_image(images)
-    torch.testing.assert_close(patches[0], aclip.encode_images(tiny, images)[1])
+    torch.testing.assert_close(patches[0], clip.encode_images(tiny, images)[1])
 
 
 def test_shapes_and_scores(tiny):
@@ -227,12 +227,12 @@ def test_few_shot_indices():
 
 def test_resize_input():
     torch.manual_seed(0)
-    model = aclip.build_tiny_clip(SMALL).eval()
+    model = clip.build_tiny_clip(SMALL).eval()
     pos = model.visual.positional_embedding.detach().clone()
     aaclip.resize_input(model, 48)
     assert model.visual.positional_embedding.shape == (1 + 36, 32)
     torch.testing.assert_close(model.visual.positional_embedding[0], pos[0])  # class token kept
-    assert aclip.encode_images(model, torch.randn(1, 3, 48, 48))[1].shape == (1, 36, 32)
+    assert clip.encode_images(model, torch.randn(1, 3, 48, 48))[1].shape == (1, 36, 32)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         aaclip.resize_input(model, 50)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from adlib import clip, toyworld
+from adlib import clip, clip_train, clipn, toyworld, winclip
 
 SMALL = {
     "embed_dim": 16,
@@ -79,7 +79,7 @@ def test_save_load_roundtrip_and_sha_check(model, tmp_path):
     path.write_bytes(path.read_bytes() + b"x")
     with pytest.raises(ValueError, match="corrupt"):
         clip.load_tiny_clip(path)
-    with pytest.raises(FileNotFoundError, match="train-tiny"):
+    with pytest.raises(FileNotFoundError, match="clip_train"):
         clip.load_tiny_clip(tmp_path / "missing.pt")
     # The bytes (so the sha256) do not depend on the file's name.
     assert clip.save_clip(model, tmp_path / "other_name.pt", SMALL) == clip.save_clip(model, tmp_path / "x.pt", SMALL)
@@ -112,12 +112,12 @@ def test_shipped_tiny_clip_loads_is_small_and_knows_shapes():
 
 
 def test_train_tiny_command_smoke(tmp_path, monkeypatch):
-    monkeypatch.setattr(clip, "TINY_CONFIG", SMALL)
+    monkeypatch.setattr(clip_train, "TINY_CONFIG", SMALL)
     out = tmp_path / "tiny.pt"
     n_threads = torch.get_num_threads()
     try:
-        assert clip.main(["train-tiny", "--out", str(out), "--steps", "2", "--batch-size", "8", "--pairs", "16",
-                          "--eval", "10", "--threads", "1"]) == 0
+        assert clip_train.main(["--out", str(out), "--steps", "2", "--batch-size", "8", "--pairs", "16",
+                                "--eval", "10", "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(n_threads)
     card = clip.tiny_clip_card(out)
@@ -152,16 +152,16 @@ def test_load_open_clip_offline_tag_fails_fast(monkeypatch, tmp_path):
 
 
 def test_prompt_ensemble_sizes():
-    normal, anomalous = clip.prompt_ensemble("star")
+    normal, anomalous = winclip.prompt_ensemble("star")
     assert len(normal) == 7 * 21 and len(anomalous) == 4 * 21
     assert "a photo of a flawless star." in normal and "a photo of a damaged star." in anomalous
 
 
 def test_winclip_scores_match_manual_computation(model, images):
-    scores, maps = clip.winclip_scores(model, images, "star")
+    scores, maps = winclip.winclip_scores(model, images, "star")
     assert scores.shape == (6,) and maps.shape == (6, 32, 32)
     assert ((0 <= maps) & (maps <= 1)).all()
-    normal, anomalous = clip.prompt_ensemble("star")
+    normal, anomalous = winclip.prompt_ensemble("star")
     anchors = torch.stack([F.normalize(clip.encode_texts(model, p).mean(0), dim=-1) for p in (normal, anomalous)])
     glob, patches = clip.encode_images(model, images)
     s = model.logit_scale.exp().item()
@@ -183,11 +183,11 @@ def test_itbo_loss_hand_computed():
     # yes logits = identity, no logits = anti-identity (scale 1):
     # match (i, i): p_yes = e^1 / (e^1 + e^0); non-match (i, j): p_no = e^1 / (e^0 + e^1)
     p = math.e / (math.e + 1)
-    loss_yes, loss_no = clip.itbo_loss(img, txt, no, 1.0)
+    loss_yes, loss_no = clipn.itbo_loss(img, txt, no, 1.0)
     assert loss_yes.item() == pytest.approx(-math.log(p))
     assert loss_no.item() == pytest.approx(-math.log(p))
     # with scale 2 and a custom match matrix that calls every pair a match, loss_no has no terms -> 0
-    loss_yes, loss_no = clip.itbo_loss(img, txt, no, 2.0, positives=torch.ones(2, 2, dtype=torch.bool))
+    loss_yes, loss_no = clipn.itbo_loss(img, txt, no, 2.0, positives=torch.ones(2, 2, dtype=torch.bool))
     q_diag, q_off = math.exp(2) / (math.exp(2) + 1), 1 / (1 + math.exp(2))
     assert loss_yes.item() == pytest.approx(-(2 * math.log(q_diag) + 2 * math.log(q_off)) / 4)
     assert loss_no.item() == 0.0
@@ -195,18 +195,18 @@ def test_itbo_loss_hand_computed():
 
 def test_tso_loss_hand_computed():
     t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert clip.tso_loss(t, t).item() == pytest.approx(2 - math.sqrt(1e-4), rel=1e-5)
-    assert clip.tso_loss(t, -t).item() == pytest.approx(2 - math.sqrt(4 + 1e-4), abs=1e-6)
+    assert clipn.tso_loss(t, t).item() == pytest.approx(2 - math.sqrt(1e-4), rel=1e-5)
+    assert clipn.tso_loss(t, -t).item() == pytest.approx(2 - math.sqrt(4 + 1e-4), abs=1e-6)
     orth = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-    assert clip.tso_loss(t, orth).item() == pytest.approx(2 - math.sqrt(2 + 1e-4), rel=1e-5)
-    parts = clip.clipn_loss(t, t, orth, 1.0)
+    assert clipn.tso_loss(t, orth).item() == pytest.approx(2 - math.sqrt(2 + 1e-4), rel=1e-5)
+    parts = clipn.clipn_loss(t, t, orth, 1.0)
     assert parts["loss"].item() == pytest.approx(0.5 * (parts["itbo_yes"] + parts["itbo_no"] + parts["tso"]).item())
 
 
 def test_ood_scores_against_loops():
     gen = torch.Generator().manual_seed(0)
     yes, no = torch.randn(5, 3, generator=gen) * 3, torch.randn(5, 3, generator=gen) * 3
-    msp, ctw, atd = clip.msp_score(yes), clip.ctw_score(yes, no), clip.atd_score(yes, no)
+    msp, ctw, atd = clipn.msp_score(yes), clipn.ctw_score(yes, no), clipn.atd_score(yes, no)
     for i in range(5):
         e = np.exp(yes[i].numpy().astype(np.float64))
         probs = e / e.sum()
@@ -221,7 +221,7 @@ def test_ood_metrics_against_sklearn_and_brute_force():
     rng = np.random.default_rng(0)
     is_ood = np.r_[np.zeros(40), np.ones(30)].astype(int)
     scores = rng.normal(size=70) + is_ood
-    m = clip.ood_metrics(is_ood, scores)
+    m = clipn.ood_metrics(is_ood, scores)
     assert m["AUROC"] == pytest.approx(100 * roc_auc_score(is_ood, scores))
     # brute force: the largest threshold keeping >= 95 % of ID scores below-or-equal; OOD accepted = OOD at or below it
     id_s, ood_s = np.sort(scores[is_ood == 0]), scores[is_ood == 1]
@@ -230,21 +230,21 @@ def test_ood_metrics_against_sklearn_and_brute_force():
 
 
 def test_no_encoder_starts_as_the_text_encoder_and_trains(model):
-    no_enc = clip.NoTextEncoder(model, n_prompts=4)
+    no_enc = clipn.NoTextEncoder(model, n_prompts=4)
     texts = ["a photo of a star.", "a red ring on wood."]
     torch.testing.assert_close(no_enc.encode(model, texts), clip.encode_texts(model, texts), atol=1e-5, rtol=1e-5)
     data = toyworld.sample(24, seed=0, image_size=32)
     image_emb, _ = clip.encode_images(model, data.images)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    hist = clip.train_no_encoder(model, no_enc, image_emb, data.captions, steps=15, batch_size=12, lr=3e-3)
+    hist = clipn.train_no_encoder(model, no_enc, image_emb, data.captions, steps=15, batch_size=12, lr=3e-3)
     assert len(hist) == 15 and hist[-1]["tso"] < hist[0]["tso"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # CLIP stays frozen
     assert no_enc.prompts.abs().sum() > 0  # the no-prompts learned
-    yes, no = clip.yes_no_logits(model, no_enc, image_emb, ["star", "ring"])
+    yes, no = clipn.yes_no_logits(model, no_enc, image_emb, ["star", "ring"])
     assert yes.shape == no.shape == (24, 2)
     with pytest.raises(ValueError, match="one caption per image"):
-        clip.train_no_encoder(model, no_enc, image_emb, data.captions[:3], steps=1)
+        clipn.train_no_encoder(model, no_enc, image_emb, data.captions[:3], steps=1)
 
 
 def test_paper_data_readers(tmp_path):

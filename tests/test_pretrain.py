@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adlib import backbones, pretrain, synthtex
+from adlib import backbones, pretrain, synthtex, validation
 
 
 def test_ifs_points_converge_to_the_fixed_point_of_one_map():
@@ -33,13 +33,13 @@ def test_ifs_systems_are_contractive_and_renders_repeat():
 
 def test_training_data_is_disjoint_from_evaluation():
     evaluation = set(synthtex.CATEGORIES) | {"brick", "grass", "gravel"}
-    assert not set(pretrain.NATURAL_IMAGES) & set(pretrain.VALIDATION_IMAGES)
-    assert not (set(pretrain.NATURAL_IMAGES) | set(pretrain.VALIDATION_IMAGES)) & evaluation
+    assert not set(pretrain.NATURAL_IMAGES) & set(validation.VALIDATION_IMAGES)
+    assert not (set(pretrain.NATURAL_IMAGES) | set(validation.VALIDATION_IMAGES)) & evaluation
 
 
 def test_validation_set_labels_match_masks():
-    val = pretrain.validation_set(image_size=64, n_train=2, n_test_good=2, n_per_defect=1)
-    assert set(val) == set(pretrain.VALIDATION_IMAGES)
+    val = validation.validation_set(image_size=64, n_train=2, n_test_good=2, n_per_defect=1)
+    assert set(val) == set(validation.VALIDATION_IMAGES)
     for c in val.values():
         assert c["train"].shape == (2, 3, 64, 64) and c["test"].shape == (2 + len(synthtex.DEFECTS), 3, 64, 64)
         np.testing.assert_array_equal(c["masks"].reshape(len(c["masks"]), -1).any(1), c["labels"] == 1)

@@ -1,0 +1,229 @@
+"""CLIPN (Wang et al., ICCV 2023): CLIP learns to say "no" for out-of-distribution detection.
+
+``NoTextEncoder`` is the "no" text encoder with learnable no-prompts; ``itbo_loss`` and ``tso_loss`` are the
+paper's image-text binary-opposite and text semantic-opposite losses, ``train_no_encoder`` trains them, and
+``msp_score``, ``ctw_score`` (competing-to-win) and ``atd_score`` (agreeing-to-differ) score test images;
+``ood_metrics`` gives AUROC and FPR95.
+
+Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adlib import metrics
+from adlib.clip import CLASS_TEMPLATES, class_embeddings, tokenize
+
+class NoTextEncoder(nn.Module):
+    """CLIPN's "no" text encoder: a trainable copy of CLIP's text tower plus learnable no-prompts.
+
+    ``n_prompts`` prompt tensors of shape (L, width), initialised to zero, are added to the token and
+    position embeddings (as the official code does). Training draws one of the ``n_prompts`` prompts or
+    their mean per caption; inference uses the mean. ``forward``: (T, L) tokens -> (T, D) unit embeddings.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    """
+
+    def __init__(self, model: open_clip.CLIP, n_prompts: int = 16):
+        super().__init__()
+        if not hasattr(model, "token_embedding"):
+            raise ValueError("NoTextEncoder needs an open_clip.CLIP with the built-in text tower "
+                             "(CustomTextCLIP models keep it in model.text; use a CLIP-architecture model).")
+        self.token_embedding = copy.deepcopy(model.token_embedding)
+        self.positional_embedding = copy.deepcopy(model.positional_embedding)
+        self.transformer = copy.deepcopy(model.transformer)
+        self.ln_final = copy.deepcopy(model.ln_final)
+        self.text_projection = copy.deepcopy(model.text_projection)
+        self.register_buffer("attn_mask", model.attn_mask.clone(), persistent=False)
+        self.pool_type = model.text_pool_type
+        self.eos_token_id = getattr(model, "text_eos_id", None)
+        length, width = model.positional_embedding.shape
+        self.prompts = nn.Parameter(torch.zeros(n_prompts, length, width))
+
+    def forward(self, tokens: torch.Tensor, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+        """``prompt_index`` (T,) in [0, n_prompts]: which prompt each caption gets (n_prompts = the mean);
+        None = the mean for all (inference)."""
+        mean = self.prompts.mean(0, keepdim=True)
+        prompt = mean if prompt_index is None else torch.cat([self.prompts, mean])[prompt_index]
+        x = self.token_embedding(tokens) + self.positional_embedding + prompt
+        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask))
+        x = open_clip.transformer.text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_token_id)
+        x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        return F.normalize(x, dim=-1)
+
+    @torch.no_grad()
+    def encode(self, model: open_clip.CLIP, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
+        """(T,) strings -> (T, D) unit "no" embeddings with the mean prompt."""
+        tokens = tokenize(list(texts), model)
+        device = self.prompts.device
+        return torch.cat([self(tokens[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(tokens), batch_size)])
+
+
+def itbo_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, no_emb: torch.Tensor, logit_scale: float | torch.Tensor,
+              positives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-text binary-opposite loss: (loss_yes, loss_no).
+
+    ``image_emb``, ``text_emb``, ``no_emb``: (N, D) unit embeddings of N image-caption pairs. For every
+    pair (i, j) a two-way softmax over [s <I_i, T_j>, s <I_i, T^no_j>] gives p_yes and p_no. A matching
+    pair should say "yes", every other pair "no": loss_yes = mean of -log p_yes over matches, loss_no =
+    mean of -log p_no over non-matches. ``positives`` (N, N) bool marks matches (default: the diagonal,
+    as in the paper, where captions of other images are assumed not to describe image i).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    n = image_emb.shape[0]
+    pos = torch.eye(n, dtype=torch.bool, device=image_emb.device) if positives is None else positives.bool()
+    yes = logit_scale * image_emb @ text_emb.T
+    no = logit_scale * image_emb @ no_emb.T
+    log_p = torch.stack([yes, no], -1).log_softmax(-1)  # (N, N, 2)
+    loss_yes = -log_p[..., 0][pos].mean()
+    loss_no = -log_p[..., 1][~pos].mean() if (~pos).any() else log_p.new_zeros(())
+    return loss_yes, loss_no
+
+
+def tso_loss(text_emb: torch.Tensor, no_emb: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Text semantic-opposite loss: mean of 2 - ||t - t_no||_2 over (N, D) unit pairs, in [0, 2].
+
+    Pushes each caption's "no" embedding away from its standard one (distance at most 2 on the unit
+    sphere). ``eps`` under the square root avoids an infinite gradient at zero distance (official code).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    dist = torch.sqrt(2 - 2 * (text_emb * no_emb).sum(-1) + eps)
+    return (2 - dist).mean()
+
+
+def clipn_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, no_emb: torch.Tensor, logit_scale: float | torch.Tensor,
+               positives: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """CLIPN's training loss 0.5 * (ITBO yes + ITBO no + TSO) (the official weighting), with its parts.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    loss_yes, loss_no = itbo_loss(image_emb, text_emb, no_emb, logit_scale, positives)
+    loss_tso = tso_loss(text_emb, no_emb)
+    return {"loss": 0.5 * (loss_yes + loss_no + loss_tso), "itbo_yes": loss_yes, "itbo_no": loss_no, "tso": loss_tso}
+
+
+def train_no_encoder(
+    model: open_clip.CLIP,
+    no_encoder: NoTextEncoder,
+    image_emb: torch.Tensor,
+    captions: Sequence[str],
+    *,
+    steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 3e-4,
+    weight_decay: float = 0.1,
+    positives: Callable[[np.ndarray], torch.Tensor] | None = None,
+    seed: int = 0,
+    log_every: int = 0,
+) -> list[dict[str, float]]:
+    """Train the "no" encoder (and its prompts) with :func:`clipn_loss`; CLIP itself stays frozen.
+
+    ``image_emb`` (N, D): the frozen CLIP's unit image embeddings of the N captioned images (computed
+    once, since the image encoder is frozen); ``captions``: N strings. ``positives(batch_indices)``
+    returns the (B, B) match matrix of a batch (default: the diagonal). Returns one dict of losses per step.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    """
+    if len(image_emb) != len(captions):
+        raise ValueError(f"{len(image_emb)} image embeddings but {len(captions)} captions: give one caption per image.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = tokenize(list(captions), model)
+    with torch.no_grad():
+        text_emb = torch.cat([model.encode_text(tokens[i:i + 512], normalize=True) for i in range(0, len(tokens), 512)])
+    scale = model.logit_scale.exp().detach()
+    opt = torch.optim.AdamW([p for p in no_encoder.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    no_encoder.train()
+    history = []
+    n_prompts = no_encoder.prompts.shape[0]
+    for step in range(steps):
+        idx = torch.randperm(len(captions), generator=gen)[:batch_size]
+        which = torch.randint(0, n_prompts + 1, (len(idx),), generator=gen)
+        no_emb = no_encoder(tokens[idx], which)
+        pos = positives(idx.numpy()) if positives is not None else None
+        parts = clipn_loss(image_emb[idx], text_emb[idx], no_emb, scale, pos)
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        opt.step()
+        history.append({k: v.item() for k, v in parts.items()})
+        if log_every and (step + 1) % log_every == 0:
+            print(f"step {step + 1}/{steps}  " + "  ".join(f"{k} {v:.3f}" for k, v in history[-1].items()))
+    no_encoder.eval()
+    return history
+
+
+def yes_no_logits(model: open_clip.CLIP, no_encoder: NoTextEncoder, image_emb: torch.Tensor,
+                  classnames: Sequence[str], templates: Sequence[str] = CLASS_TEMPLATES,
+                  scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) unit image embeddings -> ((N, C) "yes" logits, (N, C) "no" logits) over the ID classes.
+
+    Class embeddings average the templates for both encoders (as the official ``merge_yes_no_feature``);
+    ``scale`` defaults to the model's temperature (the official ViT-B-16 evaluation uses 100).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    scale = model.logit_scale.exp().item() if scale is None else scale
+    yes = class_embeddings(model, classnames, templates)
+    no = class_embeddings(model, classnames, templates, encode=lambda t: no_encoder.encode(model, t))
+    return scale * image_emb @ yes.T, scale * image_emb @ no.T
+
+
+def p_yes(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> torch.Tensor:
+    """(N, C) pairs of logits -> (N, C) probability that class c's "yes" prompt beats its "no" prompt.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    return torch.stack([logits_yes, logits_no], -1).softmax(-1)[..., 0]
+
+
+def msp_score(logits_yes: torch.Tensor) -> np.ndarray:
+    """MCM-style zero-shot OOD score: 1 - max softmax over the ID classes. (N, C) -> (N,), higher = OOD.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    return (1 - logits_yes.softmax(-1).amax(-1)).double().numpy()
+
+
+def ctw_score(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> np.ndarray:
+    """Competing-to-win: 1 - p_yes of the predicted (argmax "yes") class. (N, C) x 2 -> (N,), higher = OOD.
+
+    The paper's rule (OOD when the predicted class's "no" wins, p_no > 0.5) thresholds this score at 0.5.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    pred = logits_yes.argmax(-1, keepdim=True)
+    return (1 - p_yes(logits_yes, logits_no).gather(1, pred)[:, 0]).double().numpy()
+
+
+def atd_score(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> np.ndarray:
+    """Agreeing-to-differ: p_OOD = 1 - sum_c p_c * (1 - p_no_c), with p_c the ID softmax. (N,), higher = OOD.
+
+    The paper's rule calls an image OOD when p_OOD exceeds every p_c * (1 - p_no_c).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    probs = logits_yes.softmax(-1)
+    return (1 - (probs * p_yes(logits_yes, logits_no)).sum(-1)).double().numpy()
+
+
+def ood_metrics(is_ood: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """AUROC and FPR95 in percent, as the CLIPN evaluation computes them.
+
+    ``is_ood`` (N,) 1 for OOD; ``scores`` (N,) higher = more OOD. FPR95 is the fraction of OOD images
+    accepted as ID at the threshold that keeps 95 % of ID images (ID is the positive class there).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    y, s = metrics.check_labels_scores(is_ood, scores)
+    return {"AUROC": 100 * metrics.image_auroc(y, s), "FPR95": 100 * metrics.fpr_at_tpr(1 - y, -s, 0.95)}

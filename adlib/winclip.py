@@ -1,0 +1,70 @@
+"""WinCLIP-style zero-shot anomaly detection with any CLIP: compositional prompt ensembles as text anchors,
+image scores from the global embedding and maps from the patch tokens.
+
+Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from adlib.clip import encode_images, encode_texts
+
+#: WinCLIP's compositional prompt ensemble (Jeong et al. 2023, as in anomalib's ``winclip/prompting.py``):
+#: every state is put into every template; the ensemble's mean embedding is the text anchor.
+NORMAL_STATES: tuple[str, ...] = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw",
+                                  "{} without defect", "{} without damage")
+ANOMALOUS_STATES: tuple[str, ...] = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
+WINCLIP_TEMPLATES: tuple[str, ...] = (
+    "a cropped photo of the {}.", "a close-up photo of a {}.", "a close-up photo of the {}.",
+    "a bright photo of a {}.", "a bright photo of the {}.", "a dark photo of the {}.", "a dark photo of a {}.",
+    "a jpeg corrupted photo of a {}.", "a jpeg corrupted photo of the {}.", "a blurry photo of the {}.",
+    "a blurry photo of a {}.", "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.",
+    "a photo of the small {}.", "a photo of a large {}.", "a photo of the large {}.",
+    "a photo of the {} for visual inspection.", "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.", "a photo of a {} for anomaly detection.",
+)
+
+
+def prompt_ensemble(object_name: str) -> tuple[list[str], list[str]]:
+    """WinCLIP's (normal prompts, anomalous prompts) for one object name: 7 x 21 and 4 x 21 strings.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    normal = [t.format(s.format(object_name)) for s in NORMAL_STATES for t in WINCLIP_TEMPLATES]
+    anomalous = [t.format(s.format(object_name)) for s in ANOMALOUS_STATES for t in WINCLIP_TEMPLATES]
+    return normal, anomalous
+
+
+def text_anchors(model: open_clip.CLIP, object_name: str) -> torch.Tensor:
+    """(2, D) unit text anchors [normal, anomalous]: the normalised mean of each ensemble's embeddings.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    normal, anomalous = prompt_ensemble(object_name)
+    anchors = [F.normalize(encode_texts(model, p).mean(0), dim=-1) for p in (normal, anomalous)]
+    return torch.stack(anchors)
+
+
+def winclip_scores(model: open_clip.CLIP, images: np.ndarray, object_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-shot anomaly scores: ((N,) image scores, (N, H, W) pixel maps), both P(anomalous) in [0, 1].
+
+    Image level: softmax over the [normal, anomalous] anchors of the global embedding, with the model's
+    temperature. Patch level: the same for every projected patch token, upsampled bilinearly to the
+    image size. WinCLIP proper scores sliding windows at several scales; reading patch tokens instead
+    keeps the baseline cheap (one forward pass) and is what later token-based variants do.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    """
+    global_emb, patch_emb = encode_images(model, images)
+    anchors = text_anchors(model, object_name)
+    scale = model.logit_scale.exp().detach().float()
+    image_scores = (scale * global_emb @ anchors.T).softmax(-1)[:, 1]
+    patch = (scale * patch_emb @ anchors.T).softmax(-1)[..., 1]
+    side = int(round(math.sqrt(patch.shape[1])))
+    maps = F.interpolate(patch.view(-1, 1, side, side), size=images.shape[1:3], mode="bilinear", align_corners=False)
+    return image_scores.numpy().astype(np.float64), maps[:, 0].numpy().astype(np.float64)
