@@ -22,7 +22,6 @@ Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import math
@@ -35,6 +34,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from adlib.download import sha256sum
 
 #: The tiny CLIP: a ViT with 8 x 8 patches on 64 px images and a small causal text transformer.
 #: open_clip's BPE vocabulary (49408 tokens) is kept so the real tokenizer works unchanged.
@@ -220,18 +221,6 @@ def zero_shot_accuracy(model: open_clip.CLIP, images: np.ndarray, labels: np.nda
 # --------------------------------------------------------------------------- weights on disk
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file.
-
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_clip(model: open_clip.CLIP, path: str | os.PathLike, config: dict, meta: dict | None = None) -> str:
     """Save config + fp16 state dict to ``path`` and a sidecar ``path.json`` with its sha256; returns the sha256.
 
@@ -243,7 +232,7 @@ def save_clip(model: open_clip.CLIP, path: str | os.PathLike, config: dict, meta
     buffer = io.BytesIO()  # torch.save names its archive after a file's name; a buffer keeps the bytes name-free
     torch.save({"config": config, "state_dict": state}, buffer)
     path.write_bytes(buffer.getvalue())
-    sha = sha256_file(path)
+    sha = sha256sum(path)
     card = {"file": path.name, "sha256": sha, "bytes": path.stat().st_size, "config": config, **(meta or {})}
     path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
     return sha
@@ -264,7 +253,7 @@ def load_tiny_clip(path: str | os.PathLike | None = None, sha256: str | None = N
         if not card.is_file():
             raise FileNotFoundError(f"{card} (the sha256 of {path.name}) is missing; pass sha256=... to load anyway.")
         sha256 = json.loads(card.read_text())["sha256"]
-    actual = sha256_file(path)
+    actual = sha256sum(path)
     if actual != sha256:
         raise ValueError(f"{path} has sha256 {actual}, expected {sha256}: the file is corrupt or was replaced. "
                          f"Restore it from the repository or retrain with `{TRAIN_COMMAND}`.")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from adlib.download import sha256sum
 from adlib.validation import bundled_image, patch_knn_scores, validation_set
 from adlib.ssl import nt_xent
 from adlib.backbones import Backbone, ViTStages, feature_extractor, vit_backbone
@@ -319,11 +320,10 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> str:
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
     """
-    import hashlib
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(path))
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256sum(path)
 
 
 def candidates() -> list[dict]:
