@@ -129,7 +129,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], device: str | None 
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
-    det, meta = detectors.load_detector(model, str(choose_device(device)))
+    det, _ = detectors.load_detector(model, str(choose_device(device)))
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
