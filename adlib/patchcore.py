@@ -111,7 +111,7 @@ class PatchCore(FeatureDetector):
     """PatchCore behind the detector protocol (see the module docstring for the three steps).
 
     Paper defaults: ``patch_size`` 3, ``coreset_ratio`` 0.1 (10 %), ``projection_dim`` 128, ``b`` 9 neighbours
-    for the reweighting (anomalib's value; the paper leaves b open). The official code pools every stage's
+    for the reweighting (anomalib's default). The official code pools every stage's
     (C, 3, 3) vector to ``pretrain_dim=1024`` and the stack to ``target_dim=1024``, sized for a WideResNet-50
     (4,608 and 9,216 values); for the book's small backbones (24-112 channels a stage) the defaults None keep
     one value per channel, the 3 x 3 mean (validation image AUROC 0.865 against 0.822 for the unpooled
