@@ -259,11 +259,7 @@ class CFADetector(FeatureDetector):
     def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, None]:
         return self.model.score_maps(features), None
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.state_dict())
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.model = self._new_model(state["descriptor.conv.weight"].shape[1] - 2)
-        self.model.bank = state["bank"].to(self.device)  # an empty buffer until fitted: set it first
-        self.model.load_state_dict(state)
-        self.model.eval()
+    def build_model(self, state: dict[str, torch.Tensor]) -> CFA:
+        model = self._new_model(state["descriptor.conv.weight"].shape[1] - 2)
+        model.bank = state["bank"].to(self.device)  # an empty buffer until fitted: give it the saved size
+        return model

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -78,6 +80,7 @@ class FeatureDetector:
     method: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for ``python -m adlib list``
     fitted: ClassVar[tuple[str, ...]] = ()
+    model: nn.Module | None = None  # the trained network of a detector that trains one (CFA, students, AE)
 
     def __init__(self, backbone: str | nn.Module | None = "effnet-lite0", layers: tuple[int, ...] | None = None,
                  stride: int | None = None, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
@@ -112,14 +115,29 @@ class FeatureDetector:
     def restore(self) -> None:
         """Rebuild what is derived from the ``fitted`` tensors after loading (e.g. a search index)."""
 
+    def build_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """The untrained network of a detector that trains one (``self.model``), shaped for its saved
+        ``state_dict`` ``state``; :meth:`load_state` then loads the weights into it."""
+        raise NotImplementedError(f"{type(self).__name__} trains no network.")
+
     def state(self) -> dict[str, torch.Tensor]:
-        """The fitted tensors :meth:`save` stores (by default the attributes named in ``fitted``)."""
-        return {name: getattr(self, name) for name in self.fitted}
+        """The fitted tensors :meth:`save` stores: the attributes named in ``fitted`` and, for a detector that
+        trains a network, that network's ``state_dict`` under ``model.``."""
+        out = {name: getattr(self, name) for name in self.fitted}
+        if self.model is not None:
+            out |= {f"model.{key}": value for key, value in self.model.state_dict().items()}
+        return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """The inverse of :meth:`state`: set the fitted tensors (on ``device``) and :meth:`restore`."""
-        for name, value in state.items():
-            setattr(self, name, value.to(self.device))
+        """The inverse of :meth:`state`: rebuild the network (:meth:`build_model`), set the fitted tensors (on
+        ``device``) and :meth:`restore` what derives from them."""
+        model_state = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
+        if model_state:
+            self.model = self.build_model(model_state)
+            self.model.load_state_dict(model_state)
+            self.model.eval()
+        for name in self.fitted:
+            setattr(self, name, state[name].to(self.device))
         self.restore()
 
     # -- the protocol ---------------------------------------------------------------------------------
@@ -218,7 +236,8 @@ def load_detector(path: str | Path, device: str = "cpu") -> tuple[FeatureDetecto
 
 class PeakMemory:
     """Peak memory (MB) while the ``with`` block runs: the process's resident set on CPU (sampled every 5 ms,
-    so it includes the Python process itself), allocated CUDA memory on a GPU.
+    so it includes the Python process itself; where ``/proc`` is missing, e.g. macOS, the process's peak since
+    it started), allocated CUDA memory on a GPU.
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
@@ -229,8 +248,14 @@ class PeakMemory:
 
     @staticmethod
     def _rss_mb() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096 / 2 ** 20
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        except OSError:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+            return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):

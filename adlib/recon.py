@@ -484,10 +484,5 @@ class AutoencoderDetector(FeatureDetector):
         out = self.model(x)
         return out if self.kind == "ae" else out[0]
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.state_dict())
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.model = self._new_model(self.image_shape[-1])
-        self.model.load_state_dict(state)
-        self.model.eval()
+    def build_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        return self._new_model(self.image_shape[-1])

@@ -308,11 +308,5 @@ class StudentsDetector(FeatureDetector):
     def score_features(self, images: torch.Tensor) -> tuple[np.ndarray, None]:
         return self.model.score_maps(images), None
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.state_dict())
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        teacher = PatchNet(self.patch_size, self.dim, self.width, self.stride)
-        self.model = StudentTeacher(teacher, self.n_students, self.seed)
-        self.model.load_state_dict(state)
-        self.model.eval()
+    def build_model(self, state: dict[str, torch.Tensor]) -> StudentTeacher:
+        return StudentTeacher(PatchNet(self.patch_size, self.dim, self.width, self.stride), self.n_students, self.seed)

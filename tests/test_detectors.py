@@ -342,3 +342,15 @@ def test_two_fresh_processes_give_the_same_table(tmp_path: Path) -> None:
         tables.append({cat: {k: row[k] for k in ("image_auroc", "pixel_auroc", "aupro")}
                        for cat, row in result["categories"].items()})
     assert tables[0] == tables[1]
+
+
+def test_peak_memory_without_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where /proc is missing (macOS), the peak comes from getrusage instead of failing."""
+    on_linux = detectors.PeakMemory._rss_mb()
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/self/statm")
+
+    monkeypatch.setattr(detectors, "open", no_proc, raising=False)
+    without = detectors.PeakMemory._rss_mb()
+    assert without >= 0.5 * on_linux and without > 10  # the process's peak resident set, in MB
