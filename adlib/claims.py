@@ -12,7 +12,7 @@ Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes
 from __future__ import annotations
 
 import html
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -145,7 +145,7 @@ def table(claims: Sequence[Claim]) -> Any:
 def show(claims: Sequence[Claim], key: str = "claims") -> None:
     """Display each claim's box and glue the chapter's claim table under ``key`` for the scorecard page.
 
-    Outside a Jupyter Book build the glue only displays nothing extra (``myst_nb`` absent: the boxes alone).
+    Without ``myst_nb`` (e.g. on Colab) only the boxes are shown; the scorecard is the built book's.
 
     Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
     """
@@ -160,10 +160,3 @@ def show(claims: Sequence[Claim], key: str = "claims") -> None:
     # Glued as plain HTML: a DataFrame's own HTML cuts long claims to 50 characters.
     glue(key, HTML(table(claims).to_html(index=False, escape=True)), display=False)
 
-
-def as_dicts(claims: Sequence[Claim]) -> list[dict]:
-    """The claims as plain dicts (for tests and JSON).
-
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
-    """
-    return [asdict(c) for c in claims]
