@@ -88,8 +88,13 @@ _WHERE_TO_GET_DATA = (
 )
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name; hidden files (``._x.png``) are skipped."""
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files directly in ``folder`` (any of :data:`IMAGE_EXTENSIONS`, any letter case), sorted by name;
+    hidden files (``._x.png``) are skipped.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    folder = Path(folder)
     if not folder.is_dir():
         return []
     return sorted(
@@ -131,14 +136,6 @@ def read_images(paths: Sequence[str | Path], image_size: int | tuple[int, int] =
     if not paths:
         raise ValueError("No image files given.")
     return torch.stack([_resize(_to_tensor(_read_rgb(Path(p))), size) for p in paths]).numpy()
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """The image files directly in ``folder`` (any of :data:`IMAGE_EXTENSIONS`, any letter case), sorted.
-
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
-    """
-    return _list_images(Path(folder))
 
 
 def _read_mask(path: Path) -> np.ndarray:
@@ -241,7 +238,7 @@ class MVTecDataset(Dataset):
         self.samples = self._train_samples(cat_dir) if split == "train" else self._test_samples(cat_dir)
 
     def _train_samples(self, cat_dir: Path) -> list[tuple[Path, int, Path | None, str]]:
-        samples = [(p, 0, None, d) for d in NORMAL_DIRS for p in _list_images(cat_dir / "train" / d)]
+        samples = [(p, 0, None, d) for d in NORMAL_DIRS for p in list_images(cat_dir / "train" / d)]
         if not samples:
             raise FileNotFoundError(
                 f"No training images in {cat_dir / 'train' / 'good'} (extensions {', '.join(IMAGE_EXTENSIONS)}). "
@@ -265,11 +262,11 @@ class MVTecDataset(Dataset):
         defects = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
         samples: list[tuple[Path, int, Path | None, str]] = []
         for defect in defects:
-            images = _list_images(test_dir / defect)
+            images = list_images(test_dir / defect)
             if defect in NORMAL_DIRS:
                 samples += [(p, 0, None, defect) for p in images]
                 continue
-            masks = {_mask_key(m): m for m in _list_images(gt_dir / defect)}
+            masks = {_mask_key(m): m for m in list_images(gt_dir / defect)}
             if not masks:  # no ground truth for this defect type at all: image-level labels only
                 samples += [(p, 1, None, defect) for p in images]
                 continue
@@ -294,11 +291,11 @@ class MVTecDataset(Dataset):
                 )
         stray_dirs = sorted(
             p for p in (gt_dir.iterdir() if gt_dir.is_dir() else [])
-            if p.is_dir() and p.name not in defects and p.name not in NORMAL_DIRS and _list_images(p)
+            if p.is_dir() and p.name not in defects and p.name not in NORMAL_DIRS and list_images(p)
         )
         if stray_dirs:
             raise FileNotFoundError(
-                f"Mask {_list_images(stray_dirs[0])[0]} has no matching image: there is no folder "
+                f"Mask {list_images(stray_dirs[0])[0]} has no matching image: there is no folder "
                 f"{test_dir / stray_dirs[0].name}. Delete the masks or restore the images."
             )
         if not samples:
