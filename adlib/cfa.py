@@ -62,7 +62,7 @@ class PatchDescriptor(nn.Module):
 @torch.no_grad()
 def memory_bank(descriptors: torch.Tensor, gamma_c: int = 1, beta: float | None = None,
                 seed: int = 0) -> torch.Tensor:
-    """The memory bank (M, D) of normal descriptors (N, D, h, w), M = h * w // gamma_c, built as seed 002.
+    """The memory bank (M, D) of normal descriptors (N, D, h, w), M = h * w // gamma_c, built as in CFA.
 
     ``C_0``: K-means of the first image's h * w patch descriptors into M centres (with ``gamma_c = 1``
     the patches themselves). Then, for each next image i, ``C_i^NN`` holds, for every memory feature,

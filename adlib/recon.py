@@ -161,13 +161,37 @@ class ConvVAE(nn.Module):
         return self.decoder(z), mu, logvar
 
 
+LIKELIHOODS = ("gaussian", "bernoulli")
+
+
+def reconstruction_nll(x: torch.Tensor, recon: torch.Tensor, likelihood: str = "gaussian") -> torch.Tensor:
+    """Minus the log-likelihood of images under the decoder's output, up to a constant: (N, C, H, W) x2 -> (N,).
+
+    ``"gaussian"``: ``sum_i (x_i - recon_i)^2``, which is ``-log N(x; recon, sigma^2 I)`` with ``sigma^2 = 1/2``
+    up to a constant (for another ``sigma^2``, the KL weight ``beta = 2 sigma^2`` gives the same optimum).
+    ``"bernoulli"``: ``sum_i BCE(recon_i, x_i)``, pixels as probabilities of "ink"; for grey levels in [0, 1]
+    it is the cross-entropy, minimised by ``recon = x``.
+
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    """
+    if x.shape != recon.shape:
+        raise ValueError(f"x {tuple(x.shape)} and recon {tuple(recon.shape)} must have the same shape.")
+    if likelihood == "gaussian":
+        return (recon - x).pow(2).flatten(1).sum(1)
+    if likelihood == "bernoulli":
+        return F.binary_cross_entropy(recon, x, reduction="none").flatten(1).sum(1)
+    raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
+
+
 def vae_loss(
-    x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0
+    x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0,
+    likelihood: str = "gaussian",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Negative ELBO of a VAE with a Gaussian decoder: returns ``(total, recon_term, kl_term)``, scalars.
+    """Negative ELBO of a VAE: returns ``(total, recon_term, kl_term)``, scalars.
 
     Convention: each term is summed over a sample's elements and averaged over the batch.
-    ``recon_term = mean_n sum_i (x - recon)^2``; ``kl_term = mean_n KL(N(mu, exp(logvar)) || N(0, I))
+    ``recon_term = mean_n reconstruction_nll(x, recon, likelihood)`` (by default the sum of squared errors, a
+    Gaussian decoder with sigma^2 = 1/2); ``kl_term = mean_n KL(N(mu, exp(logvar)) || N(0, I))
     = mean_n sum_j -0.5 (1 + logvar - mu^2 - exp(logvar))``; ``total = recon_term + beta * kl_term``.
     ``x``, ``recon``: (N, C, H, W); ``mu``, ``logvar``: (N, latent_dim).
 
@@ -178,7 +202,7 @@ def vae_loss(
             f"Shapes must match: x {tuple(x.shape)} vs recon {tuple(recon.shape)}, "
             f"mu {tuple(mu.shape)} vs logvar {tuple(logvar.shape)}."
         )
-    recon_term = (recon - x).pow(2).flatten(1).sum(1).mean()
+    recon_term = reconstruction_nll(x, recon, likelihood).mean()
     kl_term = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(1).mean()
     return recon_term + beta * kl_term, recon_term, kl_term
 
@@ -306,7 +330,8 @@ def ae_step(model: ConvAutoencoder, optimizer: torch.optim.Optimizer) -> StepFn:
     return step
 
 
-def vae_step(model: ConvVAE, optimizer: torch.optim.Optimizer, *, beta: float = 1.0) -> StepFn:
+def vae_step(model: ConvVAE, optimizer: torch.optim.Optimizer, *, beta: float = 1.0,
+             likelihood: str = "gaussian") -> StepFn:
     """A step function for :func:`adlib.train.fit`: one optimisation step of :func:`vae_loss`.
 
     Returns ``step(batch) -> {"loss", "recon", "kl"}`` (floats).
@@ -318,7 +343,7 @@ def vae_step(model: ConvVAE, optimizer: torch.optim.Optimizer, *, beta: float = 
     def step(batch: Any) -> dict[str, float]:
         x = batch_images(batch).to(device)
         model.train()
-        total, recon_term, kl_term = vae_loss(x, *model(x), beta=beta)
+        total, recon_term, kl_term = vae_loss(x, *model(x), beta=beta, likelihood=likelihood)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()

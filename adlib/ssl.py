@@ -50,7 +50,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
 
 
 def simclr_augmentation(
-    size: int, s: float = 1.0, min_scale: float = 0.08, blur: bool = True
+    size: int, s: float = 1.0, min_scale: float = 0.08, blur: bool = True, crop: bool = True, colour: bool = True
 ) -> Callable[[Tensor], Tensor]:
     """SimCLR's random view of an image: float (3, H, W) or (N, 3, H, W) in [0, 1] -> (3 or N, 3, size, size).
 
@@ -58,7 +58,9 @@ def simclr_augmentation(
     resized to ``size``, horizontal flip (p 0.5), colour jitter of strength ``s`` (brightness, contrast,
     saturation 0.8 s, hue 0.2 s, in a random order per batch) applied with p 0.8, grayscale (p 0.2) and Gaussian
     blur (kernel about 10% of ``size``, sigma 0.1-2) with p 0.5. ``blur=False`` drops the blur, as the
-    paper does for CIFAR-10. Every image of a batch gets its own random parameters.
+    paper does for CIFAR-10. Every image of a batch gets its own random parameters. For the paper's
+    composition study (its Fig. 5), ``crop=False`` replaces crop and flip by a plain resize and
+    ``colour=False`` drops colour jitter and grayscale.
 
     The operations are torchvision's (``transforms.v2``) drawn with the same distributions, but computed
     for the whole batch at once: per image, v2 costs about 2-20 ms on a busy CPU, more than the training
@@ -83,9 +85,14 @@ def simclr_augmentation(
             raise ValueError(
                 f"Expected a float image (3, H, W) or batch (N, 3, H, W) in [0, 1]; got {x.dtype} {tuple(x.shape)}."
             )
-        out = _resized_crop_flip(x, size, min_scale)
-        out = _colour_jitter(out, s, p=0.8)
-        out = _grayscale(out, p=0.2)
+        if crop:
+            out = _resized_crop_flip(x, size, min_scale)
+        else:
+            out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) if x.shape[-1] != size \
+                or x.shape[-2] != size else x
+        if colour:
+            out = _colour_jitter(out, s, p=0.8)
+            out = _grayscale(out, p=0.2)
         if blur:
             out = _gaussian_blur(out, kernel, p=0.5)
         return out[0] if single else out
@@ -211,8 +218,13 @@ class ProjectionHead(nn.Module):
         return self.net(h)
 
 
-def digit_images(x: np.ndarray, size: int = 32) -> Tensor:
+def digit_images(x: np.ndarray, size: int = 32, colour_seed: int | None = None) -> Tensor:
     """sklearn digits (n, 64) in [0, 1] -> (n, 3, size, size) float images (bilinear upscaling, grey as RGB).
+
+    With ``colour_seed``, every digit is painted instead: a random bright stroke colour (uniform in RGB,
+    scaled so its largest channel is 1) on a random dark background (each channel uniform in [0, 0.3]),
+    drawn per image from ``numpy.random.default_rng(colour_seed)``. Colour then carries no information about
+    the class but tells images apart: the shortcut that SimCLR's colour distortion removes.
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
@@ -221,7 +233,13 @@ def digit_images(x: np.ndarray, size: int = 32) -> Tensor:
         raise ValueError(f"Expected digits as (n, 64) rows (8x8 images flattened), got shape {x.shape}.")
     img = torch.from_numpy(x).reshape(-1, 1, 8, 8)
     img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    return img.expand(-1, 3, -1, -1).contiguous()
+    if colour_seed is None:
+        return img.expand(-1, 3, -1, -1).contiguous()
+    rng = np.random.default_rng(colour_seed)
+    stroke = rng.random((len(x), 3, 1, 1), dtype=np.float32)
+    stroke = torch.from_numpy(stroke / stroke.max(axis=1, keepdims=True))
+    ground = torch.from_numpy(0.3 * rng.random((len(x), 3, 1, 1), dtype=np.float32))
+    return stroke * img + ground * (1 - img)
 
 
 @torch.no_grad()
@@ -238,14 +256,13 @@ def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 512) 
     return torch.cat(feats).numpy().astype(np.float32)
 
 
-def linear_eval(
+def linear_predict(
     train_features: np.ndarray,
     train_labels: np.ndarray,
     test_features: np.ndarray,
-    test_labels: np.ndarray,
     C: float = 1.0,
-) -> float:
-    """Linear evaluation: top-1 accuracy in [0, 1] of a logistic regression on frozen features.
+) -> np.ndarray:
+    """Linear evaluation's predicted test labels (n_test,): a logistic regression on frozen features.
 
     Features (n, d) are standardised with the training set's statistics; ``C`` is the inverse L2
     strength. The paper trains the linear layer by SGD on ImageNet; on small data an exact convex
@@ -257,11 +274,27 @@ def linear_eval(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):
-        raise ValueError("Each feature array needs one label per row; the lengths differ.")
+    if len(train_features) != len(train_labels):
+        raise ValueError("The training features need one label per row; the lengths differ.")
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
     clf.fit(np.asarray(train_features), np.asarray(train_labels))
-    return float((clf.predict(np.asarray(test_features)) == np.asarray(test_labels)).mean())
+    return clf.predict(np.asarray(test_features))
+
+
+def linear_eval(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    C: float = 1.0,
+) -> float:
+    """Linear evaluation: top-1 accuracy in [0, 1] of :func:`linear_predict` on the test set.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    """
+    if len(test_features) != len(test_labels):
+        raise ValueError("The test features need one label per row; the lengths differ.")
+    return float((linear_predict(train_features, train_labels, test_features, C) == np.asarray(test_labels)).mean())
 
 
 def simclr_step(

@@ -112,6 +112,23 @@ def test_vae_loss_by_hand_and_closed_form():
     assert k.item() == pytest.approx(torch.distributions.kl_divergence(q, p).sum(1).mean().item())
 
 
+def test_reconstruction_nll_against_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.rand(3, 1, 4, 4, generator=g), torch.rand(3, 1, 4, 4, generator=g).clamp(0.01, 0.99)
+    # Gaussian with sigma^2 = 1/2: -log N = (x - r)^2 + const, so the sum of squared errors is the NLL up to a constant
+    nll = -torch.distributions.Normal(r, math.sqrt(0.5)).log_prob(x).flatten(1).sum(1)
+    const = 16 * 0.5 * math.log(2 * math.pi * 0.5)
+    assert recon.reconstruction_nll(x, r, "gaussian").tolist() == pytest.approx((nll - const).tolist(), rel=1e-5)
+    # Bernoulli (continuous cross-entropy): -[x log r + (1 - x) log(1 - r)], summed
+    expected = [-sum(x[i].flatten()[j] * math.log(r[i].flatten()[j]) + (1 - x[i].flatten()[j])
+                     * math.log(1 - r[i].flatten()[j]) for j in range(16)).item() for i in range(3)]
+    assert recon.reconstruction_nll(x, r, "bernoulli").tolist() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        recon.reconstruction_nll(x, r, "poisson")
+    _, bern, _ = recon.vae_loss(x, r, torch.zeros(3, 2), torch.zeros(3, 2), likelihood="bernoulli")
+    assert bern.item() == pytest.approx(sum(expected) / 3, rel=1e-5)
+
+
 def test_ganomaly_score_matches_a_loop():
     g = torch.Generator().manual_seed(0)
     z, z_hat = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)

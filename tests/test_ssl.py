@@ -197,3 +197,27 @@ def test_heads_detect_an_outlier_cluster():
         assert s[:20].max() < s[20:].min(), name
     with pytest.raises(ValueError, match=r"\(n, d\)"):
         ssl.kde_head(np.ones(5))
+
+
+def test_augmentation_switches_and_coloured_digits():
+    from sklearn.datasets import load_digits
+
+    x = ssl.digit_images(load_digits().data[:8] / 16.0, size=16, colour_seed=0)
+    assert x.shape == (8, 3, 16, 16) and 0 <= x.min() and x.max() <= 1
+    # every image has its own stroke and background colour; grey digits have none
+    assert x.std(dim=(0, 2, 3)).min() > 0.05 and not torch.allclose(x[:, 0], x[:, 1])
+    grey = ssl.digit_images(load_digits().data[:8] / 16.0, size=16)
+    assert torch.equal(grey[:, 0], grey[:, 1])
+    torch.manual_seed(0)
+    assert torch.equal(ssl.simclr_augmentation(16, crop=False, colour=False, blur=False)(x), x)  # nothing left
+    colour_only = ssl.simclr_augmentation(16, crop=False, blur=False)(x)
+    # colour only: the geometry is untouched, so the (per-image standardised) grey level keeps its layout
+    g0, g1 = ssl._gray(x), ssl._gray(colour_only)
+    corr = [abs(torch.corrcoef(torch.stack([g0[i].flatten(), g1[i].flatten()]))[0, 1]) for i in range(8)]
+    assert min(corr) > 0.95
+    crop_only = ssl.simclr_augmentation(16, colour=False, blur=False)(x)
+    # crop only: pixel colours come from the image itself (a bilinear mix of its two colours)
+    assert not torch.equal(crop_only, x)
+    stroke_ground = torch.stack([x.amin(dim=(2, 3)), x.amax(dim=(2, 3))])
+    assert (crop_only.amin(dim=(2, 3)) >= stroke_ground[0] - 1e-5).all()
+    assert (crop_only.amax(dim=(2, 3)) <= stroke_ground[1] + 1e-5).all()
