@@ -142,17 +142,15 @@ def table(claims: Sequence[Claim]) -> Any:
                           "holds": "yes" if c.holds else "no"} for c in claims])
 
 
-def show(claims: Sequence[Claim], key: str = "claims") -> None:
-    """Display each claim's box and glue the chapter's claim table under ``key`` for the scorecard page.
+def gather(claims: Sequence[Claim], key: str = "claims") -> None:
+    """Glue the chapter's claim table (every claim of the chapter, once) under ``key`` for the scorecard page.
 
-    Without ``myst_nb`` (e.g. on Colab) only the boxes are shown; the scorecard is the built book's.
+    Without ``myst_nb`` (e.g. on Colab) this does nothing: the scorecard is the built book's.
 
     Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
     """
-    from IPython.display import HTML, display
+    from IPython.display import HTML
 
-    for claim in claims:
-        display(HTML(claim_html(claim)))
     try:
         from myst_nb import glue
     except ImportError:  # e.g. on Colab: the boxes are the result, the scorecard is the book's
@@ -160,3 +158,18 @@ def show(claims: Sequence[Claim], key: str = "claims") -> None:
     # Glued as plain HTML: a DataFrame's own HTML cuts long claims to 50 characters.
     glue(key, HTML(table(claims).to_html(index=False, escape=True)), display=False)
 
+
+def show(claims: Sequence[Claim], key: str | None = "claims") -> None:
+    """Display each claim's box and, unless ``key`` is None, :func:`gather` them under ``key``.
+
+    A chapter that checks its claims in several places shows each group with ``key=None`` and gathers all of
+    them once at the end.
+
+    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    """
+    from IPython.display import HTML, display
+
+    for claim in claims:
+        display(HTML(claim_html(claim)))
+    if key is not None:
+        gather(claims, key)

@@ -49,6 +49,27 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     return F.cross_entropy(sim, positive)
 
 
+def cross_view_nce(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
+    """The SSL-OCC official code's contrastive loss: views ``z1`` (anchors) against ``z2``, (n, d) each -> scalar.
+
+    One direction only: anchor ``z1[i]`` must pick its partner ``z2[i]`` among the n second views, so it has
+    n - 1 negatives (NT-Xent: both directions, 2n - 2 negatives each). Cosines divided by ``temperature``;
+    the mean cross-entropy over the n anchors.
+
+    Defined in: "SSL-OCC: self-supervised one-class classification" (``notebooks/05_ssl_occ.ipynb``).
+    """
+    if z1.ndim != 2 or z1.shape != z2.shape or len(z1) < 2:
+        raise ValueError(f"z1 and z2 must both be (n, d), n >= 2, with one shape; got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}.")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+    sim = F.normalize(z1, dim=1) @ F.normalize(z2, dim=1).T / temperature
+    return F.cross_entropy(sim, torch.arange(len(z1), device=z1.device))
+
+
+CONTRASTIVE_LOSSES = {"nt_xent": nt_xent, "cross_view": cross_view_nce}
+
+
 def simclr_augmentation(
     size: int, s: float = 1.0, min_scale: float = 0.08, blur: bool = True, crop: bool = True, colour: bool = True
 ) -> Callable[[Tensor], Tensor]:
@@ -304,6 +325,7 @@ def simclr_step(
     augment: Callable[[Tensor], Tensor],
     temperature: float = 0.5,
     distribution_augmentation: bool = False,
+    loss: str = "nt_xent",
 ) -> StepFn:
     """A step function for :func:`adlib.train.fit`: one NT-Xent step on two augmented views of a batch.
 
@@ -312,10 +334,14 @@ def simclr_step(
     random multiple of 90 degrees, so the model sees the training set enlarged by its rotations and the
     rotated copies are *different instances* (negatives of each other), not views of one. The official
     code rotates the data set offline (4x larger); drawing one rotation per image and step samples the
-    same enlarged set.
+    same enlarged set. ``loss``: ``"nt_xent"`` (SimCLR, symmetric) or ``"cross_view"`` (:func:`cross_view_nce`,
+    SSL-OCC's official one-directional loss).
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
+    if loss not in CONTRASTIVE_LOSSES:
+        raise ValueError(f"loss must be one of {sorted(CONTRASTIVE_LOSSES)}, got {loss!r}.")
+    loss_fn = CONTRASTIVE_LOSSES[loss]
     device = model_device(encoder)
 
     def step(batch: Any) -> dict[str, float]:
@@ -326,11 +352,11 @@ def simclr_step(
         encoder.train()
         head.train()
         z = head(encoder(torch.cat([view1, view2])))
-        loss = nt_xent(z[: len(x)], z[len(x) :], temperature)
+        value = loss_fn(z[: len(x)], z[len(x) :], temperature)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         optimizer.step()
-        return {"loss": loss.item()}
+        return {"loss": value.item()}
 
     return step
 

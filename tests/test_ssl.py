@@ -221,3 +221,18 @@ def test_augmentation_switches_and_coloured_digits():
     stroke_ground = torch.stack([x.amin(dim=(2, 3)), x.amax(dim=(2, 3))])
     assert (crop_only.amin(dim=(2, 3)) >= stroke_ground[0] - 1e-5).all()
     assert (crop_only.amax(dim=(2, 3)) <= stroke_ground[1] + 1e-5).all()
+
+
+def test_cross_view_nce_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    n1, n2 = z1 / z1.norm(dim=1, keepdim=True), z2 / z2.norm(dim=1, keepdim=True)
+    expected = 0.0
+    for i in range(5):  # anchor i of view 1 against the 5 second views: 1 positive, 4 negatives
+        logits = [float(n1[i] @ n2[j]) / 0.2 for j in range(5)]
+        expected += -(logits[i] - math.log(sum(math.exp(v) for v in logits))) / 5
+    assert ssl.cross_view_nce(z1, z2, 0.2).item() == pytest.approx(expected, rel=1e-10)
+    # one direction: swapping the views changes the loss, unlike NT-Xent
+    assert ssl.cross_view_nce(z2, z1, 0.2).item() != pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        ssl.simclr_step(torch.nn.Identity(), torch.nn.Identity(), None, lambda x: x, loss="triplet")
