@@ -142,6 +142,15 @@ def table(claims: Sequence[Claim]) -> Any:
                           "holds": "yes" if c.holds else "no"} for c in claims])
 
 
+def conclusions(claims: Sequence[Claim]) -> str:
+    """One line per claim, "- holds: <statement> (<metric> <difference>, [<low>, <high>])", for a summary.
+
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    """
+    return "\n".join(f"- {'holds' if c.holds else 'does not hold'}: {c.statement} ({c.metric} {c.ours:+.3f}, "
+                     f"[{c.low:+.3f}, {c.high:+.3f}])" for c in claims)
+
+
 def gather(claims: Sequence[Claim], key: str = "claims") -> None:
     """Glue the chapter's claim table (every claim of the chapter, once) under ``key`` for the scorecard page.
 

@@ -49,3 +49,12 @@ def test_a_claim_renders_its_verdict_and_numbers() -> None:
     rows = claims.table([held, failed])
     assert list(rows.columns) == ["chapter", "claim", "paper", "ours", "holds"]
     assert rows["holds"].tolist() == ["yes", "no"] and rows["paper"].tolist() == ["0.9 (X 2020)", "-"]
+
+
+def test_conclusions_list_every_claim_with_its_verdict() -> None:
+    a = claims.check("9", "A beats B.", "AUROC", 0.1, 0.05, 0.15, "bootstrap")
+    b = claims.check("9", "C beats D.", "AUROC", -0.02, -0.08, 0.04, "bootstrap")
+    assert claims.conclusions([a, b]).splitlines() == [
+        "- holds: A beats B. (AUROC +0.100, [+0.050, +0.150])",
+        "- does not hold: C beats D. (AUROC -0.020, [-0.080, +0.040])",
+    ]
