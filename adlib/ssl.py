@@ -108,9 +108,10 @@ def simclr_augmentation(
             )
         if crop:
             out = _resized_crop_flip(x, size, min_scale)
+        elif x.shape[-2:] == (size, size):
+            out = x
         else:
-            out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) if x.shape[-1] != size \
-                or x.shape[-2] != size else x
+            out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         if colour:
             out = _colour_jitter(out, s, p=0.8)
             out = _grayscale(out, p=0.2)
