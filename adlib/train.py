@@ -310,3 +310,19 @@ def fit(
         if bar is not None:
             bar.close()
     return history
+
+
+def loss_change(history: list[Mapping[str, float]], key: str = "loss") -> float:
+    """How much a run's loss still moved at the end: the relative change of the mean of ``history[i][key]``
+    from the second-last fifth of the epochs to the last fifth (0 = flat; -0.05 = still falling 5 %).
+
+    ``history`` is what :func:`fit` returns; a plateau check that needs no test data.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    """
+    loss = [row[key] for row in history]
+    if len(loss) < 2:
+        raise ValueError(f"need at least 2 epochs to measure a change, got {len(loss)}.")
+    k = max(1, len(loss) // 5)
+    before, last = np.mean(loss[-2 * k:-k] or loss[:1]), np.mean(loss[-k:])
+    return float((last - before) / abs(before))

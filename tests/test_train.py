@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adlib import train
 from adlib.train import fit
 
 
@@ -153,3 +154,12 @@ def test_bad_arguments_are_explained(tmp_path):
         fit(lambda b: 1.0, loader, epochs=1, progress=False)
     with pytest.raises(ValueError, match="no batches"):
         fit(lambda b: {}, DataLoader(TensorDataset(torch.zeros(0, 1))), epochs=1, progress=False)
+
+
+def test_loss_change_compares_the_last_two_fifths():
+    history = [{"epoch": i + 1, "loss": v} for i, v in enumerate([9, 9, 9, 9, 9, 9, 4, 4, 2, 2])]
+    # fifths of 2 epochs: the second-last averages 4, the last 2 -> -50 %
+    assert train.loss_change(history) == pytest.approx(-0.5)
+    assert train.loss_change([{"loss": 2.0}, {"loss": 1.0}]) == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        train.loss_change([{"loss": 1.0}])
