@@ -59,6 +59,19 @@ def to_pixel_maps(maps: Any, size: int | tuple[int, int], sigma: float = 4.0) ->
     return np.stack([ndimage.gaussian_filter(m, sigma) for m in up]) if sigma > 0 else up
 
 
+def postprocess(patch_maps: Any, size: int | tuple[int, int], sigma: float = 4.0,
+                scores: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The book's one post-processing: image scores (N,) and pixel maps (N, H, W), float64, from patch score maps
+    (N, h, w) (:func:`to_pixel_maps`); the image score is ``scores`` when a method defines its own (e.g.
+    PatchCore's reweighting, SPADE's global kNN), else the maximum of the blurred map.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    maps = to_pixel_maps(patch_maps, size, sigma)
+    scores = maps.reshape(len(maps), -1).max(axis=1) if scores is None else to_numpy(scores, np.float64)
+    return scores, maps
+
+
 class FeatureDetector:
     """Base class: a frozen backbone, a patch grid, and the ``fit`` / ``predict`` protocol.
 
@@ -169,9 +182,7 @@ class FeatureDetector:
                              "resize them to the same size.")
         with torch.no_grad():
             patch_maps, scores = self.score_features(self.features(x))
-        maps = to_pixel_maps(patch_maps, self.image_shape, self.sigma)
-        scores = maps.reshape(len(maps), -1).max(axis=1) if scores is None else to_numpy(scores, np.float64)
-        return scores, maps
+        return postprocess(patch_maps, self.image_shape, self.sigma, scores)
 
     # -- saving ---------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
