@@ -36,7 +36,8 @@ def _checked(path: Path, sha256: str, remedy: str) -> Path:
 
 
 def shipped_weights() -> dict[str, dict]:
-    """The backbones shipped with the package (``adlib/weights/registry.json``): name -> file, arch, sha256, ...
+    """The weights shipped with the package (``adlib/weights/registry.json``): name -> file, arch, sha256, ...;
+    backbones, and the teachers of chapter 6 (``"kind": "teacher"``, loaded by :func:`adlib.students.load_teacher`).
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
@@ -355,3 +356,50 @@ def vit_patch_tokens(model: nn.Module, images: torch.Tensor, blocks: tuple[int, 
     """
     stages = ViTStages(model, blocks)
     return torch.cat([torch.cat(stages(batch), dim=1) for batch in torch.split(images, batch_size)])
+
+
+@torch.no_grad()
+def attention_maps(vit: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The attention probabilities of every block of a timm ViT for ``images`` (N, 3, H, W), as the model
+    expects them (normalised if its weights need it): a list, one per block, of (N, heads, T, T) with T tokens,
+    prefix (class) tokens first. Recomputed from each block's query and key projections, softmax(q k^T / sqrt(d)).
+
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    """
+    inputs: list[torch.Tensor] = []
+    hooks = [block.attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+             for block in vit.blocks]
+    try:
+        vit.forward_features(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = []
+    for block, x in zip(vit.blocks, inputs):
+        attn = block.attn
+        b, t, _ = x.shape
+        q, k, _ = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out.append((q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1))
+    return out
+
+
+def mean_attention_distance(attention: torch.Tensor, grid: tuple[int, int], patch_px: int,
+                            n_prefix: int = 1) -> torch.Tensor:
+    """Mean attention distance per head (heads,), in pixels: for every patch token, the distance to the other
+    patch tokens weighted by its attention to them (renormalised over the patch tokens), averaged over tokens and
+    images. ``attention`` (N, heads, T, T) from :func:`attention_maps`; ``grid`` the token grid (h, w);
+    ``n_prefix`` the class/register tokens to drop. A CNN's receptive field grows with depth; this measures how
+    far a ViT's blocks look (Dosovitskiy et al. 2021, Fig. 7).
+
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    """
+    h, w = grid
+    a = attention[..., n_prefix:, n_prefix:]
+    if a.shape[-1] != h * w:
+        raise ValueError(f"attention has {a.shape[-1]} patch tokens, the grid {h} x {w} has {h * w}.")
+    a = a / a.sum(-1, keepdim=True)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([rows.flatten(), cols.flatten()], 1).to(a.dtype) * patch_px
+    dist = torch.cdist(pos, pos)  # (h*w, h*w)
+    return (a * dist).sum(-1).mean(dim=(0, 2))

@@ -169,7 +169,8 @@ class SPADEDetector(FeatureDetector):
     """SPADE behind the detector protocol: image score = mean distance of the global feature to the ``k``
     nearest training images; pixel map from the patches of those images (:class:`SPADE`). Paper: k = 50,
     kappa = 1. The global feature is the spatial mean of the last requested stage (the paper pools the
-    network's last stage, which the shallow backbones here do not compute).
+    network's last stage, which the shallow backbones here do not compute). ``backbone`` may be a module (e.g. a
+    ViT's :class:`adlib.backbones.ViTStages`, with ``stride`` = its patch size): its last map gives the global one.
 
     Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
     """
@@ -189,10 +190,11 @@ class SPADEDetector(FeatureDetector):
         # The global feature rides along as extra channels (constant over the grid), split off again below.
         patches = aggregate_patches(maps, grid=grid)
         pooled = maps[-1].mean(dim=(2, 3))[:, :, None, None].expand(-1, -1, *grid)
+        self.global_dim = pooled.shape[1]  # any backbone, a CNN's stages or a ViT's blocks
         return torch.cat([patches, pooled], dim=1)
 
     def _split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.extractor.net.feature_info.channels()[-1]
+        c = self.global_dim
         return features[:, -c:, 0, 0], features[:, :-c]
 
     def fit_features(self, features: torch.Tensor) -> None:

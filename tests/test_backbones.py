@@ -67,7 +67,7 @@ def test_imagenet_offline_says_what_to_download(monkeypatch):
 
 def test_every_shipped_backbone_loads_and_is_not_random():
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    shipped = backbones.shipped_weights()
+    shipped = {name: e for name, e in backbones.shipped_weights().items() if e.get("kind", "backbone") == "backbone"}
     assert {"book-resnet18", "book-vit-tiny"} <= set(shipped)
     for name, entry in shipped.items():
         if entry["arch"].startswith("vit"):
@@ -90,3 +90,30 @@ def test_shipped_vit_fixes_its_patch_size_and_depth():
         backbones.vit_backbone("vit_tiny_patch16_224", 64, weights="book-vit-tiny", patch_size=16)
     with pytest.raises(ValueError, match="is a 'vit_tiny_patch16_224'"):
         backbones.vit_backbone("vit_small_patch16_224", 64, weights="book-vit-tiny")
+
+
+def test_attention_maps_reproduce_each_blocks_attention_output():
+    vit = backbones.vit_backbone("vit_tiny_patch16_224", 32, patch_size=8, depth=2, seed=0)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    maps = backbones.attention_maps(vit, images)
+    assert len(maps) == 2 and maps[0].shape == (2, vit.blocks[0].attn.num_heads, 17, 17)
+    assert torch.allclose(maps[0].sum(-1), torch.ones(()), atol=1e-5)
+    # attention @ values, through the block's output projection, is what the block's attention module returns
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+    attn = vit.blocks[0].attn
+    xn = vit.blocks[0].norm1(x)
+    v = attn.qkv(xn).reshape(2, 17, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)[2]
+    mixed = (maps[0] @ v).transpose(1, 2).reshape(2, 17, -1)
+    assert torch.allclose(attn.proj(attn.norm(mixed)), attn(xn), atol=1e-5)
+
+
+def test_mean_attention_distance_by_hand():
+    uniform = torch.full((1, 1, 5, 5), 0.2)  # one class token and a 2 x 2 grid, attention spread evenly
+    # from each corner of a 2 x 2 grid: distances 0, 1, 1 and sqrt(2) patches of 8 px
+    expected = 8 * (0 + 1 + 1 + 2 ** 0.5) / 4
+    assert torch.allclose(backbones.mean_attention_distance(uniform, (2, 2), 8), torch.tensor([expected]))
+    local = torch.zeros(1, 2, 5, 5)
+    local[..., 1:, 1:] = torch.eye(4)  # every patch attends only to itself
+    assert torch.equal(backbones.mean_attention_distance(local, (2, 2), 8), torch.zeros(2))
+    with pytest.raises(ValueError, match="the grid 3 x 3 has 9"):
+        backbones.mean_attention_distance(uniform, (3, 3), 8)

@@ -1,14 +1,16 @@
 """Uninformed Students: receptive fields, exact dense evaluation, losses and the normalised score."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from adlib import knn, students
+from adlib import backbones, download, knn, students
 
 
-@pytest.mark.parametrize("patch_size, stride", [(17, 1), (17, 4), (33, 4), (9, 1)])
+@pytest.mark.parametrize("patch_size, stride", [(17, 1), (17, 4), (33, 4), (17, 8), (33, 8), (9, 1)])
 def test_descriptor_shapes_and_exact_receptive_field(patch_size, stride):
     torch.manual_seed(0)
     net = students.PatchNet(patch_size, dim=5, width=4, stride=stride).double()
@@ -129,3 +131,32 @@ def test_score_is_normalised_with_held_out_statistics():
     # Normalisation uses the calibration images only: scoring other images does not change it.
     assert abs(both.mean()) < 1e-5
     assert abs(st.score_maps(images[:4]).mean()) > 1e-3
+
+
+def test_shipped_teachers_load_and_explain_their_targets():
+    teachers = {name: e for name, e in backbones.shipped_weights().items() if e.get("kind") == "teacher"}
+    assert {"teacher-p17", "teacher-p33"} <= set(teachers)
+    extractor = backbones.feature_extractor(students.TEACHER_BACKBONE, layers=students.TEACHER_LAYERS)
+    images = students.teacher_images()
+    for name, entry in teachers.items():
+        teacher, decoder = students.load_teacher(name)
+        assert (teacher.patch_size, teacher.dim, teacher.width, teacher.stride) == tuple(
+            entry["options"][k] for k in ("patch_size", "dim", "width", "stride"))
+        assert (backbones.WEIGHTS_DIR / entry["file"]).stat().st_size <= 15 * 2**20
+        patches = students.random_patches(images, teacher.patch_size, 64, seed=5)
+        targets = students.pretrained_descriptors(extractor, patches, students.TEACHER_RECIPE["target_size"])
+        explained = students.explained_variance(teacher, decoder, patches, targets)
+        assert explained > 0.3, (name, explained)  # a random network explains nothing (about 0 or below)
+        random_teacher = students.PatchNet(teacher.patch_size, teacher.dim, teacher.width, teacher.stride)
+        assert students.explained_variance(random_teacher, decoder, patches, targets) < 0.1
+
+
+def test_teacher_command_writes_a_loadable_file_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    students.main(["--patch-size", "17", "--out", str(out), "--epochs", "1", "--n-patches", "128"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sha256"] == download.sha256sum(out) and len(summary["history"]) == 1
+    teacher, decoder = students.load_teacher(str(out))
+    assert teacher.patch_size == 17 and decoder.out_features == 320
+    with pytest.raises(SystemExit, match="exists"):
+        students.main(["--patch-size", "17", "--out", str(out)])
