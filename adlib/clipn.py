@@ -21,6 +21,10 @@ from torch import nn
 from adlib import metrics
 from adlib.clip import CLASS_TEMPLATES, class_embeddings, tokenize
 
+# Hand-crafted negations in the spirit of the paper's baseline prompts (e.g. "a photo without {}"): what a frozen
+# text encoder makes of "no" without being taught it.
+NO_TEMPLATES: tuple[str, ...] = ("a photo without a {}.", "a photo with no {}.", "a photo of no {}.")
+
 class NoTextEncoder(nn.Module):
     """CLIPN's "no" text encoder: a trainable copy of CLIP's text tower plus learnable no-prompts.
 
@@ -188,33 +192,56 @@ def p_yes(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> torch.Tensor:
 
 
 def msp_score(logits_yes: torch.Tensor) -> np.ndarray:
-    """MCM-style zero-shot OOD score: 1 - max softmax over the ID classes. (N, C) -> (N,), higher = OOD.
+    """MCM-style zero-shot OOD score: how little the most likely ID class claims an image. (N, C) -> (N,),
+    higher = OOD.
+
+    Returned as the log-odds log((1 - max softmax) / max softmax) = logsumexp of the other classes' logits minus
+    the largest, in float64: a monotone transform of 1 - max softmax that does not round to ties (at CLIP's logit
+    scale, ~100, a float32 softmax is often exactly 1).
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
-    return (1 - logits_yes.softmax(-1).amax(-1)).double().numpy()
+    logits = logits_yes.double()
+    top = logits.argmax(-1, keepdim=True)
+    others = logits.scatter(-1, top, float("-inf"))
+    return (others.logsumexp(-1) - logits.gather(-1, top)[:, 0]).numpy()
 
 
 def ctw_score(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> np.ndarray:
-    """Competing-to-win: 1 - p_yes of the predicted (argmax "yes") class. (N, C) x 2 -> (N,), higher = OOD.
+    """Competing-to-win: how strongly the predicted (argmax "yes") class's "no" prompt beats its "yes" prompt.
+    (N, C) x 2 -> (N,), higher = OOD.
 
-    The paper's rule (OOD when the predicted class's "no" wins, p_no > 0.5) thresholds this score at 0.5.
+    Returned as the logit difference no - yes of that class, float64: p_no = sigmoid(difference), so the ranking
+    is that of p_no without its saturation; the paper's rule (OOD when p_no > 0.5) is difference > 0.
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     pred = logits_yes.argmax(-1, keepdim=True)
-    return (1 - p_yes(logits_yes, logits_no).gather(1, pred)[:, 0]).double().numpy()
+    return (logits_no.double() - logits_yes.double()).gather(1, pred)[:, 0].numpy()
 
 
 def atd_score(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> np.ndarray:
     """Agreeing-to-differ: p_OOD = 1 - sum_c p_c * (1 - p_no_c), with p_c the ID softmax. (N,), higher = OOD.
 
-    The paper's rule calls an image OOD when p_OOD exceeds every p_c * (1 - p_no_c).
+    Since the p_c sum to 1, p_OOD = sum_c p_c * p_no_c; returned as log p_OOD = logsumexp_c(log p_c +
+    log p_no_c) in float64, which keeps the ranking of images whose p_OOD is far below float precision. The
+    paper's rule calls an image OOD when p_OOD exceeds every p_c * (1 - p_no_c).
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
-    probs = logits_yes.softmax(-1)
-    return (1 - (probs * p_yes(logits_yes, logits_no)).sum(-1)).double().numpy()
+    yes, no = logits_yes.double(), logits_no.double()
+    return (yes.log_softmax(-1) + F.logsigmoid(no - yes)).logsumexp(-1).numpy()
+
+
+def handcrafted_no_logits(model: open_clip.CLIP, image_emb: torch.Tensor, classnames: Sequence[str],
+                          templates: Sequence[str] = NO_TEMPLATES, scale: float | None = None) -> torch.Tensor:
+    """(N, C) "no" logits from negated prompts read by CLIP's own text encoder, no training: the paper's
+    hand-crafted baseline ("a photo without {}.", ...), to compare with the learned "no" encoder.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    scale = model.logit_scale.exp().item() if scale is None else scale
+    return scale * image_emb @ class_embeddings(model, classnames, templates).T
 
 
 def ood_metrics(is_ood: np.ndarray, scores: np.ndarray) -> dict[str, float]:

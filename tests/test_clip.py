@@ -213,9 +213,32 @@ def test_ood_scores_against_loops():
         probs = e / e.sum()
         p_yes = [math.exp(yes[i, c]) / (math.exp(yes[i, c]) + math.exp(no[i, c])) for c in range(3)]
         k = int(np.argmax(probs))
-        assert msp[i] == pytest.approx(1 - probs[k], abs=1e-6)
-        assert ctw[i] == pytest.approx(1 - p_yes[k], abs=1e-6)
-        assert atd[i] == pytest.approx(1 - sum(probs[c] * p_yes[c] for c in range(3)), abs=1e-6)
+        assert 1 / (1 + math.exp(-msp[i])) == pytest.approx(1 - probs[k], abs=1e-6)  # log-odds of 1 - max p
+        assert 1 / (1 + math.exp(-ctw[i])) == pytest.approx(1 - p_yes[k], abs=1e-6)  # sigmoid(no - yes) = p_no
+        assert math.exp(atd[i]) == pytest.approx(1 - sum(probs[c] * p_yes[c] for c in range(3)), abs=1e-6)
+
+
+def test_ood_scores_rank_without_ties_at_clip_scale_and_keep_the_probability_order():
+    gen = torch.Generator().manual_seed(0)
+    yes, no = 100 * torch.rand(500, 6, generator=gen), 100 * torch.rand(500, 6, generator=gen)
+    # the probabilities the scores stand for, the old way: float32 softmaxes at CLIP's scale saturate and tie
+    p_yes_c = torch.stack([yes, no], -1).softmax(-1)[..., 0]
+    old_atd = (1 - (yes.softmax(-1) * p_yes_c).sum(-1)).numpy()
+    old_msp = (1 - yes.softmax(-1).amax(-1)).numpy()
+    assert len(np.unique(old_atd)) < 400 and len(np.unique(old_msp)) < 400
+    for score in (clipn.msp_score(yes), clipn.ctw_score(yes, no), clipn.atd_score(yes, no)):
+        assert score.dtype == np.float64 and len(np.unique(score)) == 500
+    # at a small scale nothing saturates: each score is a monotone transform of its probability
+    small_yes, small_no = yes / 50, no / 50
+    p_small = torch.stack([small_yes, small_no], -1).double().softmax(-1)[..., 0]
+    probs = small_yes.double().softmax(-1)
+    pred = small_yes.argmax(-1, keepdim=True)
+    exact = {"msp": 1 - probs.amax(-1), "ctw": 1 - p_small.gather(1, pred)[:, 0], "atd": 1 - (probs * p_small).sum(-1)}
+    got = {"msp": clipn.msp_score(small_yes), "ctw": clipn.ctw_score(small_yes, small_no),
+           "atd": clipn.atd_score(small_yes, small_no)}
+    for key in exact:
+        assert np.array_equal(np.argsort(exact[key].numpy()), np.argsort(got[key])), key
+    assert np.allclose(np.exp(got["atd"]), exact["atd"].numpy())
 
 
 def test_ood_metrics_against_sklearn_and_brute_force():
