@@ -366,18 +366,19 @@ def train_image_adapters(
     lr: float = 5e-4,
     batch_size: int = 2,
     seed: int = 0,
+    adapted_anchors: bool = True,
 ) -> list[float]:
     """Stage 2: train the image adapters and projections with the text anchors fixed; loss per epoch.
 
-    Inputs as :func:`train_text_adapters`. The anchors (stage-1 text encoder) are computed once, without
-    gradients. Loss, as the official code: cross-entropy of the detection feature's inner products with
+    Inputs as :func:`train_text_adapters`. The anchors (stage-1 text encoder; with ``adapted_anchors=False``
+    plain CLIP's, the ablation "stage 2 alone") are computed once, without gradients. Loss, as the official code: cross-entropy of the detection feature's inner products with
     the anchors (no temperature) plus the segmentation loss of every level's patch features.
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     _check_training_data(images, masks, labels, names)
     with torch.no_grad():
-        per_name = {n: model.anchors(n) for n in dict.fromkeys(names)}
+        per_name = {n: model.anchors(n, adapted_anchors) for n in dict.fromkeys(names)}
     scale, size = model.logit_scale, masks.shape[-1]
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
@@ -435,12 +436,14 @@ def anomaly_scores(
     *,
     sigma: float = 1.0,
     batch_size: int = 64,
+    adapted_anchors: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Zero-shot scores of one object's images: ((N,) image scores, (N, H, W) pixel maps), in [0, 1].
 
     ``images``: (N, H, W, 3) uint8 or normalised (N, 3, S, S). ``stage=1``: frozen CLIP (patch + class)
     features against the stage-1 anchors; ``stage=2``: the adapted image encoder, the mean of the
-    per-level maps. Pixel maps are P(anomalous) per patch (softmax over the two anchors at CLIP's
+    per-level maps. ``adapted_anchors=False`` scores against plain CLIP's anchors (for a model whose stage 2
+    was trained with them). Pixel maps are P(anomalous) per patch (softmax over the two anchors at CLIP's
     temperature), blurred with ``sigma`` on the patch grid and upsampled to the image size. The image
     score is the mean of the image-level P(anomalous) and the map's maximum; the official code mixes
     the same two terms after min-max scaling them over the test set, which we avoid (no test statistics).
@@ -453,7 +456,7 @@ def anomaly_scores(
     x = to_tensor(images, image_size(model.clip)) if isinstance(images, np.ndarray) else images
     device, scale = model.text_proj.weight.device, model.logit_scale
     model.eval()
-    anchors = model.anchors(object_name)
+    anchors = model.anchors(object_name, adapted_anchors)
     scores, maps = [], []
     for i in range(0, len(x), batch_size):
         batch = x[i:i + batch_size].to(device)
