@@ -371,8 +371,9 @@ def train_image_adapters(
     """Stage 2: train the image adapters and projections with the text anchors fixed; loss per epoch.
 
     Inputs as :func:`train_text_adapters`. The anchors (stage-1 text encoder; with ``adapted_anchors=False``
-    plain CLIP's, the ablation "stage 2 alone") are computed once, without gradients. Loss, as the official code: cross-entropy of the detection feature's inner products with
-    the anchors (no temperature) plus the segmentation loss of every level's patch features.
+    plain CLIP's, the ablation "stage 2 alone") are computed once, without gradients. Loss, as the official
+    code: cross-entropy of the detection feature's inner products with the anchors (no temperature) plus the
+    segmentation loss of every level's patch features.
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """

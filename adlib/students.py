@@ -283,9 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     state |= {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
     state["options"] = torch.tensor([args.patch_size, recipe["dim"], recipe["width"], recipe["stride"]])
     save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    change = round(loss_change(history, "L_k"), 4) if len(history) > 1 else None
     print(json.dumps({"patch_size": args.patch_size, "recipe": recipe, "seconds": round(seconds, 1),
-                      "held_out_explained": round(explained, 4), "loss_change": round(loss_change(history, "L_k"), 4) if len(history) > 1 else None,
-                      "sha256": sha256sum(out),
+                      "held_out_explained": round(explained, 4), "loss_change": change, "sha256": sha256sum(out),
                       "history": [{k: round(v, 4) for k, v in row.items()} for row in history]}, indent=1))
 
 
@@ -370,7 +370,8 @@ class StudentTeacher(nn.Module):
             out = {"loss": loss.item()}
             if val is not None and steps["done"] % len(loader) == 0:  # the epoch's last step
                 with torch.no_grad():
-                    out["val_loss"] = regression_loss(val, (_dense(self.teacher, val) - self.t_mean) / self.t_std).item()
+                    target = (_dense(self.teacher, val) - self.t_mean) / self.t_std
+                    out["val_loss"] = regression_loss(val, target).item()
             return out
 
         self.students.train()

@@ -182,8 +182,8 @@ def test_padim_random_channels_and_errors() -> None:
 RANDOM = {"backbone": "random-resnet18"}  # fast and offline; every method but the autoencoder uses a backbone
 SMALL = {"patchknn": RANDOM, "spade": RANDOM | {"k": 2}, "patchcore": RANDOM | {"coreset_ratio": 0.5},
          "padim": RANDOM | {"layers": (1, 2), "d": 16}, "cfa": RANDOM | {"epochs": 2, "train_batch_size": 2},
-         "students": RANDOM | {"teacher": None, "n_patches": 64, "teacher_epochs": 1, "student_epochs": 1, "n_val": 1, "dim": 4,
-                               "width": 4},
+         "students": RANDOM | {"teacher": None, "n_patches": 64, "teacher_epochs": 1, "student_epochs": 1, "n_val": 1,
+                               "dim": 4, "width": 4},
          "ae": {"epochs": 2, "train_batch_size": 2, "latent_dim": 8, "base_channels": 4}}
 
 
