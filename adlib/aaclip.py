@@ -420,12 +420,14 @@ def _train_epochs(model: AACLIP, parameters: Iterable[torch.nn.Parameter],
 
 
 def _anomaly_map(patches: torch.Tensor, anchors: torch.Tensor, scale: float, size: int, sigma: float) -> torch.Tensor:
-    """(N, P, D) -> (N, size, size) P(anomalous) per patch, smoothed on the patch grid, upsampled."""
-    prob = similarity_logits(patches, anchors, scale).softmax(1)[:, 1:]
+    """(N, P, D) -> (N, size, size): the logit difference anomalous - normal per patch, as the official test code,
+    smoothed on the patch grid and upsampled."""
+    logits = similarity_logits(patches, anchors, scale)
+    diff = logits[:, 1:] - logits[:, :1]
     if sigma > 0:
         # The official code blurs on the patch grid (kernel 7, sigma 1 for industrial images).
-        prob = gaussian_blur(prob, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
-    return F.interpolate(prob, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+        diff = gaussian_blur(diff, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+    return F.interpolate(diff, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
 
 
 @torch.no_grad()
@@ -439,15 +441,15 @@ def anomaly_scores(
     batch_size: int = 64,
     adapted_anchors: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-shot scores of one object's images: ((N,) image scores, (N, H, W) pixel maps), in [0, 1].
+    """Zero-shot scores of one object's images, as the official test code: ((N,) image scores in [0, 1],
+    (N, H, W) pixel maps).
 
     ``images``: (N, H, W, 3) uint8 or normalised (N, 3, S, S). ``stage=1``: frozen CLIP (patch + class)
-    features against the stage-1 anchors; ``stage=2``: the adapted image encoder, the mean of the
-    per-level maps. ``adapted_anchors=False`` scores against plain CLIP's anchors (for a model whose stage 2
-    was trained with them). Pixel maps are P(anomalous) per patch (softmax over the two anchors at CLIP's
-    temperature), blurred with ``sigma`` on the patch grid and upsampled to the image size. The image
-    score is the mean of the image-level P(anomalous) and the map's maximum; the official code mixes
-    the same two terms after min-max scaling them over the test set, which we avoid (no test statistics).
+    features against the stage-1 anchors; ``stage=2``: the adapted image encoder, the sum of the per-level
+    maps. ``adapted_anchors=False`` scores against plain CLIP's anchors (for a model whose stage 2 was trained
+    with them). A level's pixel map is the logit difference anomalous - normal of each patch (CLIP's
+    temperature times the difference of the two cosines), blurred with ``sigma`` on the patch grid and
+    upsampled to the image size. The image score is (<image feature, anomalous anchor> + 1) / 2.
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
@@ -466,10 +468,8 @@ def anomaly_scores(
             levels = [patches]
         else:
             levels, image = model.encode_image(batch)
-        amap = torch.stack([_anomaly_map(p, anchors, scale, size, sigma) for p in levels]).mean(0)
-        p_image = (scale * image @ anchors.T).softmax(-1)[:, 1]
-        scores.append(0.5 * p_image + 0.5 * amap.flatten(1).amax(1))
-        maps.append(amap)
+        maps.append(torch.stack([_anomaly_map(p, anchors, scale, size, sigma) for p in levels]).sum(0))
+        scores.append((image @ anchors[1] + 1) / 2)
     return torch.cat(scores).cpu().double().numpy(), torch.cat(maps).cpu().double().numpy()
 
 

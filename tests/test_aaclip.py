@@ -165,7 +165,18 @@ def test_shapes_and_scores(tiny):
     for stage in (1, 2):
         scores, maps = aaclip.anomaly_scores(model, images, "star", stage)
         assert scores.shape == (3,) and maps.shape == (3, 40, 40)
-        assert np.all((maps >= 0) & (maps <= 1)) and np.all((scores >= 0) & (scores <= 1))
+        assert np.isfinite(maps).all() and np.all((scores >= 0) & (scores <= 1))
+    # the official scores by hand, without blur: summed per-level logit differences, (cos(image, t_a) + 1) / 2
+    scores, maps = aaclip.anomaly_scores(model, images, "star", 2, sigma=0)
+    with torch.no_grad():
+        levels, image = model.encode_image(clip.to_tensor(images, clip.image_size(model.clip)))
+        a = anchors.detach()
+        by_hand = sum(model.logit_scale * (p @ a[1] - p @ a[0]) for p in levels)  # (N, P)
+    side = int(round(by_hand.shape[1] ** 0.5))
+    grid = torch.nn.functional.interpolate(by_hand.reshape(3, 1, side, side), size=(40, 40), mode="bilinear",
+                                           align_corners=True)[:, 0]
+    np.testing.assert_allclose(maps, grid.double().numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scores, ((image @ anchors[1] + 1) / 2).detach().double().numpy(), rtol=1e-5, atol=1e-6)
     sim = aaclip.anchor_similarity(model, ["star", "ring"])
     assert sim.shape == (4, 4) and np.allclose(np.diag(sim), 1.0)
     with pytest.raises(ValueError, match="stage"):
