@@ -183,14 +183,6 @@ def yes_no_logits(model: open_clip.CLIP, no_encoder: NoTextEncoder, image_emb: t
     return scale * image_emb @ yes.T, scale * image_emb @ no.T
 
 
-def p_yes(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> torch.Tensor:
-    """(N, C) pairs of logits -> (N, C) probability that class c's "yes" prompt beats its "no" prompt.
-
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
-    """
-    return torch.stack([logits_yes, logits_no], -1).softmax(-1)[..., 0]
-
-
 def msp_score(logits_yes: torch.Tensor) -> np.ndarray:
     """MCM-style zero-shot OOD score: how little the most likely ID class claims an image. (N, C) -> (N,),
     higher = OOD.
