@@ -199,11 +199,15 @@ class Backbone(nn.Module):
     def device(self) -> torch.device:
         return self.mean.device
 
-    def forward(self, images: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
+    def prepare(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1] -> the network's input: on its device, normalised as its weights expect."""
         x = torch.as_tensor(images).to(self.device, torch.float32)
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W) in [0, 1], got shape {tuple(x.shape)}.")
-        return self.net((x - self.mean) / self.std if self.normalise else x)
+        return (x - self.mean) / self.std if self.normalise else x
+
+    def forward(self, images: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
+        return self.net(self.prepare(images))
 
 
 def feature_extractor(name: str = "resnet18", layers: tuple[int, ...] | None = None, weights: str | None = None,

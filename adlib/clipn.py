@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adlib import metrics
-from adlib.clip import CLASS_TEMPLATES, class_embeddings, tokenize
+from adlib.clip import CLASS_TEMPLATES, class_embeddings, tokenize, zero_shot_logits
 
 # Hand-crafted negations in the spirit of the paper's baseline prompts (e.g. "a photo without {}"): what a frozen
 # text encoder makes of "no" without being taught it.
@@ -226,14 +226,13 @@ def atd_score(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> np.ndarray:
 
 
 def handcrafted_no_logits(model: open_clip.CLIP, image_emb: torch.Tensor, classnames: Sequence[str],
-                          templates: Sequence[str] = NO_TEMPLATES, scale: float | None = None) -> torch.Tensor:
+                          templates: Sequence[str] = NO_TEMPLATES) -> torch.Tensor:
     """(N, C) "no" logits from negated prompts read by CLIP's own text encoder, no training: the paper's
     hand-crafted baseline ("a photo without {}.", ...), to compare with the learned "no" encoder.
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
-    scale = model.logit_scale.exp().item() if scale is None else scale
-    return scale * image_emb @ class_embeddings(model, classnames, templates).T
+    return zero_shot_logits(model, image_emb, class_embeddings(model, classnames, templates))
 
 
 def ood_metrics(is_ood: np.ndarray, scores: np.ndarray) -> dict[str, float]:

@@ -228,13 +228,11 @@ def load_teacher(weights: str) -> tuple[PatchNet, nn.Linear]:
 
     Defined in: "Uninformed Students" (``notebooks/06_uninformed_students.ipynb``).
     """
-    from adlib.backbones import load_weights, shipped_weights
+    from adlib.backbones import load_weights
 
     state = load_weights(weights)
-    entry = shipped_weights().get(str(weights))
-    options = entry["options"] if entry else {k: int(v) for k, v in
-                                              zip(("patch_size", "dim", "width", "stride"), state.pop("options"))}
-    state.pop("options", None)
+    stored = state.pop("options")  # patch_size, dim, width, stride, as written by main()
+    options = dict(zip(("patch_size", "dim", "width", "stride"), map(int, stored)))
     teacher = PatchNet(**options)
     decoder = nn.Linear(options["dim"], state["decoder.weight"].shape[0])
     teacher.load_state_dict({k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")})
@@ -353,11 +351,11 @@ class StudentTeacher(nn.Module):
         opt = torch.optim.Adam(self.students.parameters(), lr=lr, weight_decay=weight_decay)
         loader = DataLoader(TensorDataset(images, t), batch_size=batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
+        val_t = None if val is None else (_dense(self.teacher, val) - self.t_mean) / self.t_std
         steps = {"done": 0}
 
         def regression_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            pred = self.students((x - self.x_mean) / self.x_std)
-            pred = pred.unflatten(1, (self.students.n, -1))  # (B, M, d, h, w)
+            pred = self.students(self.student_input(x)).unflatten(1, (self.students.n, -1))  # (B, M, d, h, w)
             return (pred - y[:, None]).pow(2).sum(2).mean()
 
         def step(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
@@ -370,8 +368,7 @@ class StudentTeacher(nn.Module):
             out = {"loss": loss.item()}
             if val is not None and steps["done"] % len(loader) == 0:  # the epoch's last step
                 with torch.no_grad():
-                    target = (_dense(self.teacher, val) - self.t_mean) / self.t_std
-                    out["val_loss"] = regression_loss(val, target).item()
+                    out["val_loss"] = regression_loss(val, val_t).item()
             return out
 
         self.students.train()
@@ -379,12 +376,15 @@ class StudentTeacher(nn.Module):
         self.students.eval()
         return history
 
+    def student_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) standardised per colour channel with the students' training statistics."""
+        return (images - self.x_mean) / self.x_std
+
     @torch.no_grad()
     def errors_and_variances(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw e and v (N, h, w) for images (N, 3, H, W): see :func:`errors_and_variances`."""
         t = (_dense(self.teacher, images) - self.t_mean) / self.t_std
-        pred = _dense(self.students, (images - self.x_mean) / self.x_std).unflatten(1, (self.students.n, -1))
-        pred = pred.transpose(0, 1)
+        pred = _dense(self.students, self.student_input(images)).unflatten(1, (self.students.n, -1)).transpose(0, 1)
         return errors_and_variances(pred, t)
 
     def calibrate(self, images: torch.Tensor) -> "StudentTeacher":
