@@ -32,6 +32,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 book: setup
 	touch book/scorecard.md  # it pastes the chapters' glued claims: re-render it even when only a chapter changed
+	$(BIN)/python tools/exercise_copies.py  # book/exercises/: the teacher's page links them
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo
 	@echo "Book built. Open: $(CURDIR)/_build/html/book/intro.html"

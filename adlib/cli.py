@@ -5,7 +5,8 @@
                         [--device cpu|cuda] [--seed 0] [--out results.json] [--save-maps DIR] [--save-model FILE]
                         [--set KEY=VALUE ...]
     python -m adlib predict --model FILE IMAGES_OR_FOLDERS... [--out scores.csv] [--save-maps DIR]
-    python -m adlib bench [--methods patchcore padim patchknn] [--categories ...]
+    python -m adlib bench --data ROOT [--methods patchcore padim ...] [--categories ...] [--seeds 0 1 2]
+                          [--jobs 2] [--out DIR]
 
 Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
 """
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from adlib import data, detectors, viz
+from adlib import bench, data, detectors, viz
 from adlib.backbones import BACKBONES
 from adlib.train import choose_device, seed_everything
 
@@ -38,9 +39,11 @@ def _say(text: str) -> None:
 
 
 def run_category(method: str, root: Path, category: str, options: dict[str, Any], image_size: int,
-                 save_maps: Path | None = None, save_model: Path | None = None) -> dict[str, float | None]:
+                 save_maps: Path | None = None, save_model: Path | None = None,
+                 backbone: str = DEFAULT_BACKBONE) -> dict[str, float | None]:
     """Fit ``method`` on one category's train/good images and evaluate it on its test split; returns the row
-    of :func:`adlib.detectors.evaluate` (pixel metrics None when the folder has no masks).
+    of :func:`adlib.detectors.evaluate` (pixel metrics None when the folder has no masks). ``options`` as
+    :func:`adlib.detectors.run_options`.
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
@@ -49,7 +52,7 @@ def run_category(method: str, root: Path, category: str, options: dict[str, Any]
     x_test, labels, masks, paths, defects = data.load_arrays(root, category, "test", image_size)
     note = "" if test.has_masks else " (no ground-truth masks: image-level metrics only)"
     _say(f"[{category}] {len(x_train)} train / {len(x_test)} test images at {image_size} px{note}")
-    det = detectors.make_detector(method, **options)
+    det = detectors.make_detector(method, **detectors.run_options(method, category, backbone, options))
     row, scores, maps = detectors.evaluate(det, x_train, x_test, labels, masks if test.has_masks else None)
     _say(f"[{category}] fit {row['fit_s']:.1f} s, predict {row['predict_s']:.1f} s, image AUROC "
          f"{row['image_auroc']:.3f}")
@@ -96,12 +99,12 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
     device = str(choose_device(device))
     seed_everything(seed)
     uses_backbone = "backbone" in inspect.signature(detectors.detector_class(method)).parameters
-    opts = {"device": device, "seed": seed} | ({"backbone": backbone} if uses_backbone else {}) | (options or {})
+    opts = {"device": device, "seed": seed} | (options or {})
     model_paths = _model_paths(None if save_model is None else Path(save_model), cats)
     rows = {}
     for cat in cats:
         rows[cat] = run_category(method, root, cat, opts, image_size, None if save_maps is None else Path(save_maps),
-                                 model_paths[cat])
+                                 model_paths[cat], backbone)
     mean = {k: (None if any(r[k] is None for r in rows.values()) else float(np.mean([r[k] for r in rows.values()])))
             for k in COLUMNS}
     return {"method": method, "backbone": backbone if uses_backbone else None, "image_size": image_size,
@@ -147,27 +150,6 @@ def predict(model: str | Path, inputs: Sequence[str | Path], device: str | None 
     return [(str(p), float(s)) for p, s in zip(paths, scores)]
 
 
-def benchmark(methods: Sequence[str] = ("patchcore", "padim", "patchknn"), categories: Sequence[str] | None = None,
-              backbone: str = DEFAULT_BACKBONE, image_size: int = DEFAULT_IMAGE_SIZE,
-              device: str | None = None) -> pd.DataFrame:
-    """Quality, fit / predict seconds per category and peak MB of ``methods`` on SynthTex (book size).
-
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
-    """
-    from adlib import synthtex
-
-    root = synthtex.generate_for_profile("book")
-    rows = {}
-    for method in methods:
-        result = run(method, root, categories, backbone=backbone, image_size=image_size, device=device)
-        per_cat = pd.DataFrame(result["categories"]).T
-        rows[method] = {**{k: result["mean"][k] for k in ("image_auroc", "pixel_auroc", "aupro")},
-                        "fit_s": per_cat["fit_s"].mean(), "fit_s_max": per_cat["fit_s"].max(),
-                        "predict_s": per_cat["predict_s"].mean(), "predict_s_max": per_cat["predict_s"].max(),
-                        "peak_mb": per_cat["peak_mb"].max()}
-    return pd.DataFrame(rows).T
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m adlib", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,13 +176,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write path,score rows as CSV")
     p.add_argument("--save-maps", type=Path, help="write one heatmap overlay PNG per image here")
 
-    b = sub.add_parser("bench", help="PatchCore, PaDiM and patch kNN on SynthTex: quality, seconds, memory")
-    b.add_argument("--methods", nargs="+", default=["patchcore", "padim", "patchknn"],
-                   choices=sorted(detectors.METHODS))
-    b.add_argument("--categories", nargs="+")
+    b = sub.add_parser("bench", help="every method on one MVTec-format folder: quality with intervals, cost")
+    b.add_argument("--data", required=True, type=Path, help="root folder: ROOT/<category>/train/good, test/, ...")
+    b.add_argument("--methods", nargs="+", default=list(bench.SWEEP), choices=list(bench.SWEEP))
+    b.add_argument("--categories", nargs="+", help="categories to run (default: all under --data)")
+    b.add_argument("--seeds", nargs="+", type=int, default=[0])
     b.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
     b.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     b.add_argument("--device", choices=("cpu", "cuda"))
+    b.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each (CPU only)")
+    b.add_argument("--out", type=Path, default=Path("bench"), help="new folder for bench.json, bench.md, bench.png")
     return parser
 
 
@@ -256,8 +241,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with open(args.out, "w", newline="") as f:
                     csv.writer(f).writerows([("path", "score"), *rows])
         else:
-            table = benchmark(args.methods, args.categories, args.backbone, args.image_size, args.device)
-            print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+            bench.check_new_folder(args.out)  # before the sweep, not after it
+            device = str(choose_device(args.device))
+            t0 = time.perf_counter()
+            records = bench.sweep(args.data, args.methods, args.categories, seeds=args.seeds,
+                                  image_size=args.image_size, backbone=args.backbone, device=device, n_jobs=args.jobs)
+            meta = {"data": str(args.data), "methods": args.methods, "categories": sorted({r["category"] for r in records}),
+                    "seeds": args.seeds, "backbone": args.backbone, "image_size": args.image_size, "device": device,
+                    "jobs": args.jobs, "wall_s": time.perf_counter() - t0}
+            paths = bench.write(records, args.out, meta)
+            print(paths["markdown"].read_text(), end="")
+            _say(f"{len(records)} runs in {meta['wall_s']:.0f} s; written: {', '.join(map(str, paths.values()))}")
     except (FileNotFoundError, FileExistsError, ValueError, TypeError, ModuleNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

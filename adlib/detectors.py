@@ -42,6 +42,7 @@ METHODS = {
     "cfa": "adlib.cfa:CFADetector",
     "students": "adlib.students:StudentsDetector",
     "ae": "adlib.recon:AutoencoderDetector",
+    "winclip": "adlib.winclip:WinCLIPDetector",
 }
 FORMAT = "adlib-detector/1"
 
@@ -227,6 +228,17 @@ def make_detector(method: str, **options: Any) -> FeatureDetector:
     return detector_class(method)(**options)
 
 
+def run_options(method: str, category: str, backbone: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options ``method`` runs with on ``category``: ``backbone`` if the method takes one, ``object_name`` =
+    the category if it names the object it inspects (the zero-shot CLIP detector), then ``options`` (which win).
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    params = inspect.signature(detector_class(method)).parameters
+    return (({"backbone": backbone} if "backbone" in params else {})
+            | ({"object_name": category} if "object_name" in params else {}) | options)
+
+
 def load_detector(path: str | Path, device: str = "cpu") -> tuple[FeatureDetector, dict]:
     """A detector saved by :meth:`FeatureDetector.save`, on ``device``, and the ``meta`` saved with it.
 
@@ -258,7 +270,8 @@ class PeakMemory:
         self.peak_mb = 0.0
 
     @staticmethod
-    def _rss_mb() -> float:
+    def rss_mb() -> float:
+        """The process's resident memory now, MB (its peak so far where ``/proc`` is missing)."""
         try:
             with open("/proc/self/statm") as f:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
@@ -270,13 +283,13 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
-            self.peak_mb = max(self.peak_mb, self._rss_mb())
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
 
     def __enter__(self) -> "PeakMemory":
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
-            self.peak_mb = self._rss_mb()
+            self.peak_mb = self.rss_mb()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -288,7 +301,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak_mb = max(self.peak_mb, self._rss_mb())
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
 
 
 def evaluate(detector: FeatureDetector, train_images: Any, test_images: Any, labels: Any,

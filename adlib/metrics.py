@@ -212,11 +212,13 @@ def pro_curve(masks: Any, maps: Any, num_thresholds: int | None = None) -> tuple
     return fpr, pro
 
 
-def _trapezoid(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+def trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     """Area under the piecewise-linear curve (x ascending, from 0) up to exactly ``x_max``.
 
     As the official ``trapezoid``: if ``x_max`` falls between two points, y is linearly interpolated
     there and the last partial trapezoid is added.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
     inside = x <= x_max  # a prefix, since x is sorted
     xi, yi = x[inside], y[inside]
@@ -242,7 +244,7 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}; the MVTec AD standard is 0.3.")
     fpr, pro = pro_curve(masks, maps)
     # Rounding in the cumulative sums could push the ratio a hair above 1.
-    return float(min(_trapezoid(fpr, pro, fpr_limit) / fpr_limit, 1.0))
+    return float(min(trapezoid_to(fpr, pro, fpr_limit) / fpr_limit, 1.0))
 
 
 def evaluate(labels: Any, scores: Any, masks: Any = None, maps: Any = None) -> dict[str, float]:

@@ -7,6 +7,9 @@ Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``)
 """
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from adlib import metrics
@@ -32,6 +36,8 @@ __all__ = [
     "roc_curves",
     "pr_curves",
     "score_histogram",
+    "quality_vs_cost",
+    "source",
     "Result",
     "results_vs_paper",
     "metrics_table",
@@ -231,6 +237,42 @@ def score_histogram(labels: Any, scores: Any, ax: Axes | None = None, bins: int 
         ax.hist(s[y == value], bins=edges, alpha=0.6, label=f"{name} (n={np.sum(y == value)})")
     ax.set(xlabel="anomaly score", ylabel="count")
     ax.legend()
+    return ax
+
+
+def source(obj: Any) -> str:
+    """The source code of a function or class as a chapter prints it, without its docstring (the chapter's text
+    explains it): the code exactly as it runs in the package.
+
+    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    """
+    lines = inspect.getsource(obj).splitlines(keepends=True)
+    body = ast.parse(textwrap.dedent("".join(lines))).body[0].body
+    first = body[0] if body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        lines = lines[:first.lineno - 1] + lines[first.end_lineno:]
+    return "".join(lines)
+
+
+def quality_vs_cost(table: pd.DataFrame, metric: str = "aupro", ax: Axes | None = None) -> Axes:
+    """One point per method (a row of :func:`adlib.bench.summary`): x the seconds per category (fit + predict,
+    log scale), y ``metric`` with its 95 % interval (columns ``<metric>``, ``<metric>_low``, ``<metric>_high``).
+
+    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
+    """
+    ax = plt.subplots(figsize=(6, 4))[1] if ax is None else ax
+    x = table["fit_s"] + table["predict_s"]
+    y = table[metric]
+    # A percentile interval need not contain the exact estimate on a tiny test set: clip the bars at the point.
+    err = np.clip(np.vstack([y - table[f"{metric}_low"], table[f"{metric}_high"] - y]), 0, None)
+    ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
+    for name, xi, yi in zip(table.index, x, y):
+        ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    ax.set(xscale="log", xlabel="seconds per category (fit + predict, log scale)", ylabel=metric.replace("_", " "))
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.grid(True, alpha=0.3)
     return ax
 
 

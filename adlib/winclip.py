@@ -6,13 +6,17 @@ Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 
-from adlib.clip import encode_images, encode_texts
+from adlib.arrays import as_images
+from adlib.clip import encode_images, encode_texts, load_open_clip, load_tiny_clip
+from adlib.detectors import FeatureDetector, postprocess
 
 #: WinCLIP's compositional prompt ensemble (Jeong et al. 2023, as in anomalib's ``winclip/prompting.py``):
 #: every state is put into every template; the ensemble's mean embedding is the text anchor.
@@ -68,3 +72,45 @@ def winclip_scores(model: open_clip.CLIP, images: np.ndarray, object_name: str) 
     side = int(round(math.sqrt(patch.shape[1])))
     maps = F.interpolate(patch.view(-1, 1, side, side), size=images.shape[1:3], mode="bilinear", align_corners=False)
     return image_scores.numpy().astype(np.float64), maps[:, 0].numpy().astype(np.float64)
+
+
+class WinCLIPDetector(FeatureDetector):
+    """:func:`winclip_scores` behind the book's detector protocol, so the benchmark can run it beside the
+    feature detectors: ``fit`` learns nothing (zero-shot; it only records the image size), ``predict`` compares
+    the images with the prompt ensembles of ``object_name`` and applies the book's post-processing.
+
+    ``clip``: ``"tiny"`` (the shipped tiny CLIP, which knows the toy world's objects only), the path of a tiny
+    CLIP saved by :func:`adlib.clip.save_clip`, or ``"NAME:PRETRAINED"`` for an open_clip model (the paper
+    profile, e.g. ``"ViT-B-16:openai"``; :func:`adlib.clip.load_open_clip`). The image score is the image-level
+    P(anomalous).
+
+    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
+    """
+
+    method = "winclip"
+    summary = "WinCLIP-style zero-shot (Jeong et al. 2023): prompt-ensemble anchors vs CLIP tokens; no training"
+
+    def __init__(self, object_name: str = "object", clip: str = "tiny", sigma: float = 4.0, device: str = "cpu",
+                 seed: int = 0, batch_size: int = 32):
+        super().__init__(None, None, 1, sigma, device, seed, batch_size)
+        self.object_name, self.clip = object_name, clip
+        if clip == "tiny" or Path(clip).is_file():
+            self.clip_model = load_tiny_clip(None if clip == "tiny" else clip)
+        else:
+            name, _, pretrained = clip.partition(":")
+            self.clip_model = load_open_clip(name, pretrained or "openai")[0]
+        self.clip_model = self.clip_model.to(device).eval()  # not self.model: nothing to save
+
+    def fit(self, images: Any) -> "WinCLIPDetector":
+        self.image_shape = tuple(as_images(images).shape[-2:])
+        return self
+
+    def predict(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+        if self.image_shape is None:
+            raise RuntimeError("Call fit(normal_images) before predict() (WinCLIPDetector is not fitted).")
+        x = as_images(images)
+        if tuple(x.shape[-2:]) != self.image_shape:
+            raise ValueError(f"images are {tuple(x.shape[-2:])} px, the detector was fitted on {self.image_shape}.")
+        uint8 = (x.cpu() * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        scores, maps = winclip_scores(self.clip_model, uint8, self.object_name)
+        return postprocess(maps, self.image_shape, self.sigma, scores)

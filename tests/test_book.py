@@ -32,12 +32,16 @@ def test_book_builds_without_warnings(tmp_path):
     config["execute"]["execute_notebooks"] = "off"
     # Unexecuted notebooks glue nothing, so the scorecard's references are empty here (make book checks them).
     config["sphinx"]["config"]["suppress_warnings"] = ["mystnb.glue_ref"]
+    # As `make book`: the teacher's page links the exercise-only copies, which the build must find.
+    subprocess.run([sys.executable, str(ROOT / "tools" / "exercise_copies.py")], check=True, timeout=120)
     result = build(ROOT, tmp_path / "book", config)
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"jupyter-book build failed:\n{log[-6000:]}"
     html = tmp_path / "book" / "_build" / "html"
     assert (html / "book" / "intro.html").exists()
     assert (html / "notebooks" / "01_ad_in_ten_minutes.html").exists()
+    downloads = {p.name for p in (html / "_downloads").rglob("*") if p.is_file()}
+    assert "exercises.zip" in downloads and "11_benchmark.ipynb" in downloads
 
 
 @pytest.mark.book

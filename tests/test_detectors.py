@@ -184,7 +184,8 @@ SMALL = {"patchknn": RANDOM, "spade": RANDOM | {"k": 2}, "patchcore": RANDOM | {
          "padim": RANDOM | {"layers": (1, 2), "d": 16}, "cfa": RANDOM | {"epochs": 2, "train_batch_size": 2},
          "students": RANDOM | {"teacher": None, "n_patches": 64, "teacher_epochs": 1, "student_epochs": 1, "n_val": 1,
                                "dim": 4, "width": 4},
-         "ae": {"epochs": 2, "train_batch_size": 2, "latent_dim": 8, "base_channels": 4}}
+         "ae": {"epochs": 2, "train_batch_size": 2, "latent_dim": 8, "base_channels": 4},
+         "winclip": {"object_name": "star"}}
 
 
 @pytest.mark.parametrize("method", sorted(detectors.METHODS))
@@ -346,11 +347,11 @@ def test_two_fresh_processes_give_the_same_table(tmp_path: Path) -> None:
 
 def test_peak_memory_without_proc(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where /proc is missing (macOS), the peak comes from getrusage instead of failing."""
-    on_linux = detectors.PeakMemory._rss_mb()
+    on_linux = detectors.PeakMemory.rss_mb()
 
     def no_proc(*args, **kwargs):
         raise FileNotFoundError("/proc/self/statm")
 
     monkeypatch.setattr(detectors, "open", no_proc, raising=False)
-    without = detectors.PeakMemory._rss_mb()
+    without = detectors.PeakMemory.rss_mb()
     assert without >= 0.5 * on_linux and without > 10  # the process's peak resident set, in MB

@@ -161,3 +161,16 @@ def test_metrics_table_mean_row():
     )
     with pytest.raises(ValueError, match="reserved"):
         viz.metrics_table({"mean": {"ap": 0.5}})
+
+
+def _documented(x: int) -> int:
+    """A docstring
+    over two lines."""
+    return x + 1  # the code stays
+
+
+def test_source_drops_only_the_docstring() -> None:
+    assert viz.source(_documented) == "def _documented(x: int) -> int:\n    return x + 1  # the code stays\n"
+    assert viz.source(test_source_drops_only_the_docstring).startswith("def test_source_drops_only_the_docstring")
+    method = viz.source(viz.Result)
+    assert method.startswith("@dataclass(frozen=True)\nclass Result:") and "One number in" not in method
