@@ -37,12 +37,31 @@ def _checked(path: Path, sha256: str, remedy: str) -> Path:
 
 def shipped_weights() -> dict[str, dict]:
     """The weights shipped with the package (``adlib/weights/registry.json``): name -> file, arch, sha256, ...;
-    backbones, and the teachers of chapter 6 (``"kind": "teacher"``, loaded by :func:`adlib.students.load_teacher`).
+    backbones, the teachers of chapter 6 (``"kind": "teacher"``, loaded by :func:`adlib.students.load_teacher`)
+    and the tiny CLIP of chapters 9-10 (``"kind": "clip"``, loaded by :func:`adlib.clip.load_tiny_clip`).
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
     registry = WEIGHTS_DIR / "registry.json"
     return json.loads(registry.read_text()) if registry.exists() else {}
+
+
+def weights_file(weights: str | os.PathLike) -> Path:
+    """The file of a shipped name of the registry (its sha256 checked, a mismatch naming the file and the command
+    that rebuilds it) or of a local path.
+
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    """
+    registry = shipped_weights()
+    if str(weights) in registry:
+        entry = registry[str(weights)]
+        return _checked(WEIGHTS_DIR / entry["file"], entry["sha256"],
+                        f"reinstall adlib or rebuild it with: {entry['command']}")
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"No weights {str(weights)!r}: neither a shipped name ({sorted(registry)}) nor an "
+                                f"existing file.")
+    return path
 
 
 def load_weights(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -53,16 +72,7 @@ def load_weights(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
-    registry = shipped_weights()
-    if str(weights) in registry:
-        entry = registry[str(weights)]
-        path = _checked(WEIGHTS_DIR / entry["file"], entry["sha256"],
-                        f"reinstall adlib or rebuild it with: {entry['command']}")
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"No weights {str(weights)!r}: neither a shipped name "
-                                    f"({sorted(registry)}) nor an existing file.")
+    path = weights_file(weights)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         state = load_file(str(path))

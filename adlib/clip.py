@@ -15,14 +15,15 @@ scores) and :mod:`adlib.clipn` (CLIPN). For segmentation (chapter 10, AA-CLIP) `
 projected patch tokens of open_clip's ``VisionTransformer`` (its ``output_tokens`` switch) next to the global
 embedding.
 
-Reproduce the shipped weights with ``python -m adlib.clip_train --out adlib/weights/tiny_clip.pt``.
+The shipped weights are ``"tiny-clip"`` in the package's one weights registry (``adlib/weights/registry.json``,
+sha256-checked, safetensors with the config in the file's metadata); reproduce them with
+``python -m adlib.clip_train --out adlib/weights/tiny-clip.safetensors``.
 
 Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 """
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 import os
@@ -47,9 +48,9 @@ TINY_CONFIG: dict = {
     "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32, "mlp_ratio": 4.0},
     "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-TINY_WEIGHTS = WEIGHTS_DIR / "tiny_clip.pt"
-TRAIN_COMMAND = "python -m adlib.clip_train --out adlib/weights/tiny_clip.pt"
+TINY_CLIP = "tiny-clip"  # its name in the weights registry
+TRAIN_COMMAND = "python -m adlib.clip_train --out adlib/weights/tiny-clip.safetensors"
+FORMAT = "adlib-tiny-clip/1"
 #: Toy-world settings of the tiny CLIP's training captions: defects rare (10 %) and mostly unnamed (10 % of those).
 TINY_WORLD = {"defect_rate": 0.1, "name_defect_rate": 0.1, "image_size": 64}
 
@@ -222,54 +223,73 @@ def zero_shot_accuracy(model: open_clip.CLIP, images: np.ndarray, labels: np.nda
 
 
 def save_clip(model: open_clip.CLIP, path: str | os.PathLike, config: dict, meta: dict | None = None) -> str:
-    """Save config + fp16 state dict to ``path`` and a sidecar ``path.json`` with its sha256; returns the sha256.
+    """Write ``model`` as fp16 safetensors with ``config`` (its :func:`build_tiny_clip` config) and ``meta`` (JSON)
+    in the file's metadata; refuses to overwrite a file; returns the file's sha256.
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
+    from safetensors.torch import save_file
+
     path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; choose another file or delete it first.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    buffer = io.BytesIO()  # torch.save names its archive after a file's name; a buffer keeps the bytes name-free
-    torch.save({"config": config, "state_dict": state}, buffer)
-    path.write_bytes(buffer.getvalue())
-    sha = sha256sum(path)
-    card = {"file": path.name, "sha256": sha, "bytes": path.stat().st_size, "config": config, **(meta or {})}
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    return sha
+    state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous()
+             for k, v in model.state_dict().items()}
+    # One metadata key: safetensors writes several in no fixed order, and the bytes (so the sha256) must repeat.
+    header = json.dumps({"format": FORMAT, "config": config, "meta": meta or {}}, sort_keys=True)
+    save_file(state, str(path), metadata={"adlib": header})
+    return sha256sum(path)
 
 
-def load_tiny_clip(path: str | os.PathLike | None = None, sha256: str | None = None) -> open_clip.CLIP:
-    """Load a tiny CLIP saved by :func:`save_clip` (default: the shipped weights), in eval mode, fp32.
+def _read_clip_file(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(state dict, config, meta) of a file written by :func:`save_clip`."""
+    from safetensors import SafetensorError, safe_open
 
-    The file's sha256 must equal ``sha256`` or, if not given, the one in the sidecar ``.json``.
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("adlib", "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); is it corrupt?") from err
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tiny CLIP written by adlib.clip.save_clip (format {FORMAT}).")
+    return state, header["config"], header["meta"]
+
+
+def load_tiny_clip(weights: str | os.PathLike | None = None, sha256: str | None = None) -> open_clip.CLIP:
+    """A tiny CLIP, in eval mode, fp32: the shipped ``"tiny-clip"`` (None; sha256-checked by the registry) or a file
+    written by :func:`save_clip` (checked against ``sha256`` if given).
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
-    path = Path(path) if path is not None else TINY_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"No tiny CLIP weights at {path}. Train them with `{TRAIN_COMMAND}`.")
-    if sha256 is None:
-        card = path.with_suffix(".json")
-        if not card.is_file():
-            raise FileNotFoundError(f"{card} (the sha256 of {path.name}) is missing; pass sha256=... to load anyway.")
-        sha256 = json.loads(card.read_text())["sha256"]
-    actual = sha256sum(path)
-    if actual != sha256:
+    from adlib.backbones import weights_file
+
+    path = weights_file(TINY_CLIP if weights is None else weights)
+    if sha256 is not None and (actual := sha256sum(path)) != sha256:
         raise ValueError(f"{path} has sha256 {actual}, expected {sha256}: the file is corrupt or was replaced. "
-                         f"Restore it from the repository or retrain with `{TRAIN_COMMAND}`.")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_tiny_clip(blob["config"])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+                         f"Restore it or retrain with `{TRAIN_COMMAND}`.")
+    state, config, _ = _read_clip_file(path)
+    model = build_tiny_clip(config)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.eval()
 
 
-def tiny_clip_card(path: str | os.PathLike | None = None) -> dict:
-    """The sidecar metadata of saved tiny CLIP weights (sha256, config, training settings, accuracy).
+def tiny_clip_card(weights: str | os.PathLike | None = None) -> dict:
+    """What is known about tiny CLIP weights: for the shipped one (None) its registry entry (sha256, config,
+    command, training settings ``train``, evaluation ``eval``), for a file its metadata plus its sha256.
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
-    path = Path(path) if path is not None else TINY_WEIGHTS
-    return json.loads(path.with_suffix(".json").read_text())
+    from adlib.backbones import shipped_weights, weights_file
+
+    name = TINY_CLIP if weights is None else str(weights)
+    registry = shipped_weights()
+    if name in registry:
+        return registry[name]
+    path = weights_file(name)
+    _, config, meta = _read_clip_file(path)
+    return {"file": path.name, "sha256": sha256sum(path), "config": config, **meta}
 
 
 def load_open_clip(name: str = "ViT-B-16", pretrained: str = "openai", device: str | torch.device = "cpu"

@@ -1,4 +1,5 @@
-"""Training the book's tiny CLIP on the toy world: ``python -m adlib.clip_train --out adlib/weights/tiny_clip.pt``.
+"""Training the book's tiny CLIP on the toy world:
+``python -m adlib.clip_train --out adlib/weights/tiny-clip.safetensors``.
 
 Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 """
@@ -6,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import open_clip
@@ -40,8 +43,8 @@ def train_tiny_clip(
     (defects rare and mostly unnamed);
     the learning rate warms up linearly for ``warmup`` steps, then follows a cosine to zero; the logit
     scale is clamped at ln(100) as in CLIP. After training, zero-shot shape accuracy is measured on
-    ``n_eval`` held-out scenes (seed + 1) and written with the sha256 into the sidecar json.
-    Returns that metadata.
+    ``n_eval`` held-out scenes (seed + 1) and written, with the training settings, into the file's metadata
+    (:func:`adlib.clip.save_clip`). Returns that metadata with the file's sha256: the registry entry's fields.
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
@@ -102,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
     p = argparse.ArgumentParser(prog="python -m adlib.clip_train", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output .pt file (a sidecar .json with the sha256 is written next to it)")
+    p.add_argument("--out", required=True, help="file to write (.safetensors); refused if it exists")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--pairs", type=int, default=20_000)
@@ -112,8 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch CPU threads; 1 was fastest on the shared 2-core build machine (2 threads oversubscribe)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train_tiny_clip(args.out, steps=args.steps, batch_size=args.batch_size, n_pairs=args.pairs, seed=args.seed,
-                    n_eval=args.eval)
+    if Path(args.out).exists():
+        print(f"error: {args.out} exists; choose another file or delete it first.", file=sys.stderr)
+        return 2
+    meta = train_tiny_clip(args.out, steps=args.steps, batch_size=args.batch_size, n_pairs=args.pairs, seed=args.seed,
+                           n_eval=args.eval)
+    print(json.dumps(meta, indent=1))  # the fields of the file's entry in adlib/weights/registry.json
     return 0
 
 

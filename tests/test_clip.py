@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from adlib import clip, clip_train, clipn, toyworld, winclip
+from adlib import backbones, clip, clip_train, clipn, toyworld, winclip
 from adlib.download import sha256sum
 
 SMALL = {
@@ -68,22 +68,37 @@ def test_zero_shot_accuracy_equals_brute_force(model, images):
 
 
 def test_save_load_roundtrip_and_sha_check(model, tmp_path):
-    path = tmp_path / "w.pt"
+    path = tmp_path / "w.safetensors"
     sha = clip.save_clip(model, path, SMALL, {"note": "test"})
-    card = json.loads(path.with_suffix(".json").read_text())
-    assert card["sha256"] == sha == sha256sum(path) and card["note"] == "test"
-    loaded = clip.load_tiny_clip(path)
+    card = clip.tiny_clip_card(path)
+    assert card["sha256"] == sha == sha256sum(path) and card["note"] == "test" and card["config"] == SMALL
+    loaded = clip.load_tiny_clip(path, sha256=sha)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v.half().float() if v.is_floating_point() else v)
     with pytest.raises(ValueError, match="sha256"):
         clip.load_tiny_clip(path, sha256="0" * 64)
-    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(FileExistsError, match="exists"):
+        clip.save_clip(model, path, SMALL)  # nothing is overwritten
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt"):
-        clip.load_tiny_clip(path)
-    with pytest.raises(FileNotFoundError, match="clip_train"):
-        clip.load_tiny_clip(tmp_path / "missing.pt")
+        clip.load_tiny_clip(broken)
+    with pytest.raises(FileNotFoundError, match="neither a shipped name"):
+        clip.load_tiny_clip(tmp_path / "missing.safetensors")
     # The bytes (so the sha256) do not depend on the file's name.
-    assert clip.save_clip(model, tmp_path / "other_name.pt", SMALL) == clip.save_clip(model, tmp_path / "x.pt", SMALL)
+    assert clip.save_clip(model, tmp_path / "other_name.safetensors", SMALL) == clip.save_clip(
+        model, tmp_path / "x.safetensors", SMALL)
+
+
+def test_shipped_tiny_clip_is_checked_by_the_registry(monkeypatch, tmp_path):
+    entry = backbones.shipped_weights()[clip.TINY_CLIP]
+    assert entry["kind"] == "clip" and entry["command"] == clip.TRAIN_COMMAND
+    copy = tmp_path / entry["file"]
+    copy.write_bytes((backbones.WEIGHTS_DIR / entry["file"]).read_bytes()[:-1] + b"x")
+    (tmp_path / "registry.json").write_text((backbones.WEIGHTS_DIR / "registry.json").read_text())
+    monkeypatch.setattr(backbones, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(ValueError, match="sha256 mismatch .*tiny-clip.safetensors.*clip_train"):
+        clip.load_tiny_clip()
 
 
 def test_conv_stem_replaces_the_patch_projection(images, tmp_path):
@@ -93,8 +108,8 @@ def test_conv_stem_replaces_the_patch_projection(images, tmp_path):
     assert isinstance(m.visual.conv1, clip.ConvStem)
     glob, patches = clip.encode_images(m, images)
     assert glob.shape == (6, 16) and patches.shape == (6, (32 // 8) ** 2, 16)
-    clip.save_clip(m, tmp_path / "w.pt", cfg)  # batch-norm buffers travel with the weights
-    torch.testing.assert_close(clip.encode_images(clip.load_tiny_clip(tmp_path / "w.pt"), images)[0], glob,
+    clip.save_clip(m, tmp_path / "w.safetensors", cfg)  # batch-norm buffers travel with the weights
+    torch.testing.assert_close(clip.encode_images(clip.load_tiny_clip(tmp_path / "w.safetensors"), images)[0], glob,
                                atol=2e-3, rtol=0)
     with pytest.raises(ValueError, match="power-of-two"):
         clip.ConvStem(6, 16, [8])
@@ -104,7 +119,7 @@ def test_conv_stem_replaces_the_patch_projection(images, tmp_path):
 
 def test_shipped_tiny_clip_loads_is_small_and_knows_shapes():
     card = clip.tiny_clip_card()
-    assert clip.TINY_WEIGHTS.stat().st_size <= 15 * 2**20
+    assert backbones.weights_file(clip.TINY_CLIP).stat().st_size <= 15 * 2**20
     m = clip.load_tiny_clip()  # checks the sha256
     assert clip.image_size(m) == card["config"]["vision_cfg"]["image_size"]
     # Recomputed here on fresh held-out scenes: far above chance (0.1) for shapes, the classes of chapter 9.
@@ -114,7 +129,7 @@ def test_shipped_tiny_clip_loads_is_small_and_knows_shapes():
 
 def test_train_tiny_command_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(clip_train, "TINY_CONFIG", SMALL)
-    out = tmp_path / "tiny.pt"
+    out = tmp_path / "tiny.safetensors"
     n_threads = torch.get_num_threads()
     try:
         assert clip_train.main(["--out", str(out), "--steps", "2", "--batch-size", "8", "--pairs", "16",
