@@ -21,6 +21,7 @@ Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 from adlib.clip import encode_images, image_size, load_open_clip, to_tensor, tokenize
+from adlib.train import IndexBatches, fit
 
 #: The official prompt states and templates (``dataset/constants.py``): 3 x 2 normal, 5 x 2 anomalous prompts.
 NORMAL_STATES: tuple[str, ...] = ("{}", "a {}", "the {}")
@@ -287,11 +289,6 @@ def similarity_probs(patches: torch.Tensor, anchors: torch.Tensor, scale: float,
 # --------------------------------------------------------------------------- training
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
-    order = torch.randperm(n, generator=generator).numpy()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
 def _check_training_data(images: np.ndarray | torch.Tensor, masks: np.ndarray | torch.Tensor,
                          labels: np.ndarray | torch.Tensor, names: Sequence[str]) -> None:
     n = len(images)
@@ -326,8 +323,11 @@ def train_text_adapters(
     batch_size: int = 16,
     disentangle_weight: float = 0.1,
     seed: int = 0,
-) -> list[float]:
-    """Stage 1: train the text adapters against frozen CLIP image features; returns the loss per epoch.
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> list[dict[str, float]]:
+    """Stage 1: train the text adapters against frozen CLIP image features; returns the history of
+    :func:`adlib.train.fit` (``{"epoch", "loss"}`` per epoch; ``checkpoint``: resume after an interruption).
 
     ``images`` (N, H, W, 3) uint8 or (N, 3, S, S) normalised, ``masks`` (N, H, W) in {0, 1} at the
     model's input size, ``labels`` (N,) 0 = normal, 1 = anomalous, ``names`` the object name of each
@@ -352,7 +352,8 @@ def train_text_adapters(
         return (F.cross_entropy(logits, label) + segmentation_loss(probs, mask)
                 + disentangle_weight * disentangle_loss(anchors))
 
-    return _train_epochs(model, model.text_parameters(), batch_loss, len(images), epochs, lr, batch_size, seed)
+    return _train_epochs(model, model.text_parameters(), batch_loss, len(images), epochs, lr, batch_size, seed,
+                         "text adapters", checkpoint, progress)
 
 
 def train_image_adapters(
@@ -367,8 +368,10 @@ def train_image_adapters(
     batch_size: int = 2,
     seed: int = 0,
     adapted_anchors: bool = True,
-) -> list[float]:
-    """Stage 2: train the image adapters and projections with the text anchors fixed; loss per epoch.
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> list[dict[str, float]]:
+    """Stage 2: train the image adapters and projections with the text anchors fixed; the history as stage 1.
 
     Inputs as :func:`train_text_adapters`. The anchors (stage-1 text encoder; with ``adapted_anchors=False``
     plain CLIP's, the ablation "stage 2 alone") are computed once, without gradients. Loss, as the official
@@ -391,29 +394,34 @@ def train_image_adapters(
             loss = loss + segmentation_loss(similarity_probs(level, anchors, scale, size), mask)
         return loss
 
-    return _train_epochs(model, model.image_parameters(), batch_loss, len(images), epochs, lr, batch_size, seed)
+    return _train_epochs(model, model.image_parameters(), batch_loss, len(images), epochs, lr, batch_size, seed,
+                         "image adapters", checkpoint, progress)
 
 
 def _train_epochs(model: AACLIP, parameters: Iterable[torch.nn.Parameter],
                   batch_loss: Callable[[np.ndarray], torch.Tensor], n: int, epochs: int, lr: float, batch_size: int,
-                  seed: int) -> list[float]:
-    """The loop both stages share: Adam with betas (0.5, 0.999) as the official code, seeded shuffled batches of
-    indices into the n training images, ``batch_loss(idx)`` per batch; returns the mean loss per epoch."""
-    optimizer = torch.optim.Adam(parameters, lr=lr, betas=(0.5, 0.999))
-    generator = torch.Generator().manual_seed(seed)
+                  seed: int, stage: str, checkpoint: str | os.PathLike | None, progress: bool) -> list[dict[str, float]]:
+    """The loop both stages share, through :func:`adlib.train.fit`: Adam with betas (0.5, 0.999) as the official
+    code, seeded shuffled batches of indices into the n training images (:class:`adlib.train.IndexBatches`),
+    ``batch_loss(idx)`` per batch. With ``checkpoint`` it saves the trained parameters and the optimiser after
+    every epoch and resumes from the file. Returns fit's history: one ``{"epoch", "loss"}`` per epoch."""
+    trained = torch.nn.ParameterList(parameters)  # the same tensors: only they go into a checkpoint
+    optimizer = torch.optim.Adam(trained.parameters(), lr=lr, betas=(0.5, 0.999))
+
+    def step(idx: np.ndarray) -> dict[str, float]:
+        loss = batch_loss(idx)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item()}
+
     model.train()
-    history = []
-    for _ in range(epochs):
-        losses = []
-        for idx in _batches(n, batch_size, generator):
-            loss = batch_loss(idx)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        history.append(float(np.mean(losses)))
-    model.eval()
-    return history
+    try:
+        return fit(step, IndexBatches(n, batch_size, seed), epochs=epochs, checkpoint=checkpoint,
+                   state={stage: trained, "optimizer": optimizer}, seed=seed, config={"stage": stage},
+                   progress=progress)
+    finally:
+        model.eval()
 
 
 # --------------------------------------------------------------------------- scoring

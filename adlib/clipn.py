@@ -10,6 +10,7 @@ Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 from __future__ import annotations
 
 import copy
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch import nn
 
 from adlib import metrics
 from adlib.clip import CLASS_TEMPLATES, class_embeddings, tokenize, zero_shot_logits
+from adlib.train import IndexBatches, fit
 
 # Hand-crafted negations in the spirit of the paper's baseline prompts (e.g. "a photo without {}"): what a frozen
 # text encoder makes of "no" without being taught it.
@@ -129,12 +131,17 @@ def train_no_encoder(
     positives: Callable[[np.ndarray], torch.Tensor] | None = None,
     seed: int = 0,
     log_every: int = 0,
+    checkpoint: str | os.PathLike | None = None,
 ) -> list[dict[str, float]]:
     """Train the "no" encoder (and its prompts) with :func:`clipn_loss`; CLIP itself stays frozen.
 
     ``image_emb`` (N, D): the frozen CLIP's unit image embeddings of the N captioned images (computed
     once, since the image encoder is frozen); ``captions``: N strings. ``positives(batch_indices)``
-    returns the (B, B) match matrix of a batch (default: the diagonal). Returns one dict of losses per step.
+    returns the (B, B) match matrix of a batch (default: the diagonal). Each step draws a random batch and a
+    random prompt per caption (:class:`adlib.train.IndexBatches` with ``steps``). The loop is
+    :func:`adlib.train.fit` with one step per "epoch", so the history has one dict of losses per step (with its
+    ``"epoch"`` = step number), ``log_every`` > 0 prints every that many steps, and ``checkpoint`` saves after
+    every step and resumes from the file.
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
@@ -142,29 +149,31 @@ def train_no_encoder(
         raise ValueError(f"{len(image_emb)} image embeddings but {len(captions)} captions: give one caption per image.")
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
     tokens = tokenize(list(captions), model)
     with torch.no_grad():
         text_emb = torch.cat([model.encode_text(tokens[i:i + 512], normalize=True) for i in range(0, len(tokens), 512)])
     scale = model.logit_scale.exp().detach()
     opt = torch.optim.AdamW([p for p in no_encoder.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    no_encoder.train()
-    history = []
+    batches = IndexBatches(len(captions), batch_size, seed, steps=1)
     n_prompts = no_encoder.prompts.shape[0]
-    for step in range(steps):
-        idx = torch.randperm(len(captions), generator=gen)[:batch_size]
-        which = torch.randint(0, n_prompts + 1, (len(idx),), generator=gen)
+
+    def step(idx: np.ndarray) -> dict[str, float]:
+        which = torch.randint(0, n_prompts + 1, (len(idx),), generator=batches.generator)
         no_emb = no_encoder(tokens[idx], which)
-        pos = positives(idx.numpy()) if positives is not None else None
+        pos = positives(idx) if positives is not None else None
         parts = clipn_loss(image_emb[idx], text_emb[idx], no_emb, scale, pos)
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         opt.step()
-        history.append({k: v.item() for k, v in parts.items()})
-        if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps}  " + "  ".join(f"{k} {v:.3f}" for k, v in history[-1].items()))
-    no_encoder.eval()
-    return history
+        return {k: v.item() for k, v in parts.items()}
+
+    no_encoder.train()
+    try:
+        return fit(step, batches, epochs=steps, checkpoint=checkpoint,
+                   state={"no_encoder": no_encoder, "optimizer": opt}, seed=seed,
+                   config={"positives": positives is not None}, progress=log_every > 0, log_every=max(1, log_every))
+    finally:
+        no_encoder.eval()
 
 
 def yes_no_logits(model: open_clip.CLIP, no_encoder: NoTextEncoder, image_emb: torch.Tensor,

@@ -188,6 +188,38 @@ def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
     return ckpt
 
 
+class IndexBatches:
+    """A loader of index batches for training on arrays held in memory, drawn from its own seeded ``generator``:
+    every pass shuffles the ``n`` samples (``torch.randperm``) and yields (B,) numpy index arrays of ``batch_size``
+    (the last one shorter); with ``steps``, a pass is instead ``steps`` batches of ``batch_size`` distinct samples,
+    each the start of a fresh permutation (random batches, as CLIP-style trainings draw them). Batches are drawn
+    as they are asked for, so a step may draw from ``generator`` too. :func:`fit` saves and restores
+    ``generator``, so a resumed run draws the same batches as an uninterrupted one.
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, steps: int | None = None):
+        if n < 1 or batch_size < 1 or (steps is not None and steps < 1):
+            raise ValueError(f"need n >= 1 samples, batch_size >= 1 and steps >= 1 (or None), got n={n}, "
+                             f"batch_size={batch_size}, steps={steps}.")
+        self.n, self.batch_size, self.steps = n, batch_size, steps
+        self.dataset = range(n)  # its length is part of fit's checkpoint fingerprint
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.steps if self.steps is not None else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        if self.steps is not None:
+            for _ in range(self.steps):
+                yield torch.randperm(self.n, generator=self.generator)[:self.batch_size].numpy()
+            return
+        order = torch.randperm(self.n, generator=self.generator).numpy()
+        for i in range(0, self.n, self.batch_size):
+            yield order[i:i + self.batch_size]
+
+
 def _summary(epoch: int, epochs: int, row: dict[str, float], seconds: float) -> str:
     losses = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
     return f"epoch {epoch}/{epochs}  {losses}  ({seconds:.1f} s)"

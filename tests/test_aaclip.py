@@ -200,17 +200,40 @@ def test_training_keeps_backbone_frozen(tiny):
     raw = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     h1 = aaclip.train_text_adapters(model, raw, masks.numpy() > 0, labels.numpy(), names, epochs=1, lr=1e-2,
                                     batch_size=4)
-    assert len(h1) == 1 and np.isfinite(h1[0])
+    assert len(h1) == 1 and h1[0]["epoch"] == 1 and np.isfinite(h1[0]["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(text_before, model.text_parameters()))
     assert all(torch.equal(a, b) for a, b in zip(image_before, model.image_parameters()))
     text_after = [p.clone() for p in model.text_parameters()]
     h2 = aaclip.train_image_adapters(model, images, masks, labels, names, epochs=1, lr=1e-2, batch_size=2)
-    assert len(h2) == 1 and np.isfinite(h2[0])
+    assert len(h2) == 1 and np.isfinite(h2[0]["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(image_before, model.image_parameters()))
     assert all(torch.equal(a, b) for a, b in zip(text_after, model.text_parameters()))
     for k, v in tiny.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(not p.requires_grad for p in tiny.parameters())
+
+
+@pytest.mark.parametrize("stage", ["text", "image"])
+def test_training_resumes_bit_exactly_from_a_checkpoint(tiny, tmp_path, stage):
+    """Three epochs in one go equal two epochs, an interruption (a fresh model and process state), then the third
+    from the checkpoint: the same parameters and the same history."""
+    train = aaclip.train_text_adapters if stage == "text" else aaclip.train_image_adapters
+    params = aaclip.AACLIP.text_parameters if stage == "text" else aaclip.AACLIP.image_parameters
+    images, masks, labels, names = toy_batch(n=6)
+    args = dict(lr=1e-2, batch_size=4, seed=3)
+    whole = make_model(tiny)
+    h_whole = train(whole, images, masks, labels, names, epochs=3, **args)
+    ckpt = tmp_path / f"{stage}.pt"
+    train(make_model(tiny), images, masks, labels, names, epochs=2, checkpoint=ckpt, **args)
+    torch.manual_seed(123)  # the interruption: other global random state, a freshly built model
+    resumed = make_model(tiny)
+    h_resumed = train(resumed, images, masks, labels, names, epochs=3, checkpoint=ckpt, **args)
+    assert h_resumed == h_whole
+    for a, b in zip(params(whole), params(resumed)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="different settings"):  # a stage-1 checkpoint is not a stage-2 one
+        other = aaclip.train_image_adapters if stage == "text" else aaclip.train_text_adapters
+        other(make_model(tiny), images, masks, labels, names, epochs=3, checkpoint=ckpt, **args)
 
 
 def test_training_checks_inputs(tiny):

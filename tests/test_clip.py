@@ -286,6 +286,29 @@ def test_no_encoder_starts_as_the_text_encoder_and_trains(model):
         clipn.train_no_encoder(model, no_enc, image_emb, data.captions[:3], steps=1)
 
 
+def test_no_encoder_training_resumes_bit_exactly(model, tmp_path):
+    """Six steps in one go equal four steps, an interruption (other global random state, a new encoder), then
+    the rest from the checkpoint."""
+    data = toyworld.sample(24, seed=0, image_size=32)
+    image_emb, _ = clip.encode_images(model, data.images)
+    args = dict(steps=6, batch_size=8, lr=3e-3, seed=5)
+
+    def fresh() -> clipn.NoTextEncoder:
+        torch.manual_seed(0)
+        return clipn.NoTextEncoder(model, n_prompts=4)
+
+    whole = fresh()
+    h_whole = clipn.train_no_encoder(model, whole, image_emb, data.captions, **args)
+    ckpt = tmp_path / "no.pt"
+    clipn.train_no_encoder(model, fresh(), image_emb, data.captions, checkpoint=ckpt, **(args | {"steps": 4}))
+    resumed = fresh()
+    torch.manual_seed(99)
+    h_resumed = clipn.train_no_encoder(model, resumed, image_emb, data.captions, checkpoint=ckpt, **args)
+    assert h_resumed == h_whole and len(h_whole) == 6
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
 def test_paper_data_readers(tmp_path):
     from PIL import Image
 

@@ -163,3 +163,14 @@ def test_loss_change_compares_the_last_two_fifths():
     assert train.loss_change([{"loss": 2.0}, {"loss": 1.0}]) == pytest.approx(-0.5)
     with pytest.raises(ValueError, match="at least 2 epochs"):
         train.loss_change([{"loss": 1.0}])
+
+
+def test_index_batches_cover_every_sample_once_per_pass() -> None:
+    loader = train.IndexBatches(10, 4, seed=0)
+    first, second = [b.tolist() for b in loader], [b.tolist() for b in loader]
+    assert len(loader) == 3 and [len(b) for b in first] == [4, 4, 2]
+    assert sorted(sum(first, [])) == list(range(10)) == sorted(sum(second, []))
+    assert first != second  # a new order every pass
+    assert [b.tolist() for b in train.IndexBatches(10, 4, seed=0)] == first
+    with pytest.raises(ValueError, match="batch_size"):
+        train.IndexBatches(10, 0)
