@@ -174,3 +174,9 @@ def test_index_batches_cover_every_sample_once_per_pass() -> None:
     assert [b.tolist() for b in train.IndexBatches(10, 4, seed=0)] == first
     with pytest.raises(ValueError, match="batch_size"):
         train.IndexBatches(10, 0)
+
+
+def test_index_batches_random_steps() -> None:
+    loader = train.IndexBatches(10, 4, seed=1, steps=3)
+    batches = [b.tolist() for b in loader]
+    assert len(loader) == 3 and len(batches) == 3 and all(len(set(b)) == 4 for b in batches)
