@@ -48,8 +48,19 @@ def notebooks_missing_from_toc(root: Path = ROOT) -> list[str]:
     )
 
 
-def repository_url(root: Path = ROOT) -> str:
-    return yaml.safe_load((root / "_config.yml").read_text())["repository"]["url"]
+def colab_install(root: Path = ROOT) -> str:
+    """What every Colab cell installs: the repository at the ref of ``_config.yml`` (``repository.branch``), the
+    same ref the Colab launch buttons and badges open the notebooks at, so notebook and library never drift
+    apart. A release sets that one line to its tag."""
+    repo = yaml.safe_load((root / "_config.yml").read_text())["repository"]
+    return f"adlib @ git+{repo['url']}@{repo['branch']}"
+
+
+def colab_badge(path: Path, root: Path = ROOT) -> str:
+    """The Colab URL of a chapter at the ref of ``_config.yml``."""
+    repo = yaml.safe_load((root / "_config.yml").read_text())["repository"]
+    slug = repo["url"].removeprefix("https://github.com/")
+    return f"https://colab.research.google.com/github/{slug}/blob/{repo['branch']}/{path.relative_to(root)}"
 
 
 def contract_problems(path: Path, repo_url: str | None = None) -> list[str]:
@@ -69,7 +80,7 @@ def contract_problems(path: Path, repo_url: str | None = None) -> list[str]:
     if not code or "google.colab" not in code[0].source:
         problems.append("the first code cell must be the Colab install cell (it checks 'google.colab')")
     elif repo_url and repo_url not in code[0].source:
-        problems.append(f"the Colab install cell must install from the repository in _config.yml ({repo_url})")
+        problems.append(f"the Colab install cell must install {repo_url!r} (the repository and ref of _config.yml)")
     text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     for heading in ("Results vs paper", "Summary", "Exercises"):
         if not re.search(rf"^#+ .*{heading}", text, re.M | re.I):

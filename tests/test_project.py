@@ -8,7 +8,7 @@ import nbformat
 import pytest
 import yaml
 
-from notebook_contract import (ROOT, contract_problems, notebooks_missing_from_toc, repository_url,
+from notebook_contract import (ROOT, colab_badge, colab_install, contract_problems, notebooks_missing_from_toc,
                                toc_files, toc_notebooks)
 
 
@@ -24,8 +24,14 @@ def test_every_notebook_is_in_the_toc():
 
 @pytest.mark.parametrize("path", toc_notebooks(), ids=lambda p: p.name)
 def test_chapter_contract(path):
-    problems = contract_problems(path, repository_url())
+    problems = contract_problems(path, colab_install())
     assert not problems, f"{path.relative_to(ROOT)} breaks the chapter contract:\n- " + "\n- ".join(problems)
+
+
+@pytest.mark.parametrize("path", [p for p in toc_notebooks() if p.parent.name == "notebooks"], ids=lambda p: p.name)
+def test_colab_badge_opens_the_chapter_at_the_installed_ref(path):
+    first = nbformat.read(path, as_version=4).cells[0].source
+    assert f"({colab_badge(path)})" in first, f"{path.name}: the Colab badge must link {colab_badge(path)}"
 
 
 def _tiny_book(tmp_path, cells):
