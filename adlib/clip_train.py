@@ -6,6 +6,7 @@ Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -13,12 +14,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import open_clip
 import torch
 
 from adlib import toyworld
+from adlib.train import RandomSteps, fit, steps_per_epoch
 from adlib.clip import (CLASS_TEMPLATES, TINY_CONFIG, TINY_WORLD, TRAIN_COMMAND, build_tiny_clip, save_clip, to_tensor,
                         tokenize, zero_shot_accuracy)
 
@@ -34,12 +36,15 @@ def train_tiny_clip(
     seed: int = 0,
     n_eval: int = 1000,
     config: dict | None = None,
-    log: Callable[[str], None] = print,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> dict:
     """Train a tiny CLIP with the CLIP contrastive loss on toy-world image-caption pairs and save it.
 
     ``config``: the model (default :data:`TINY_CONFIG`; its ViT image size sets the toy images' size);
-    ``log``: where progress lines go. Pairs come from ``toyworld.sample(n_pairs, seed, **TINY_WORLD)``
+    ``progress``: print progress lines (the loop is :func:`adlib.train.fit`, an epoch of
+    :func:`adlib.train.steps_per_epoch` steps); ``checkpoint``: a file to save to after every epoch and resume
+    from after an interruption. Pairs come from ``toyworld.sample(n_pairs, seed, **TINY_WORLD)``
     (defects rare and mostly unnamed);
     the learning rate warms up linearly for ``warmup`` steps, then follows a cosine to zero; the logit
     scale is clamped at ln(100) as in CLIP. After training, zero-shot shape accuracy is measured on
@@ -57,7 +62,8 @@ def train_tiny_clip(
     data = toyworld.sample(n_pairs, seed, **world)
     images = to_tensor(data.images)
     tokens = tokenize(data.captions, model)
-    log(f"generated {n_pairs} pairs in {time.time() - start:.0f} s")
+    if progress:
+        print(f"generated {n_pairs} pairs in {time.time() - start:.0f} s")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
@@ -65,10 +71,8 @@ def train_tiny_clip(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
     loss_fn = open_clip.ClipLoss()
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    running = 0.0
-    for step in range(steps):
+
+    def step(gen: torch.Generator) -> dict[str, float]:
         idx = torch.randint(0, n_pairs, (batch_size,), generator=gen)
         img = model.encode_image(images[idx], normalize=True)
         txt = model.encode_text(tokens[idx], normalize=True)
@@ -79,9 +83,14 @@ def train_tiny_clip(
         schedule.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
-        if (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps:
-            log(f"step {step + 1}/{steps}  loss {running:.3f}  {time.time() - start:.0f} s")
+        return {"loss": loss.item()}
+
+    per_epoch = steps_per_epoch(steps)
+    model.train()
+    history = fit(step, RandomSteps(per_epoch, seed), epochs=steps // per_epoch, checkpoint=checkpoint,
+                  state={"model": model, "optimizer": opt, "schedule": schedule}, seed=seed,
+                  config={"steps": steps, "lr": lr, "warmup": warmup, "n_pairs": n_pairs}, progress=progress,
+                  log_every=max(1, steps // 20 // per_epoch))
     model.eval()
     held = toyworld.sample(n_eval, seed + 1, **world)
     acc = zero_shot_accuracy(model, held.images, held.labels, toyworld.SHAPES)
@@ -90,12 +99,15 @@ def train_tiny_clip(
         "train": {"steps": steps, "batch_size": batch_size, "n_pairs": n_pairs, "lr": lr, "weight_decay": weight_decay,
                   "warmup": warmup, "seed": seed, "world": world, "torch": torch.__version__,
                   "open_clip": open_clip.__version__, "seconds": round(time.time() - start, 1),
+                  "final_loss": round(history[-1]["loss"], 4),
                   "threads": torch.get_num_threads()},
         "eval": {"n": n_eval, "seed": seed + 1, "zero_shot_shape_accuracy": round(acc, 4),
                  "templates": list(CLASS_TEMPLATES)},
     }
     meta["sha256"] = save_clip(model, out, config, meta)
-    log(f"zero-shot shape accuracy on {n_eval} held-out scenes: {acc:.3f}; saved {out} (sha256 {meta['sha256'][:12]}...)")
+    if progress:
+        print(f"zero-shot shape accuracy on {n_eval} held-out scenes: {acc:.3f}; saved {out} "
+              f"(sha256 {meta['sha256'][:12]}...)")
     return meta
 
 
@@ -113,13 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 was fastest on the shared 2-core build machine (2 threads oversubscribe)")
+    p.add_argument("--checkpoint", help="save here after every epoch; rerun with it to resume")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if Path(args.out).exists():
         print(f"error: {args.out} exists; choose another file or delete it first.", file=sys.stderr)
         return 2
-    meta = train_tiny_clip(args.out, steps=args.steps, batch_size=args.batch_size, n_pairs=args.pairs, seed=args.seed,
-                           n_eval=args.eval)
+    with contextlib.redirect_stdout(sys.stderr):  # progress on stderr: stdout is the registry entry
+        meta = train_tiny_clip(args.out, steps=args.steps, batch_size=args.batch_size, n_pairs=args.pairs,
+                               seed=args.seed, n_eval=args.eval, checkpoint=args.checkpoint)
     print(json.dumps(meta, indent=1))  # the fields of the file's entry in adlib/weights/registry.json
     return 0
 

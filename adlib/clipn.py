@@ -21,7 +21,7 @@ from torch import nn
 
 from adlib import metrics
 from adlib.clip import CLASS_TEMPLATES, class_embeddings, tokenize, zero_shot_logits
-from adlib.train import IndexBatches, fit
+from adlib.train import RandomSteps, fit
 
 # Hand-crafted negations in the spirit of the paper's baseline prompts (e.g. "a photo without {}"): what a frozen
 # text encoder makes of "no" without being taught it.
@@ -138,7 +138,7 @@ def train_no_encoder(
     ``image_emb`` (N, D): the frozen CLIP's unit image embeddings of the N captioned images (computed
     once, since the image encoder is frozen); ``captions``: N strings. ``positives(batch_indices)``
     returns the (B, B) match matrix of a batch (default: the diagonal). Each step draws a random batch and a
-    random prompt per caption (:class:`adlib.train.IndexBatches` with ``steps``). The loop is
+    random prompt per caption (from :class:`adlib.train.RandomSteps`' generator). The loop is
     :func:`adlib.train.fit` with one step per "epoch", so the history has one dict of losses per step (with its
     ``"epoch"`` = step number), ``log_every`` > 0 prints every that many steps, and ``checkpoint`` saves after
     every step and resumes from the file.
@@ -154,11 +154,11 @@ def train_no_encoder(
         text_emb = torch.cat([model.encode_text(tokens[i:i + 512], normalize=True) for i in range(0, len(tokens), 512)])
     scale = model.logit_scale.exp().detach()
     opt = torch.optim.AdamW([p for p in no_encoder.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    batches = IndexBatches(len(captions), batch_size, seed, steps=1)
     n_prompts = no_encoder.prompts.shape[0]
 
-    def step(idx: np.ndarray) -> dict[str, float]:
-        which = torch.randint(0, n_prompts + 1, (len(idx),), generator=batches.generator)
+    def step(gen: torch.Generator) -> dict[str, float]:
+        idx = torch.randperm(len(captions), generator=gen)[:batch_size].numpy()
+        which = torch.randint(0, n_prompts + 1, (len(idx),), generator=gen)
         no_emb = no_encoder(tokens[idx], which)
         pos = positives(idx) if positives is not None else None
         parts = clipn_loss(image_emb[idx], text_emb[idx], no_emb, scale, pos)
@@ -169,7 +169,7 @@ def train_no_encoder(
 
     no_encoder.train()
     try:
-        return fit(step, batches, epochs=steps, checkpoint=checkpoint,
+        return fit(step, RandomSteps(1, seed), epochs=steps, checkpoint=checkpoint,
                    state={"no_encoder": no_encoder, "optimizer": opt}, seed=seed,
                    config={"positives": positives is not None}, progress=log_every > 0, log_every=max(1, log_every))
     finally:

@@ -20,7 +20,9 @@ Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,6 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from adlib.download import sha256sum
+from adlib.train import RandomSteps, fit, steps_per_epoch
 from adlib.validation import bundled_image, patch_knn_scores, validation_set
 from adlib.ssl import nt_xent
 from adlib.backbones import Backbone, ViTStages, feature_extractor, vit_backbone
@@ -248,26 +251,29 @@ def shipped_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return (net.vit if isinstance(net, ViTStages) else net).state_dict()
 
 
-def train(recipe: Recipe, log_every: int = 100) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run ``recipe``; returns the trunk's state dict (float32) and a log (losses, seconds).
+def train(recipe: Recipe, log_every: int = 100, checkpoint: str | Path | None = None
+          ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run ``recipe``; returns the trunk's state dict (float32) and a log: ``history`` (:func:`adlib.train.fit`'s,
+    one row per epoch of :func:`adlib.train.steps_per_epoch` steps), ``loss`` (its losses) and ``seconds``.
+    ``log_every``: print about every that many steps (0: silent); ``checkpoint``: a file to save to after every
+    epoch and resume from after an interruption.
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)  # float sums depend on the thread count: fixed for repeatability
     try:
-        return _train(recipe, log_every)
+        return _train(recipe, log_every, checkpoint)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(recipe: Recipe, log_every: int) -> tuple[dict[str, torch.Tensor], dict]:
+def _train(recipe: Recipe, log_every: int, checkpoint: str | Path | None) -> tuple[dict[str, torch.Tensor], dict]:
     if recipe.kind not in KINDS:
         raise ValueError(f"Unknown recipe kind {recipe.kind!r}; choose from {KINDS}.")
     torch.manual_seed(recipe.seed)
-    gen = torch.Generator().manual_seed(recipe.seed)
     model = trunk(recipe)
-    log = {"loss": [], "seconds": 0.0}
+    log = {"history": [], "loss": [], "seconds": 0.0}
     if recipe.kind == "random" or recipe.steps == 0:
         return shipped_state(model), log
     # In train mode this probe also moves batch-norm statistics; the shipped weights include that step.
@@ -290,9 +296,9 @@ def _train(recipe: Recipe, log_every: int) -> tuple[dict[str, torch.Tensor], dic
     else:
         opt = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.1)
-    model.train()
     embed = lambda x: model(x)[-1].mean(dim=(2, 3))  # noqa: E731
-    for step in range(recipe.steps):
+
+    def step(gen: torch.Generator) -> dict[str, float]:
         loss = torch.zeros(())
         if use_fractal:
             idx = torch.randint(len(images), (recipe.batch_size,), generator=gen)
@@ -307,10 +313,16 @@ def _train(recipe: Recipe, log_every: int) -> tuple[dict[str, torch.Tensor], dic
         loss.backward()
         opt.step()
         sched.step()
-        log["loss"].append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{recipe.steps} loss {np.mean(log['loss'][-log_every:]):.3f} "
-                  f"{time.perf_counter() - start:.0f} s", flush=True)
+        return {"loss": loss.item()}
+
+    per_epoch = steps_per_epoch(recipe.steps)
+    model.train()
+    log["history"] = fit(step, RandomSteps(per_epoch, recipe.seed), epochs=recipe.steps // per_epoch,
+                         checkpoint=checkpoint, state={"model": model, "heads": heads, "optimizer": opt,
+                                                       "schedule": sched},
+                         seed=recipe.seed, config=asdict(recipe), progress=log_every > 0,
+                         log_every=max(1, log_every // per_epoch))
+    log["loss"] = [row["loss"] for row in log["history"]]
     log["seconds"] = time.perf_counter() - start
     return shipped_state(model.eval()), log
 
@@ -367,15 +379,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, help="override the peak learning rate")
     parser.add_argument("--crop", type=int, help="override the training crop size in pixels")
     parser.add_argument("--validate", action="store_true", help="print patch-kNN AUROC on the validation set")
+    parser.add_argument("--checkpoint", help="save here after every epoch; rerun with it to resume")
     args = parser.parse_args(argv)
     recipe = RECIPES[args.recipe]
     overrides = {"steps": args.steps, "n_classes": args.n_classes, "per_class": args.per_class,
                  "batch_size": args.batch_size, "lr": args.lr, "crop": args.crop}
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
-    state, log = train(recipe)
+    with contextlib.redirect_stdout(sys.stderr):  # progress on stderr: stdout is the JSON summary
+        state, log = train(recipe, checkpoint=args.checkpoint)
     sha = save_weights(state, args.out)
     summary = {"recipe": asdict(recipe), "seconds": round(log["seconds"], 1), "sha256": sha,
-               "final_loss": float(np.mean(log["loss"][-50:])) if log["loss"] else None}
+               "final_loss": log["loss"][-1] if log["loss"] else None}  # the last epoch's mean
     if args.validate:
         model = validation_model(recipe, args.out)
         scores = patch_knn_scores(model, validation_set())

@@ -189,35 +189,59 @@ def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
 
 
 class IndexBatches:
-    """A loader of index batches for training on arrays held in memory, drawn from its own seeded ``generator``:
-    every pass shuffles the ``n`` samples (``torch.randperm``) and yields (B,) numpy index arrays of ``batch_size``
-    (the last one shorter); with ``steps``, a pass is instead ``steps`` batches of ``batch_size`` distinct samples,
-    each the start of a fresh permutation (random batches, as CLIP-style trainings draw them). Batches are drawn
-    as they are asked for, so a step may draw from ``generator`` too. :func:`fit` saves and restores
-    ``generator``, so a resumed run draws the same batches as an uninterrupted one.
+    """A loader of index batches for training on arrays held in memory: every pass draws a new order of the ``n``
+    samples (``torch.randperm`` with its own seeded ``generator``) and yields (B,) numpy index arrays of
+    ``batch_size`` (the last one shorter). :func:`fit` saves and restores ``generator``, so a resumed run draws
+    the same batches as an uninterrupted one.
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, steps: int | None = None):
-        if n < 1 or batch_size < 1 or (steps is not None and steps < 1):
-            raise ValueError(f"need n >= 1 samples, batch_size >= 1 and steps >= 1 (or None), got n={n}, "
-                             f"batch_size={batch_size}, steps={steps}.")
-        self.n, self.batch_size, self.steps = n, batch_size, steps
+    def __init__(self, n: int, batch_size: int, seed: int = 0):
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"need n >= 1 samples and batch_size >= 1, got n={n}, batch_size={batch_size}.")
+        self.n, self.batch_size = n, batch_size
         self.dataset = range(n)  # its length is part of fit's checkpoint fingerprint
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return self.steps if self.steps is not None else -(-self.n // self.batch_size)
+        return -(-self.n // self.batch_size)
 
     def __iter__(self):
-        if self.steps is not None:
-            for _ in range(self.steps):
-                yield torch.randperm(self.n, generator=self.generator)[:self.batch_size].numpy()
-            return
         order = torch.randperm(self.n, generator=self.generator).numpy()
-        for i in range(0, self.n, self.batch_size):
-            yield order[i:i + self.batch_size]
+        return iter([order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)])
+
+
+class RandomSteps:
+    """A loader for trainings that draw each step's batch themselves (random pairs, crops, augmentations): a pass
+    is ``steps`` steps, and each step receives the loader's seeded ``generator`` to draw from. :func:`fit` saves and
+    restores it, so a resumed run draws what an uninterrupted one would.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    """
+
+    def __init__(self, steps: int, seed: int = 0):
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}.")
+        self.steps = steps
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        return iter([self.generator] * self.steps)
+
+
+def steps_per_epoch(steps: int, at_most: int = 100) -> int:
+    """The largest divisor of ``steps`` up to ``at_most``: how many steps a step-counted training puts in one
+    :func:`fit` epoch (one checkpoint and one history row per epoch).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    return max(d for d in range(1, min(steps, at_most) + 1) if steps % d == 0)
 
 
 def _summary(epoch: int, epochs: int, row: dict[str, float], seconds: float) -> str:

@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from adlib import backbones, clip, clip_train, clipn, toyworld, winclip
 from adlib.download import sha256sum
+from test_train import Interrupted, interrupted_after
 
 SMALL = {
     "embed_dim": 16,
@@ -139,6 +140,19 @@ def test_train_tiny_command_smoke(tmp_path, monkeypatch):
     card = clip.tiny_clip_card(out)
     assert card["train"]["steps"] == 2 and card["sha256"] == sha256sum(out)
     clip.load_tiny_clip(out)
+
+
+def test_tiny_clip_training_resumes_bit_exactly_after_an_interruption(tmp_path, monkeypatch):
+    monkeypatch.setattr(clip_train, "steps_per_epoch", lambda steps: 2)  # 2 epochs of 2 steps
+    args = dict(steps=4, batch_size=8, n_pairs=16, warmup=1, n_eval=10, config=SMALL, progress=False)
+    clip_train.train_tiny_clip(tmp_path / "whole.safetensors", **args)
+    ckpt = tmp_path / "ckpt.pt"
+    with interrupted_after(3), pytest.raises(Interrupted):
+        clip_train.train_tiny_clip(tmp_path / "never.safetensors", checkpoint=ckpt, **args)
+    clip_train.train_tiny_clip(tmp_path / "resumed.safetensors", checkpoint=ckpt, **args)
+    whole, resumed = (clip.load_tiny_clip(tmp_path / f"{n}.safetensors").state_dict() for n in ("whole", "resumed"))
+    for k, v in whole.items():
+        assert torch.equal(v, resumed[k]), k
 
 
 def test_load_open_clip_from_a_local_state_dict(tmp_path, model):

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from test_train import Interrupted, interrupted_after
 import torch
 from safetensors.torch import load_file
 
@@ -85,6 +86,19 @@ def test_smoke_run_of_the_vit_command_loads_as_a_vit(tmp_path, capsys):
     assert [m.shape for m in maps] == [(2, 192, 16, 16)] * 2
     with pytest.raises(ValueError, match="lack"):  # a 12-block ViT cannot be filled from 4 trained blocks
         backbones.vit_backbone(recipe.arch, 64, weights=str(out), patch_size=recipe.patch_size)
+
+
+def test_pretraining_resumes_bit_exactly_after_an_interruption(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain, "steps_per_epoch", lambda steps: 2)  # 3 epochs of 2 steps
+    recipe = pretrain.Recipe("fractal_simclr", steps=6, batch_size=4, n_classes=3, per_class=2)
+    whole, log = pretrain.train(recipe, log_every=0)
+    ckpt = tmp_path / "ckpt.pt"
+    with interrupted_after(4), pytest.raises(Interrupted):  # during the third epoch
+        pretrain.train(recipe, log_every=0, checkpoint=ckpt)
+    resumed, log_resumed = pretrain.train(recipe, log_every=0, checkpoint=ckpt)
+    assert log_resumed["loss"] == log["loss"] and len(log["history"]) == 3
+    for k, v in whole.items():
+        assert torch.equal(v, resumed[k]), k
 
 
 def test_unknown_recipe_kind_is_refused():

@@ -1,6 +1,8 @@
 """adlib.train.fit: per-epoch means, exact resume after an interruption, refusal of foreign checkpoints."""
 from __future__ import annotations
 
+import contextlib
+
 import random
 
 import numpy as np
@@ -176,7 +178,30 @@ def test_index_batches_cover_every_sample_once_per_pass() -> None:
         train.IndexBatches(10, 0)
 
 
-def test_index_batches_random_steps() -> None:
-    loader = train.IndexBatches(10, 4, seed=1, steps=3)
-    batches = [b.tolist() for b in loader]
-    assert len(loader) == 3 and len(batches) == 3 and all(len(set(b)) == 4 for b in batches)
+def test_random_steps_and_steps_per_epoch() -> None:
+    loader = train.RandomSteps(3, seed=1)
+    assert len(loader) == 3 and all(g is loader.generator for g in loader)
+    assert [train.steps_per_epoch(n) for n in (3000, 600, 7, 250, 1)] == [100, 100, 7, 50, 1]
+    with pytest.raises(ValueError, match="steps"):
+        train.RandomSteps(0)
+
+
+class Interrupted(Exception):
+    """What :func:`interrupted_after` raises: a disconnect in the middle of a training."""
+
+
+@contextlib.contextmanager
+def interrupted_after(n_steps: int):
+    """Every :class:`adlib.train.RandomSteps` loader raises :class:`Interrupted` at its ``n_steps + 1``-th step."""
+    original, count = train.RandomSteps.__iter__, [0]
+
+    def iterate(self):
+        for item in original(self):
+            count[0] += 1
+            if count[0] > n_steps:
+                raise Interrupted
+            yield item
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.RandomSteps, "__iter__", iterate)
+        yield
