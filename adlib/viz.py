@@ -266,8 +266,9 @@ def quality_vs_cost(table: pd.DataFrame, metric: str = "aupro", ax: Axes | None 
     # A percentile interval need not contain the exact estimate on a tiny test set: clip the bars at the point.
     err = np.clip(np.vstack([y - table[f"{metric}_low"], table[f"{metric}_high"] - y]), 0, None)
     ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
-    for name, xi, yi in zip(table.index, x, y):
-        ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    # Labels alternate above and below the points in order of cost, so that neighbours do not overprint.
+    for k, (xi, yi, name) in enumerate(sorted(zip(x, y, table.index))):
+        ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(5, 4 if k % 2 else -11), fontsize=9)
     ax.set(xscale="log", xlabel="seconds per category (fit + predict, log scale)", ylabel=metric.replace("_", " "))
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
