@@ -186,14 +186,7 @@ def sweep(root: str | Path, names: Sequence[str] = tuple(SWEEP), categories: Seq
     unknown = [n for n in names if n not in SWEEP]
     if unknown:
         raise ValueError(f"Unknown bench method {unknown[0]!r}; choose from {sorted(SWEEP)}.")
-    available = data.categories(root)
-    if not available:
-        raise FileNotFoundError(f"No category folders (with train/ or test/) under {root}. Expected layout:\n"
-                                f"{data.LAYOUT}")
-    cats = list(categories or available)
-    missing = [c for c in cats if c not in available]
-    if missing:
-        raise ValueError(f"Unknown category {missing[0]!r} in {root}. Available categories: {available}.")
+    cats = data.select_categories(root, categories)
     jobs = [(n, c, s) for n in names for c in cats for s in seeds]
     return Parallel(n_jobs=n_jobs)(
         delayed(run_one)(n, root, c, seed=s, image_size=image_size, backbone=backbone, device=device, keep=keep,

@@ -88,14 +88,7 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
     """
     root = Path(root)
     detectors.detector_class(method)  # an unknown method fails before any data is read
-    available = data.categories(root)
-    if not available:
-        raise FileNotFoundError(f"No category folders (with train/ or test/) under {root}. Expected layout:\n"
-                                f"{data.LAYOUT}")
-    cats = list(categories or available)
-    unknown = [c for c in cats if c not in available]
-    if unknown:
-        raise ValueError(f"Unknown category {unknown[0]!r} in {root}. Available categories: {available}.")
+    cats = data.select_categories(root, categories)
     device = str(choose_device(device))
     seed_everything(seed)
     uses_backbone = "backbone" in inspect.signature(detectors.detector_class(method)).parameters

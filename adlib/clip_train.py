@@ -53,6 +53,8 @@ def train_tiny_clip(
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
     """
+    if Path(out).exists():  # before the training, not after it
+        raise FileExistsError(f"{out} exists; choose another file or delete it first.")
     config = copy.deepcopy(config or TINY_CONFIG)
     start = time.time()
     torch.manual_seed(seed)
@@ -128,12 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="save here after every epoch; rerun with it to resume")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if Path(args.out).exists():
-        print(f"error: {args.out} exists; choose another file or delete it first.", file=sys.stderr)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # progress on stderr: stdout is the registry entry
+            meta = train_tiny_clip(args.out, steps=args.steps, batch_size=args.batch_size, n_pairs=args.pairs,
+                                   seed=args.seed, n_eval=args.eval, checkpoint=args.checkpoint)
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    with contextlib.redirect_stdout(sys.stderr):  # progress on stderr: stdout is the registry entry
-        meta = train_tiny_clip(args.out, steps=args.steps, batch_size=args.batch_size, n_pairs=args.pairs,
-                               seed=args.seed, n_eval=args.eval, checkpoint=args.checkpoint)
     print(json.dumps(meta, indent=1))  # the fields of the file's entry in adlib/weights/registry.json
     return 0
 

@@ -185,6 +185,22 @@ def categories(root: str | Path) -> list[str]:
     )
 
 
+def select_categories(root: str | Path, wanted: Sequence[str] | None = None) -> list[str]:
+    """``wanted`` (None: every category under ``root``), each checked to exist there; an error names the expected
+    layout when ``root`` has no category, and the available ones when a name is unknown.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    available = categories(root)
+    if not available:
+        raise FileNotFoundError(f"No category folders (with train/ or test/) under {root}. Expected layout:\n"
+                                f"{LAYOUT}")
+    unknown = [c for c in wanted or () if c not in available]
+    if unknown:
+        raise ValueError(f"Unknown category {unknown[0]!r} in {root}. Available categories: {available}.")
+    return list(wanted or available)
+
+
 class MVTecDataset(Dataset):
     """One category of an MVTec-format folder (MVTec AD, BTAD, MPDD, converted VisA, SynthTex, your own).
 

@@ -350,3 +350,10 @@ def test_paper_data_readers(tmp_path):
         clip.read_image_folder(folder)
     with pytest.raises(FileNotFoundError, match="Download"):
         clip.read_image_folder(tmp_path / "nothing")
+
+
+def test_train_tiny_refuses_an_existing_file_before_training(tmp_path, capsys):
+    out = tmp_path / "mine.safetensors"
+    out.write_bytes(b"a user's file")
+    assert clip_train.main(["--out", str(out), "--steps", "1"]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == b"a user's file"
