@@ -400,7 +400,8 @@ def train_image_adapters(
 
 def _train_epochs(model: AACLIP, parameters: Iterable[torch.nn.Parameter],
                   batch_loss: Callable[[np.ndarray], torch.Tensor], n: int, epochs: int, lr: float, batch_size: int,
-                  seed: int, stage: str, checkpoint: str | os.PathLike | None, progress: bool) -> list[dict[str, float]]:
+                  seed: int, stage: str, checkpoint: str | os.PathLike | None, progress: bool
+                  ) -> list[dict[str, float]]:
     """The loop both stages share, through :func:`adlib.train.fit`: Adam with betas (0.5, 0.999) as the official
     code, seeded shuffled batches of indices into the n training images (:class:`adlib.train.IndexBatches`),
     ``batch_loss(idx)`` per batch. With ``checkpoint`` it saves the trained parameters and the optimiser after

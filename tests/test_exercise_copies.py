@@ -20,7 +20,8 @@ def test_strip_solutions_hand_case() -> None:
             "```{solution} ex-1\n:class: dropdown\nLike this:\n```python\nx = 1\n```\nDone.\n```\n\n"
             "```{exercise} Two\n:label: ex-2\nAgain.\n```\n")
     assert exercise_copies.strip_solutions(text) == (
-        "## Exercises\n\n```{exercise} One\n:label: ex-1\nDo it.\n```\n\n```{exercise} Two\n:label: ex-2\nAgain.\n```\n")
+        "## Exercises\n\n```{exercise} One\n:label: ex-1\nDo it.\n```\n\n"
+        "```{exercise} Two\n:label: ex-2\nAgain.\n```\n")
     with pytest.raises(ValueError, match="not closed"):
         exercise_copies.strip_solutions("```{solution} ex-1\nunfinished\n")
 
