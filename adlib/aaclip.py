@@ -322,6 +322,7 @@ def train_text_adapters(
     lr: float = 1e-5,
     batch_size: int = 16,
     disentangle_weight: float = 0.1,
+    image_loss: bool = False,
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     progress: bool = False,
@@ -331,10 +332,10 @@ def train_text_adapters(
 
     ``images`` (N, H, W, 3) uint8 or (N, 3, S, S) normalised, ``masks`` (N, H, W) in {0, 1} at the
     model's input size, ``labels`` (N,) 0 = normal, 1 = anomalous, ``names`` the object name of each
-    image. Per batch: image-level cross-entropy of the class embedding against the two anchors (paper),
-    the segmentation loss of the (patch + class) features against the anchors (official code, last
-    layer), and ``disentangle_weight`` times the disentangle loss. Adam with betas (0.5, 0.999) as the
-    official code; defaults are its values.
+    image. Per batch, as the official ``train_text_adapter``: the segmentation loss of the (patch + class)
+    features against the anchors (last layer) and ``disentangle_weight`` times the disentangle loss;
+    ``image_loss=True`` adds the image-level cross-entropy of the class embedding against the two anchors that
+    the paper's text describes. Adam with betas (0.5, 0.999); the defaults are the official code's values.
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
@@ -348,12 +349,14 @@ def train_text_adapters(
         per_name = {n: model.anchors(n) for n in dict.fromkeys(batch_names)}
         anchors = torch.stack([per_name[n] for n in batch_names])  # (B, 2, D)
         probs = similarity_probs(patches, anchors, scale, size)
-        logits = scale * torch.einsum("nd,nkd->nk", image_emb, anchors)
-        return (F.cross_entropy(logits, label) + segmentation_loss(probs, mask)
-                + disentangle_weight * disentangle_loss(anchors))
+        loss = segmentation_loss(probs, mask)
+        if image_loss:
+            loss = F.cross_entropy(scale * torch.einsum("nd,nkd->nk", image_emb, anchors), label) + loss
+        return loss + disentangle_weight * disentangle_loss(anchors)
 
     return _train_epochs(model, model.text_parameters(), batch_loss, len(images), epochs, lr, batch_size, seed,
-                         "text adapters", checkpoint, progress)
+                         f"text adapters (image loss {image_loss}, disentangle {disentangle_weight})", checkpoint,
+                         progress)
 
 
 def train_image_adapters(

@@ -236,6 +236,16 @@ def test_training_resumes_bit_exactly_from_a_checkpoint(tiny, tmp_path, stage):
         other(make_model(tiny), images, masks, labels, names, epochs=3, checkpoint=ckpt, **args)
 
 
+def test_stage1_loss_is_the_official_one_unless_the_image_term_is_asked_for(tiny):
+    """With a vanishing learning rate the two runs see the same model, so the difference of their losses is the
+    image-level cross-entropy, which is positive."""
+    images, masks, labels, names = toy_batch()
+    args = dict(epochs=1, lr=1e-12, batch_size=4)
+    official = aaclip.train_text_adapters(make_model(tiny), images, masks, labels, names, **args)[0]["loss"]
+    with_ce = aaclip.train_text_adapters(make_model(tiny), images, masks, labels, names, image_loss=True, **args)
+    assert with_ce[0]["loss"] > official > 0
+
+
 def test_training_checks_inputs(tiny):
     images, masks, labels, names = toy_batch()
     with pytest.raises(ValueError, match="one entry per sample"):
