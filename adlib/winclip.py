@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from adlib.arrays import as_images
 from adlib.clip import encode_images, encode_texts, load_open_clip, load_tiny_clip
-from adlib.detectors import FeatureDetector, postprocess
+from adlib.detectors import FeatureDetector
 
 #: WinCLIP's compositional prompt ensemble (Jeong et al. 2023, as in anomalib's ``winclip/prompting.py``):
 #: every state is put into every template; the ensemble's mean embedding is the text anchor.
@@ -101,16 +101,14 @@ class WinCLIPDetector(FeatureDetector):
             self.clip_model = load_open_clip(name, pretrained or "openai")[0]
         self.clip_model = self.clip_model.to(device).eval()  # not self.model: nothing to save
 
-    def fit(self, images: Any) -> "WinCLIPDetector":
-        self.image_shape = tuple(as_images(images).shape[-2:])
-        return self
+    # The protocol's hooks: the "features" are the images themselves, and nothing is learnt from the normal ones.
+    def features(self, images: Any) -> torch.Tensor:
+        return as_images(images).cpu()
 
-    def predict(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
-        if self.image_shape is None:
-            raise RuntimeError("Call fit(normal_images) before predict() (WinCLIPDetector is not fitted).")
-        x = as_images(images)
-        if tuple(x.shape[-2:]) != self.image_shape:
-            raise ValueError(f"images are {tuple(x.shape[-2:])} px, the detector was fitted on {self.image_shape}.")
-        uint8 = (x.cpu() * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    def fit_features(self, images: torch.Tensor) -> None:
+        pass
+
+    def score_features(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        uint8 = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
         scores, maps = winclip_scores(self.clip_model, uint8, self.object_name)
-        return postprocess(maps, self.image_shape, self.sigma, scores)
+        return maps, scores  # maps at image size already: the shared post-processing only blurs them
