@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from adlib import claims, data, detectors, metrics
 from adlib.train import seed_everything
@@ -85,9 +84,7 @@ class PixelCounts:
             hist = np.bincount(index.ravel(), weights.ravel(), minlength=n * (t + 1)).reshape(n, t + 1)
             return np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
 
-        structure = np.zeros((3, 3, 3), dtype=int)
-        structure[1] = 1  # 8-connected regions within each image, as metrics.pro_curve
-        labels, n_regions = ndimage.label(m, structure=structure)
+        labels, n_regions = metrics.defect_regions(m)
         inverse_size = np.zeros(n_regions + 1)
         inverse_size[1:] = 1.0 / np.bincount(labels.ravel(), minlength=n_regions + 1)[1:]
         regions = np.array([len(np.unique(image[image > 0])) for image in labels], dtype=np.float64)

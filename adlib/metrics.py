@@ -169,6 +169,21 @@ def fpr_at_tpr(labels: Any, scores: Any, tpr: float = 0.95) -> float:
     return float(fprs[np.argmax(tprs >= tpr)])
 
 
+def defect_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """The ground-truth regions of ``masks`` (N, H, W): labels (N, H, W), 0 outside every region, and their number.
+
+    As the official MVTec AD evaluation, a region is an 8-connected component of one image's mask; labels are
+    unique across images.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    # A 3-D structure that is 3x3 ones in the middle plane only labels each image in 2-D with
+    # 8-connectivity in one call.
+    structure = np.zeros((3, 3, 3), dtype=int)
+    structure[1] = 1
+    return ndimage.label(np.asarray(masks) > 0, structure=structure)
+
+
 def pro_curve(masks: Any, maps: Any, num_thresholds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The per-region-overlap (PRO) curve: ``masks`` (N, H, W) in {0, 1}, ``maps`` (N, H, W) -> (fpr, pro).
 
@@ -186,11 +201,7 @@ def pro_curve(masks: Any, maps: Any, num_thresholds: int | None = None) -> tuple
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
     m, a = _check_masks_maps(masks, maps)
-    # A 3-D structure that is 3x3 ones in the middle plane only labels each image in 2-D with
-    # 8-connectivity (as the official code) in one call, with labels unique across images.
-    structure = np.zeros((3, 3, 3), dtype=int)
-    structure[1] = 1
-    regions, num_regions = ndimage.label(m, structure=structure)
+    regions, num_regions = defect_regions(m)
     # Adding one pixel of region k to the positives raises that region's overlap by 1/|k|.
     pro_step = 1.0 / np.bincount(regions.ravel(), minlength=num_regions + 1)
     pro_step[0] = 0.0

@@ -312,3 +312,12 @@ def test_pixel_metric_errors():
         metrics.evaluate([0, 1], [0.1, 0.2], masks=masks)
     with pytest.raises(ValueError, match="one entry per sample"):
         metrics.evaluate([0, 1, 0], [0.1, 0.2, 0.3], masks, maps)
+
+
+def test_defect_regions_are_8_connected_per_image():
+    masks = np.zeros((2, 4, 4), np.uint8)
+    masks[0, 0, 0] = masks[0, 1, 1] = 1  # diagonal neighbours: one region
+    masks[0, 3, 3] = 1                   # a second region
+    masks[1, 0, 0] = 1                   # the same place in another image: its own region
+    labels, n = metrics.defect_regions(masks)
+    assert n == 3 and labels[0, 0, 0] == labels[0, 1, 1] != labels[0, 3, 3] and labels[1, 0, 0] not in (0, labels[0, 0, 0])
