@@ -30,6 +30,9 @@ NO_TEMPLATES: tuple[str, ...] = ("a photo without a {}.", "a photo with no {}.",
 class NoTextEncoder(nn.Module):
     """CLIPN's "no" text encoder: a trainable copy of CLIP's text tower plus learnable no-prompts.
 
+    Every parameter is trainable, whether or not the CLIP it copies was frozen before (a frozen source used
+    to give frozen copies, so only the prompts trained).
+
     ``n_prompts`` prompt tensors of shape (L, width), initialised to zero, are added to the token and
     position embeddings (as the official code does). Training draws one of the ``n_prompts`` prompts or
     their mean per caption; inference uses the mean. ``forward``: (T, L) tokens -> (T, D) unit embeddings.
@@ -52,6 +55,7 @@ class NoTextEncoder(nn.Module):
         self.eos_token_id = getattr(model, "text_eos_id", None)
         length, width = model.positional_embedding.shape
         self.prompts = nn.Parameter(torch.zeros(n_prompts, length, width))
+        self.requires_grad_(True)  # the copies train even when the source CLIP was frozen first
 
     def forward(self, tokens: torch.Tensor, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
         """``prompt_index`` (T,) in [0, n_prompts]: which prompt each caption gets (n_prompts = the mean);

@@ -1,6 +1,7 @@
 """Tests of adlib.clip: encodings, weights on disk, WinCLIP-style scores, CLIPN losses and scores."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -133,12 +134,17 @@ def test_train_tiny_command_smoke(tmp_path, monkeypatch):
     out = tmp_path / "tiny.safetensors"
     n_threads = torch.get_num_threads()
     try:
-        assert clip_train.main(["--out", str(out), "--steps", "2", "--batch-size", "8", "--pairs", "16",
-                                "--eval", "10", "--threads", "1"]) == 0
+        argv = ["--out", str(out), "--steps", "2", "--batch-size", "8", "--pairs", "16", "--eval", "10",
+                "--threads", "1", "--defect-rate", "0.5", "--name-defect-rate", "1"]
+        assert clip_train.main(argv) == 0
     finally:
         torch.set_num_threads(n_threads)
     card = clip.tiny_clip_card(out)
     assert card["train"]["steps"] == 2 and card["sha256"] == sha256sum(out)
+    assert card["train"]["world"] == {"defect_rate": 0.5, "name_defect_rate": 1.0, "image_size": 32}
+    # The settings that differ from the defaults; --out and --threads do not change the weights.
+    assert card["command"] == (clip.TRAIN_COMMAND + " --steps 2 --batch-size 8 --pairs 16 --eval 10 "
+                               "--defect-rate 0.5 --name-defect-rate 1.0")
     clip.load_tiny_clip(out)
 
 
@@ -298,6 +304,13 @@ def test_no_encoder_starts_as_the_text_encoder_and_trains(model):
     assert yes.shape == no.shape == (24, 2)
     with pytest.raises(ValueError, match="one caption per image"):
         clipn.train_no_encoder(model, no_enc, image_emb, data.captions[:3], steps=1)
+
+
+def test_no_encoder_copies_train_even_from_a_frozen_clip(model):
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    encoder = clipn.NoTextEncoder(frozen, n_prompts=2)
+    assert all(p.requires_grad for p in encoder.parameters())
+    assert not any(p.requires_grad for p in frozen.parameters())
 
 
 def test_no_encoder_training_resumes_bit_exactly(model, tmp_path):
