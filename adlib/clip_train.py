@@ -27,7 +27,7 @@ from adlib.clip import (CLASS_TEMPLATES, TINY_CONFIG, TINY_WORLD, TRAIN_COMMAND,
 def train_tiny_clip(
     out: str | os.PathLike,
     *,
-    steps: int = 3000,
+    steps: int = 6000,
     batch_size: int = 128,
     n_pairs: int = 20_000,
     lr: float = 1e-3,
@@ -36,16 +36,18 @@ def train_tiny_clip(
     seed: int = 0,
     n_eval: int = 1000,
     config: dict | None = None,
+    world: dict | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
+    command: str = TRAIN_COMMAND,
 ) -> dict:
     """Train a tiny CLIP with the CLIP contrastive loss on toy-world image-caption pairs and save it.
 
     ``config``: the model (default :data:`TINY_CONFIG`; its ViT image size sets the toy images' size);
+    ``world``: the toy-world settings of the captions (default :data:`TINY_WORLD`: defects rare and mostly unnamed);
     ``progress``: print progress lines (the loop is :func:`adlib.train.fit`, an epoch of
     :func:`adlib.train.steps_per_epoch` steps); ``checkpoint``: a file to save to after every epoch and resume
-    from after an interruption. Pairs come from ``toyworld.sample(n_pairs, seed, **TINY_WORLD)``
-    (defects rare and mostly unnamed);
+    from after an interruption. Pairs come from ``toyworld.sample(n_pairs, seed, **world)``;
     the learning rate warms up linearly for ``warmup`` steps, then follows a cosine to zero; the logit
     scale is clamped at ln(100) as in CLIP. After training, zero-shot shape accuracy is measured on
     ``n_eval`` held-out scenes (seed + 1) and written, with the training settings, into the file's metadata
@@ -60,7 +62,7 @@ def train_tiny_clip(
     torch.manual_seed(seed)
     model = build_tiny_clip(config)
     size = config["vision_cfg"]["image_size"]
-    world = dict(TINY_WORLD, image_size=size)
+    world = dict(TINY_WORLD if world is None else world, image_size=size)
     data = toyworld.sample(n_pairs, seed, **world)
     images = to_tensor(data.images)
     tokens = tokenize(data.captions, model)
@@ -97,7 +99,7 @@ def train_tiny_clip(
     held = toyworld.sample(n_eval, seed + 1, **world)
     acc = zero_shot_accuracy(model, held.images, held.labels, toyworld.SHAPES)
     meta = {
-        "command": TRAIN_COMMAND,
+        "command": command,
         "train": {"steps": steps, "batch_size": batch_size, "n_pairs": n_pairs, "lr": lr, "weight_decay": weight_decay,
                   "warmup": warmup, "seed": seed, "world": world, "torch": torch.__version__,
                   "open_clip": open_clip.__version__, "seconds": round(time.time() - start, 1),
@@ -113,6 +115,15 @@ def train_tiny_clip(
     return meta
 
 
+def _command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The canonical command of these settings: :data:`TRAIN_COMMAND` plus every setting that is not the default.
+
+    ``--out``, ``--checkpoint`` and ``--threads`` do not change the weights, so they stay out of it."""
+    changed = [f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items()
+               if name not in ("out", "checkpoint", "threads") and value != parser.get_default(name)]
+    return " ".join([TRAIN_COMMAND, *changed])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m adlib.clip_train --out PATH [--steps N ...]``: (re)train the tiny CLIP.
 
@@ -120,11 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     p = argparse.ArgumentParser(prog="python -m adlib.clip_train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="file to write (.safetensors); refused if it exists")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--pairs", type=int, default=20_000)
     p.add_argument("--eval", type=int, default=1000, help="held-out scenes for the zero-shot accuracy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--defect-rate", type=float, default=TINY_WORLD["defect_rate"],
+                   help="share of training scenes with a defect")
+    p.add_argument("--name-defect-rate", type=float, default=TINY_WORLD["name_defect_rate"],
+                   help="share of the defective scenes whose caption names the defect")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 was fastest on the shared 2-core build machine (2 threads oversubscribe)")
     p.add_argument("--checkpoint", help="save here after every epoch; rerun with it to resume")
@@ -133,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # progress on stderr: stdout is the registry entry
             meta = train_tiny_clip(args.out, steps=args.steps, batch_size=args.batch_size, n_pairs=args.pairs,
-                                   seed=args.seed, n_eval=args.eval, checkpoint=args.checkpoint)
+                                   seed=args.seed, n_eval=args.eval, checkpoint=args.checkpoint,
+                                   world={"defect_rate": args.defect_rate, "name_defect_rate": args.name_defect_rate},
+                                   command=_command(p, args))
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
