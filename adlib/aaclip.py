@@ -20,6 +20,7 @@ Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, Iterable, Sequence
@@ -32,7 +33,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from adlib.clip import encode_images, image_size, load_open_clip, to_tensor, tokenize
+from adlib.clip import encode_images, image_size, load_open_clip, to_tensor
 from adlib.train import IndexBatches, fit
 
 #: The official prompt states and templates (``dataset/constants.py``): 3 x 2 normal, 5 x 2 anomalous prompts.
@@ -50,6 +51,12 @@ def prompts(object_name: str) -> tuple[list[str], list[str]]:
     normal = [t.format(s.format(object_name)) for s in NORMAL_STATES for t in TEMPLATES]
     anomalous = [t.format(s.format(object_name)) for s in ANOMALOUS_STATES for t in TEMPLATES]
     return normal, anomalous
+
+
+@functools.lru_cache(maxsize=None)
+def _prompt_tokens(object_name: str, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (normal, anomalous) prompts of one object, tokenised once: training asks for them at every step."""
+    return tuple(open_clip.tokenize(texts, context_length=context_length) for texts in prompts(object_name))
 
 
 # --------------------------------------------------------------------------- residual adapters
@@ -176,8 +183,8 @@ class AACLIP(nn.Module):
         """(2, D) unit text anchors [normal, anomalous] of one object: each the normalised mean of its prompts."""
         device = self.text_proj.weight.device
         out = []
-        for texts in prompts(object_name):
-            emb = self.encode_text(tokenize(texts, self.clip).to(device), adapt)
+        for tokens in _prompt_tokens(object_name, int(self.clip.positional_embedding.shape[0])):
+            emb = self.encode_text(tokens.to(device), adapt)
             out.append(F.normalize(emb.mean(0), dim=-1))
         return torch.stack(out)
 
@@ -323,6 +330,7 @@ def train_text_adapters(
     batch_size: int = 16,
     disentangle_weight: float = 0.1,
     image_loss: bool = False,
+    feature_cache_bytes: int = 2**30,
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     progress: bool = False,
@@ -336,15 +344,19 @@ def train_text_adapters(
     features against the anchors (last layer) and ``disentangle_weight`` times the disentangle loss;
     ``image_loss=True`` adds the image-level cross-entropy of the class embedding against the two anchors that
     the paper's text describes. Adam with betas (0.5, 0.999); the defaults are the official code's values.
+    The frozen image features are computed once when all of them fit in ``feature_cache_bytes`` (the toy world's),
+    else per batch (VisA at 518 px): the image tower is frozen and stage 1 has no augmentation, so both give the
+    same features.
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     _check_training_data(images, masks, labels, names)
     scale, size = model.logit_scale, masks.shape[-1]
+    frozen = _frozen_features_once(model, images, masks, labels, feature_cache_bytes)
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
         x, mask, label = _batch(model, images, masks, labels, idx)
-        patches, image_emb = model.frozen_features(x)
+        patches, image_emb = model.frozen_features(x) if frozen is None else (frozen[0][idx], frozen[1][idx])
         batch_names = [names[i] for i in idx]
         per_name = {n: model.anchors(n) for n in dict.fromkeys(batch_names)}
         anchors = torch.stack([per_name[n] for n in batch_names])  # (B, 2, D)
@@ -357,6 +369,19 @@ def train_text_adapters(
     return _train_epochs(model, model.text_parameters(), batch_loss, len(images), epochs, lr, batch_size, seed,
                          f"text adapters (image loss {image_loss}, disentangle {disentangle_weight})", checkpoint,
                          progress)
+
+
+def _frozen_features_once(model: AACLIP, images, masks, labels, max_bytes: int
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Stage 1's frozen (patch + class, class) features of every training image, or None when they exceed
+    ``max_bytes``."""
+    n = len(images)
+    first, _ = model.frozen_features(_batch(model, images, masks, labels, np.arange(1))[0])
+    if n * first.numel() * first.element_size() > max_bytes:
+        return None
+    parts = [model.frozen_features(_batch(model, images, masks, labels, np.arange(i, min(i + 256, n)))[0])
+             for i in range(0, n, 256)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def train_image_adapters(

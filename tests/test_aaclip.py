@@ -246,6 +246,18 @@ def test_stage1_loss_is_the_official_one_unless_the_image_term_is_asked_for(tiny
     assert with_ce[0]["loss"] > official > 0
 
 
+def test_stage1_with_features_computed_once_equals_per_batch(tiny):
+    """The frozen image tower gives every image the same features in every batch, so caching them changes nothing."""
+    images, masks, labels, names = toy_batch(n=6)
+    args = dict(epochs=2, lr=1e-2, batch_size=4)
+    cached, per_batch = make_model(tiny), make_model(tiny)
+    h_cached = aaclip.train_text_adapters(cached, images, masks, labels, names, **args)
+    h_batch = aaclip.train_text_adapters(per_batch, images, masks, labels, names, feature_cache_bytes=0, **args)
+    assert [h["loss"] for h in h_cached] == pytest.approx([h["loss"] for h in h_batch], rel=1e-5)
+    for a, b in zip(cached.text_parameters(), per_batch.text_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_training_checks_inputs(tiny):
     images, masks, labels, names = toy_batch()
     with pytest.raises(ValueError, match="one entry per sample"):
