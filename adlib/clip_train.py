@@ -45,6 +45,7 @@ def train_tiny_clip(
 
     ``config``: the model (default :data:`TINY_CONFIG`; its ViT image size sets the toy images' size);
     ``world``: the toy-world settings of the captions (default :data:`TINY_WORLD`: defects rare and mostly unnamed);
+    ``command``: how to rebuild the file, recorded in its metadata (the CLI passes the one of its settings);
     ``progress``: print progress lines (the loop is :func:`adlib.train.fit`, an epoch of
     :func:`adlib.train.steps_per_epoch` steps); ``checkpoint``: a file to save to after every epoch and resume
     from after an interruption. Pairs come from ``toyworld.sample(n_pairs, seed, **world)``;
