@@ -30,20 +30,22 @@ def bootstrap_differences(labels: Any, scores_a: Any, scores_b: Any,
 
     Paired: each draw resamples the same test images (with replacement) for both methods, within each class
     (normal and anomalous separately), so every draw keeps the test set's class counts and both metrics are
-    defined.
+    defined. ``scores_a`` may be (K, N), K trainings of method A: a draw is then the mean over them of
+    ``metric(A_k) - metric(B)``, with B's metric computed once.
 
     Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
     """
     y = np.asarray(labels)
-    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
-    if not len(y) == len(a) == len(b):
-        raise ValueError(f"labels and both score arrays need one entry per image, got {len(y)}, {len(a)}, {len(b)}.")
+    a, b = np.atleast_2d(np.asarray(scores_a, dtype=np.float64)), np.asarray(scores_b, dtype=np.float64)
+    if a.ndim != 2 or not len(y) == a.shape[1] == len(b):
+        raise ValueError(f"labels and both score arrays need one entry per image, got {len(y)}, "
+                         f"{np.shape(scores_a)}, {len(b)}.")
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(y == c) for c in np.unique(y)]
     out = np.empty(n_boot)
     for i in range(n_boot):
         idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
-        out[i] = metric(y[idx], a[idx]) - metric(y[idx], b[idx])
+        out[i] = np.mean([metric(y[idx], row[idx]) for row in a]) - metric(y[idx], b[idx])
     return out
 
 

@@ -24,6 +24,17 @@ def test_bootstrap_differences_match_a_direct_loop() -> None:
         claims.bootstrap_differences(y, a[:-1], b)
 
 
+def test_bootstrap_of_several_trainings_is_the_mean_of_their_paired_draws() -> None:
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(30, int), np.ones(20, int)]
+    runs, b = rng.normal(size=(3, 50)) + y, rng.normal(size=50) + 0.3 * y
+    together = claims.bootstrap_differences(y, runs, b, n_boot=40, seed=3)
+    one_by_one = np.mean([claims.bootstrap_differences(y, run, b, n_boot=40, seed=3) for run in runs], axis=0)
+    np.testing.assert_allclose(together, one_by_one, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="one entry per image"):
+        claims.bootstrap_differences(y, runs[:, :-1], b)
+
+
 def test_intervals_and_the_verdict_rule() -> None:
     draws = np.arange(1001) / 1000.0
     assert claims.percentile_interval(draws) == pytest.approx((0.025, 0.975))
