@@ -33,7 +33,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from adlib.clip import encode_images, image_size, load_open_clip, to_tensor
+from adlib.clip import context_length, encode_images, image_size, load_open_clip, to_tensor
 from adlib.train import IndexBatches, fit
 
 #: The official prompt states and templates (``dataset/constants.py``): 3 x 2 normal, 5 x 2 anomalous prompts.
@@ -183,7 +183,7 @@ class AACLIP(nn.Module):
         """(2, D) unit text anchors [normal, anomalous] of one object: each the normalised mean of its prompts."""
         device = self.text_proj.weight.device
         out = []
-        for tokens in _prompt_tokens(object_name, int(self.clip.positional_embedding.shape[0])):
+        for tokens in _prompt_tokens(object_name, context_length(self.clip)):
             emb = self.encode_text(tokens.to(device), adapt)
             out.append(F.normalize(emb.mean(0), dim=-1))
         return torch.stack(out)
@@ -307,15 +307,19 @@ def _check_training_data(images: np.ndarray | torch.Tensor, masks: np.ndarray | 
                          f"got {tuple(images.shape)} and {tuple(masks.shape)}.")
 
 
-def _batch(model: AACLIP, images, masks, labels, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
-    """One batch on the model's device: (B, 3, S, S) images, (B, H, W) float masks, (B,) int64 labels.
+def _batch_images(model: AACLIP, images, idx: np.ndarray) -> torch.Tensor:
+    """(B, 3, S, S) normalised images of one batch on the model's device.
 
     Converting per batch keeps a large training set (VisA at 518 px) in uint8 until it is used."""
-    device = model.text_proj.weight.device
     x = images[idx]
     x = to_tensor(x, image_size(model.clip)) if isinstance(x, np.ndarray) else x
-    return (x.to(device), torch.as_tensor(masks[idx]).float().to(device),
-            torch.as_tensor(labels[idx]).long().to(device))
+    return x.to(model.text_proj.weight.device)
+
+
+def _batch_targets(model: AACLIP, masks, labels, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, W) float masks and (B,) int64 labels of one batch on the model's device."""
+    device = model.text_proj.weight.device
+    return torch.as_tensor(masks[idx]).float().to(device), torch.as_tensor(labels[idx]).long().to(device)
 
 
 def train_text_adapters(
@@ -352,11 +356,14 @@ def train_text_adapters(
     """
     _check_training_data(images, masks, labels, names)
     scale, size = model.logit_scale, masks.shape[-1]
-    frozen = _frozen_features_once(model, images, masks, labels, feature_cache_bytes)
+    frozen = _frozen_features_once(model, images, feature_cache_bytes)
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
-        x, mask, label = _batch(model, images, masks, labels, idx)
-        patches, image_emb = model.frozen_features(x) if frozen is None else (frozen[0][idx], frozen[1][idx])
+        mask, label = _batch_targets(model, masks, labels, idx)
+        if frozen is None:
+            patches, image_emb = model.frozen_features(_batch_images(model, images, idx))
+        else:
+            patches, image_emb = frozen[0][idx], frozen[1][idx]
         batch_names = [names[i] for i in idx]
         per_name = {n: model.anchors(n) for n in dict.fromkeys(batch_names)}
         anchors = torch.stack([per_name[n] for n in batch_names])  # (B, 2, D)
@@ -371,15 +378,14 @@ def train_text_adapters(
                          progress)
 
 
-def _frozen_features_once(model: AACLIP, images, masks, labels, max_bytes: int
-                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _frozen_features_once(model: AACLIP, images, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Stage 1's frozen (patch + class, class) features of every training image, or None when they exceed
-    ``max_bytes``."""
+    ``max_bytes`` (measured on the first image)."""
     n = len(images)
-    first, _ = model.frozen_features(_batch(model, images, masks, labels, np.arange(1))[0])
+    first, _ = model.frozen_features(_batch_images(model, images, np.arange(1)))
     if n * first.numel() * first.element_size() > max_bytes:
         return None
-    parts = [model.frozen_features(_batch(model, images, masks, labels, np.arange(i, min(i + 256, n)))[0])
+    parts = [model.frozen_features(_batch_images(model, images, np.arange(i, min(i + 256, n))))
              for i in range(0, n, 256)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -415,8 +421,8 @@ def train_image_adapters(
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
         anchors = torch.stack([per_name[names[i]] for i in idx])
-        x, mask, label = _batch(model, images, masks, labels, idx)
-        patches, image_feat = model.encode_image(x)
+        mask, label = _batch_targets(model, masks, labels, idx)
+        patches, image_feat = model.encode_image(_batch_images(model, images, idx))
         loss = F.cross_entropy(torch.einsum("nd,nkd->nk", image_feat, anchors), label)
         for level in patches:
             loss = loss + segmentation_loss(similarity_probs(level, anchors, scale, size), mask)
