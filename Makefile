@@ -19,7 +19,7 @@ export PYTHONHASHSEED   := 0
 # small convolutions do not thrash on shared 2-core machines. Override: make book OMP_NUM_THREADS=8
 export OMP_NUM_THREADS  ?= 1
 
-.PHONY: setup book test check-lock lock clean
+.PHONY: setup book test expected expected-smoke check-lock lock clean
 
 setup: $(STAMP)
 
@@ -31,14 +31,28 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 book: setup
+	$(BIN)/python tools/book_cache.py  # adlib, its weights or the lock changed: every chapter executes again
 	touch book/scorecard.md  # it pastes the chapters' glued claims: re-render it even when only a chapter changed
 	$(BIN)/python tools/exercise_copies.py  # book/exercises/: the teacher's page links them
+	$(BIN)/python tools/check_expected.py --tally book/_generated  # the scorecard's tally of book/expected.json
 	$(BIN)/jupyter-book build . -W -n --keep-going
+	$(BIN)/python tools/check_expected.py  # the guard: no recorded verdict changed, no number moved
 	@echo
 	@echo "Book built. Open: $(CURDIR)/_build/html/book/intro.html"
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Record the last build's numbers and verdicts as the expected ones (prints what moved): make expected REASON="..."
+expected: setup
+	$(BIN)/python tools/check_expected.py --write --reason "$(REASON)"
+	$(BIN)/python tools/check_expected.py --tally book/_generated
+
+# The same for the smoke profile's twin, which `make test` checks (runs every chapter at the smoke profile first).
+expected-smoke: setup
+	-$(BIN)/python -m pytest -q -m notebook tests/test_notebooks.py
+	$(BIN)/python tools/check_expected.py --executed build/executed --expected book/expected_smoke.json \
+	  --write --reason "$(REASON)"
 
 # Colab runs CPython 3.13: the locked set must resolve there from wheels alone (no 3.13 interpreter needed here).
 MANYLINUX := $(foreach m,17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35,--platform manylinux_2_$(m)_x86_64)

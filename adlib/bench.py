@@ -143,7 +143,9 @@ def run_one(name: str, root: str | Path, category: str, *, seed: int = 0, image_
     Returns a record: ``row`` (exact metrics, ``fit_s``, ``predict_s``, ``peak_mb``, ``added_mb`` = peak minus the
     process's memory before the fit), ``labels``, ``scores`` and ``defects`` of the test images, ``counts``
     (:class:`PixelCounts`, None without masks), ``by_defect`` (image AUROC and AUPRO of each defect type against
-    the normal test images) and ``maps`` of the test images at the indices ``keep``.
+    the normal test images), ``maps`` of the test images at the indices ``keep``, ``n_train`` (training images)
+    and ``history`` (the per-epoch training history of a method that trains a network, as
+    :func:`adlib.train.fit` returns it; empty for the training-free ones), for its training record.
 
     Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
     """
@@ -165,7 +167,8 @@ def run_one(name: str, root: str | Path, category: str, *, seed: int = 0, image_
                            "aupro": metrics.aupro(masks[idx], maps[idx]) if has_masks else None}
     return {"name": name, "category": category, "seed": seed, "row": row, "labels": labels, "scores": scores,
             "defects": list(defects), "counts": PixelCounts.from_maps(masks, maps) if has_masks else None,
-            "by_defect": by_defect, "maps": maps[list(keep)].astype(np.float32)}
+            "by_defect": by_defect, "maps": maps[list(keep)].astype(np.float32), "n_train": len(x_train),
+            "history": list(getattr(det, "history", None) or [])}
 
 
 def sweep(root: str | Path, names: Sequence[str] = tuple(SWEEP), categories: Sequence[str] | None = None, *,

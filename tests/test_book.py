@@ -34,6 +34,9 @@ def test_book_builds_without_warnings(tmp_path):
     config["sphinx"]["config"]["suppress_warnings"] = ["mystnb.glue_ref"]
     # As `make book`: the teacher's page links the exercise-only copies, which the build must find.
     subprocess.run([sys.executable, str(ROOT / "tools" / "exercise_copies.py")], check=True, timeout=120)
+    # As `make book`: the scorecard includes the tally of book/expected.json.
+    subprocess.run([sys.executable, str(ROOT / "tools" / "check_expected.py"), "--tally",
+                    str(ROOT / "book" / "_generated")], check=True, timeout=120)
     result = build(ROOT, tmp_path / "book", config)
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"jupyter-book build failed:\n{log[-6000:]}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import papermill
@@ -10,6 +11,9 @@ import pytest
 from notebook_contract import ROOT, toc_notebooks
 
 OUT = ROOT / "build" / "executed"
+SMOKE_EXPECTED = ROOT / "book" / "expected_smoke.json"
+sys.path.insert(0, str(ROOT / "tools"))
+import check_expected  # noqa: E402  (tools/ is not a package)
 
 
 @pytest.mark.notebook
@@ -30,6 +34,7 @@ def test_notebook_runs_at_smoke_profile(path):
         )
     print(f"{path.name}: {time.perf_counter() - start:.1f} s at the smoke profile")
     _check_claim_boxes(path, OUT / path.name)
+    _check_smoke_numbers(path, OUT / path.name)
 
 
 def _check_claim_boxes(source, executed) -> None:
@@ -42,3 +47,17 @@ def _check_claim_boxes(source, executed) -> None:
     assert "Claim check (chapter" in html, f"{source.name}: claims.show produced no claim box"
     glued = [o for o in outputs if o.get("metadata", {}).get("scrapbook", {}).get("name") == "claims"]
     assert glued, f"{source.name}: the claim table was not glued under 'claims' for the scorecard page"
+
+
+def _check_smoke_numbers(source, executed) -> None:
+    """The smoke twin of ``book/expected.json`` guards CI: no verdict changes, no number moves beyond tolerance."""
+    expected = json.loads(SMOKE_EXPECTED.read_text())
+    record = check_expected.read_record(executed)
+    if source.stem not in expected["chapters"]:
+        assert record is None, (f"{source.name} glues claims that {SMOKE_EXPECTED.name} does not record: "
+                                "make expected-smoke REASON=\"...\"")
+        return
+    problems = check_expected.compare_chapter(source.stem, expected["chapters"][source.stem], record,
+                                              expected["tolerance"])
+    assert not problems, ("The smoke run moved recorded entries (if meant: make expected-smoke REASON=\"...\"):\n"
+                          + "\n".join(problems))
