@@ -96,6 +96,18 @@ def test_missing_and_new_chapters_and_claims_fail(recorded, tmp_path) -> None:
         check_expected.main(["--executed", str(executed), "--expected", str(expected), "--write"])
 
 
+def test_a_book_build_keeps_the_glued_record_beside_the_notebook(tmp_path) -> None:
+    """myst-nb's build strips glued outputs from the executed notebook into ``<stem>.glue.json``, unprefixed."""
+    folder = tmp_path / "jupyter_execute"
+    _write_executed(folder, _chapter())
+    nb = nbformat.read(folder / "01_demo.ipynb", as_version=4)
+    out = nb.cells[0].outputs.pop()
+    out["data"] = {k[len(PREFIX):]: v for k, v in out["data"].items()}
+    nbformat.write(nb, folder / "01_demo.ipynb")
+    (folder / "01_demo.glue.json").write_text(json.dumps({"claims_record": out}))
+    assert check_expected.read_records(folder)["01_demo"]["numbers"] == {"A / image AUROC": 0.9}
+
+
 def test_the_tally_counts_every_verdict(recorded, tmp_path) -> None:
     _, expected = recorded
     saved = json.loads(expected.read_text())
