@@ -332,6 +332,10 @@ def claim_html(claim: Claim) -> str:
             ("Ours", f"{_ours_text(claim)} ({claim.uncertainty}). Rule: {rule}.")]
     if claim.causes:
         rows.append(("Cause", "; ".join(claim.causes)))
+    if claim.verdict == "inconclusive" and not any(c.startswith(CAUSES[1]) for c in claim.causes):
+        need = units_needed(claim.n, claim.ours, claim.low, claim.high, claim.margin)
+        rows.append(("To decide", f"about {need} {claim.unit} instead of {claim.n}" if need else
+                     "no sample size: the difference sits on the margin"))
     if claim.why:
         rows.append(("Numbers", claim.why))
     if claim.records:

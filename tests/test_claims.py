@@ -153,6 +153,13 @@ def test_a_claim_renders_its_verdict_cause_and_numbers() -> None:
     assert list(rows.columns) == ["chapter", "claim", "paper", "ours", "verdict", "cause"]
     assert rows["verdict"].tolist() == ["holds", "contradicted"] and rows["cause"].tolist()[0] == "-"
     assert "color: #cf222e" in claims.table_html([held, failed])
+    # An inconclusive claim always says how many test units would decide it, whatever its cause.
+    moving = claims.TrainingRecord("r", 10, None, tuple(np.linspace(2, 1, 10)))
+    open_ = claims.check("1", "A", "AUROC", 0.02, -0.02, 0.06, "b", n=50, unit="test images", records=[moving])
+    assert "To decide:</b> about 200 test images instead of 50" in claims.claim_html(open_)
+    by_data = claims.check("1", "A", "AUROC", 0.02, -0.02, 0.06, "b", n=50, unit="test images",
+                           cause="too little data to decide")
+    assert "To decide" not in claims.claim_html(by_data) and "would need about 200" in claims.claim_html(by_data)
 
 
 def test_conclusions_list_every_claim_with_its_verdict() -> None:
