@@ -19,7 +19,7 @@ export PYTHONHASHSEED   := 0
 # small convolutions do not thrash on shared 2-core machines. Override: make book OMP_NUM_THREADS=8
 export OMP_NUM_THREADS  ?= 1
 
-.PHONY: setup book test expected expected-smoke check-lock lock clean
+.PHONY: setup book test test-unit lint expected expected-smoke check-lock lock clean
 
 setup: $(STAMP)
 
@@ -40,8 +40,15 @@ book: setup
 	@echo
 	@echo "Book built. Open: $(CURDIR)/_build/html/book/intro.html"
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest
+
+# The unit tests alone (no chapter runs, no book build).
+test-unit: setup
+	$(BIN)/python -m pytest -m "not notebook and not book"
+
+lint: setup
+	$(BIN)/ruff check adlib tests tools
 
 # Record the last build's numbers and verdicts as the expected ones (prints what moved): make expected REASON="..."
 expected: setup

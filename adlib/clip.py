@@ -351,7 +351,8 @@ def read_image_text_folder(root: str | os.PathLike) -> tuple[list[Path], list[st
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     root = Path(root)
-    pairs = sorted((p, p.with_suffix(".txt")) for p in root.rglob("*") if p.suffix in _IMAGE_EXT) if root.is_dir() else []
+    images = [p for p in root.rglob("*") if p.suffix in _IMAGE_EXT] if root.is_dir() else []
+    pairs = sorted((p, p.with_suffix(".txt")) for p in images)
     pairs = [(img, txt) for img, txt in pairs if txt.is_file()]
     if not pairs:
         raise FileNotFoundError(

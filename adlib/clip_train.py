@@ -20,9 +20,19 @@ import open_clip
 import torch
 
 from adlib import toyworld
+from adlib.clip import (
+    CLASS_TEMPLATES,
+    TINY_CONFIG,
+    TINY_WORLD,
+    TRAIN_COMMAND,
+    build_tiny_clip,
+    save_clip,
+    to_tensor,
+    tokenize,
+    zero_shot_accuracy,
+)
 from adlib.train import RandomSteps, fit, steps_per_epoch
-from adlib.clip import (CLASS_TEMPLATES, TINY_CONFIG, TINY_WORLD, TRAIN_COMMAND, build_tiny_clip, save_clip, to_tensor,
-                        tokenize, zero_shot_accuracy)
+
 
 def train_tiny_clip(
     out: str | os.PathLike,
@@ -73,8 +83,10 @@ def train_tiny_clip(
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    def lr_factor(s: int) -> float:  # linear warm-up, then cosine decay to zero
+        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     loss_fn = open_clip.ClipLoss()
 
     def step(gen: torch.Generator) -> dict[str, float]:

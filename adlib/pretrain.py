@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from adlib.backbones import Backbone, ViTStages, feature_extractor, vit_backbone
 from adlib.download import sha256sum
+from adlib.ssl import nt_xent
 from adlib.train import RandomSteps, fit, steps_per_epoch
 from adlib.validation import bundled_image, patch_knn_scores, validation_set
-from adlib.ssl import nt_xent
-from adlib.backbones import Backbone, ViTStages, feature_extractor, vit_backbone
 
 NATURAL_IMAGES = ("astronaut", "coffee", "chelsea", "camera", "coins", "retina", "rocket", "cat", "page",
                   "clock", "colorwheel", "china", "flower")

@@ -163,7 +163,8 @@ def heatmap_grid(
         rgb = _as_rgb(images[i])
         mask = masks[i] > 0
         if mask.shape != rgb.shape[:2]:
-            raise ValueError(f"masks must be (N, H, W) with (H, W) = {rgb.shape[:2]} like the images, got {masks.shape}.")
+            raise ValueError(f"masks must be (N, H, W) with (H, W) = {rgb.shape[:2]} like the images, "
+                             f"got {masks.shape}.")
         axes[i, 0].imshow(rgb)
         axes[i, 1].imshow(rgb)
         axes[i, 1].imshow(np.ma.masked_where(~mask, mask), cmap=ListedColormap(["red"]), alpha=0.4)

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from adlib import aaclip
-from adlib import clip
+from adlib import aaclip, clip
 
 SMALL = {
     "embed_dim": 32,

@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from test_train import Interrupted, interrupted_after
 import torch
 from safetensors.torch import load_file
 
 from adlib import backbones, pretrain, synthtex, validation
+from test_train import Interrupted, interrupted_after
 
 
 def test_ifs_points_converge_to_the_fixed_point_of_one_map():
@@ -81,7 +81,8 @@ def test_smoke_run_of_the_vit_command_loads_as_a_vit(tmp_path, capsys):
     assert summary["recipe"]["arch"] == "vit_tiny_patch16_224" and summary["final_loss"] > 0
     recipe = pretrain.RECIPES["fractal_vit"]
     weights = load_file(str(out))
-    assert f"blocks.{recipe.stages - 1}.mlp.fc2.weight" in weights and f"blocks.{recipe.stages}.norm1.weight" not in weights
+    assert f"blocks.{recipe.stages - 1}.mlp.fc2.weight" in weights
+    assert f"blocks.{recipe.stages}.norm1.weight" not in weights
     maps = pretrain.validation_model(recipe, out)(torch.rand(2, 3, 128, 128))
     assert [m.shape for m in maps] == [(2, 192, 16, 16)] * 2
     with pytest.raises(ValueError, match="lack"):  # a 12-block ViT cannot be filled from 4 trained blocks

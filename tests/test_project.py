@@ -8,8 +8,15 @@ import nbformat
 import pytest
 import yaml
 
-from notebook_contract import (ROOT, colab_badge, colab_install, contract_problems, notebooks_missing_from_toc,
-                               toc_files, toc_notebooks)
+from notebook_contract import (
+    ROOT,
+    colab_badge,
+    colab_install,
+    contract_problems,
+    notebooks_missing_from_toc,
+    toc_files,
+    toc_notebooks,
+)
 
 
 def test_every_toc_entry_exists():

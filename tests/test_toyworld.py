@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adlib import data, toyworld as tw
+from adlib import data
+from adlib import toyworld as tw
 
 
 def test_sample_is_deterministic_and_prefix_stable():
