@@ -114,7 +114,7 @@ def units_needed(n: int, ours: float, low: float, high: float, margin: float = 0
     A half-width shrinks as 1 / sqrt(n), so deciding needs n (half-width / |ours - margin|)^2 units; None when the
     difference sits on the margin (no sample size decides it).
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
     """
     distance = abs(ours - margin)
     if distance == 0:
@@ -129,7 +129,7 @@ class TrainingRecord:
     ``held_out`` loss per epoch where there is a held-out set, the learning rate per epoch (``lr``; empty when
     constant), and ``discarded`` (why the run was not used; "" when it was).
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
     """
 
     name: str
@@ -168,7 +168,7 @@ def training_record(name: str, history: Sequence[Mapping[str, float]], *, steps:
     """A :class:`TrainingRecord` from a history (one dict per epoch, as :func:`adlib.train.fit` returns): the
     columns ``loss``, ``held_out`` and ``lr`` name the training loss, held-out loss and learning rate.
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
     """
     def column(key: str | None) -> tuple[float, ...]:
         return () if key is None else tuple(float(row[key]) for row in history)
