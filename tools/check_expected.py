@@ -118,6 +118,16 @@ def rewrite(path: Path, records: dict[str, dict[str, Any]], reason: str) -> list
     return diff
 
 
+def chapter_title(stem: str) -> str:
+    """"3. Reconstruction: AE, VAE and GANomaly" for ``03_reconstruction`` (its notebook's first heading)."""
+    path = ROOT / "notebooks" / f"{stem}.ipynb"
+    if not path.exists():
+        return stem.replace("_", " ")
+    first = "".join(json.loads(path.read_text())["cells"][0]["source"]).splitlines()[0]
+    number = stem.split("_", 1)[0]
+    return f"{int(number)}. {first.lstrip('# ').strip()}" if number.isdigit() else first.lstrip("# ").strip()
+
+
 def tally(expected: dict[str, Any], out: Path) -> None:
     """The scorecard's tally of ``expected``'s verdicts (per chapter and in total) as ``tally.md`` + ``tally.png``."""
     import matplotlib
@@ -131,7 +141,7 @@ def tally(expected: dict[str, Any], out: Path) -> None:
     total = [sum(r[i] for r in rows.values()) for i in range(3)]
     lines = ["| chapter | claims | conclusive | holds | contradicted | inconclusive |", "|---|---|---|---|---|---|"]
     for ch, (h, c, i) in {**rows, "**all chapters**": total}.items():
-        lines.append(f"| {ch.replace('_', ' ')} | {h + c + i} | {h + c} | {h} | {c} | {i} |")
+        lines.append(f"| {chapter_title(ch)} | {h + c + i} | {h + c} | {h} | {c} | {i} |")
     (out / "tally.md").write_text(
         f"Of {sum(total)} claims, **{total[0] + total[1]} are conclusive** ({total[0]} hold, {total[1]} are "
         f"contradicted) and **{total[2]} are inconclusive**.\n\n" + "\n".join(lines)
