@@ -127,13 +127,22 @@ def test_the_book_cache_is_cleared_when_adlib_changes(tmp_path) -> None:
     (root / "adlib" / "m.py").write_text("x = 1\n")
     (root / "adlib" / "weights" / "w.safetensors").write_bytes(b"\0\1")
     (root / "constraints.txt").write_text("torch==2\n")
-    cache = root / "_build" / ".jupyter_cache"
-    assert not book_cache.refresh(cache, root)  # nothing to clear yet
-    (cache / "executed.db").write_text("outputs")
-    assert not book_cache.refresh(cache, root) and (cache / "executed.db").exists()  # unchanged: kept
+    build = root / "_build"
+    outputs = [build / ".jupyter_cache" / "global.db", build / ".doctrees" / "environment.pickle",
+               build / "jupyter_execute" / "01.ipynb"]
+
+    def fill() -> None:
+        for path in outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("old outputs")
+
+    assert not book_cache.refresh(build, root)  # nothing to clear yet
+    fill()
+    assert not book_cache.refresh(build, root) and all(p.exists() for p in outputs)  # unchanged: kept
     for change in (lambda: (root / "adlib" / "m.py").write_text("x = 2\n"),
                    lambda: (root / "adlib" / "weights" / "w.safetensors").write_bytes(b"\0\2"),
                    lambda: (root / "constraints.txt").write_text("torch==3\n")):
-        (cache / "executed.db").write_text("outputs")
+        fill()
         change()
-        assert book_cache.refresh(cache, root) and not (cache / "executed.db").exists()
+        # The execution cache alone is not enough: Sphinx would not re-read an unchanged notebook.
+        assert book_cache.refresh(build, root) and not any(p.exists() for p in outputs)
