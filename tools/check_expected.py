@@ -23,12 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from adlib.claims import VERDICTS
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = ROOT / "book" / "expected.json"
 EXECUTED = ROOT / "_build" / "jupyter_execute" / "notebooks"
 KEY = "claims_record"
 ENVIRONMENT_KEYS = ("cpu", "packages", "omp_num_threads", "threads")
-VERDICTS = ("holds", "contradicted", "inconclusive")
 # Bit for bit on the recorded environment; elsewhere ten times the largest move measured when only the execution
 # changed (2 threads instead of 1 moved chapter 7's numbers by 0.001; README, "What repeats").
 TOLERANCE = {"same_environment": 0.0, "elsewhere": 0.01}
