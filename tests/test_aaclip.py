@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from adlib import aaclip, clip
+from adlib.features import clip
+from adlib.methods.aaclip import adapters, losses, scoring, training
 
 SMALL = {
     "embed_dim": 32,
@@ -30,11 +31,11 @@ def tiny(one_thread) -> clip.open_clip.CLIP:
     return clip.build_tiny_clip(SMALL).eval()
 
 
-def make_model(tiny, **kw) -> aaclip.AACLIP:
+def make_model(tiny, **kw) -> adapters.AACLIP:
     torch.manual_seed(1)
     args = dict(text_adapt_until=1, image_adapt_until=2, levels=(2, 3))
     args.update(kw)
-    return aaclip.AACLIP(tiny, **args)
+    return adapters.AACLIP(tiny, **args)
 
 
 def toy_batch(n: int = 4, size: int = 32):
@@ -52,24 +53,24 @@ def toy_batch(n: int = 4, size: int = 32):
 def test_residual_adapt_hand_case():
     x = torch.tensor([3.0, 4.0])
     a = torch.tensor([0.0, 7.0])  # rescaled to |x| = 5: (0, 5)
-    out = aaclip.residual_adapt(x, a, lam=0.1)
+    out = adapters.residual_adapt(x, a, lam=0.1)
     torch.testing.assert_close(out, torch.tensor([0.9 * 3.0, 0.1 * 5.0 + 0.9 * 4.0]))
 
 
 def test_residual_adapt_norm_property():
     g = torch.Generator().manual_seed(0)
     x, a = torch.randn(50, 7, generator=g), torch.randn(50, 7, generator=g)
-    out = aaclip.residual_adapt(x, a, lam=0.3)
+    out = adapters.residual_adapt(x, a, lam=0.3)
     assert torch.all(out.norm(dim=-1) <= x.norm(dim=-1) + 1e-5)  # triangle inequality
     # the adapter's scale does not matter
-    torch.testing.assert_close(out, aaclip.residual_adapt(x, 123.0 * a, lam=0.3))
+    torch.testing.assert_close(out, adapters.residual_adapt(x, 123.0 * a, lam=0.3))
     # an adapter output along x leaves x unchanged (equality case)
-    torch.testing.assert_close(aaclip.residual_adapt(x, 2.5 * x, lam=0.3), x)
+    torch.testing.assert_close(adapters.residual_adapt(x, 2.5 * x, lam=0.3), x)
     # orthogonal to x: |out| = |x| sqrt(lam^2 + (1 - lam)^2)
     x2, a2 = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 9.0]])
-    assert aaclip.residual_adapt(x2, a2, 0.3).norm().item() == pytest.approx(2.0 * math.hypot(0.3, 0.7))
+    assert adapters.residual_adapt(x2, a2, 0.3).norm().item() == pytest.approx(2.0 * math.hypot(0.3, 0.7))
     with pytest.raises(ValueError, match="lam"):
-        aaclip.residual_adapt(x, a, lam=1.5)
+        adapters.residual_adapt(x, a, lam=1.5)
 
 
 # --------------------------------------------------------------------------- losses
@@ -78,18 +79,18 @@ def test_residual_adapt_norm_property():
 def test_disentangle_loss_hand_case():
     anchors = torch.tensor([[[1.0, 0.0], [0.6, 0.8]],   # <n, a> = 0.6
                             [[0.0, 1.0], [0.0, 1.0]]])  # <n, a> = 1.0
-    assert aaclip.disentangle_loss(anchors).item() == pytest.approx(0.8 ** 2)  # square of the batch mean
-    assert aaclip.disentangle_loss(anchors[0]).item() == pytest.approx(0.36)
-    assert aaclip.disentangle_loss(torch.tensor([[1.0, 0.0], [0.0, 1.0]])).item() == 0.0
+    assert losses.disentangle_loss(anchors).item() == pytest.approx(0.8 ** 2)  # square of the batch mean
+    assert losses.disentangle_loss(anchors[0]).item() == pytest.approx(0.36)
+    assert losses.disentangle_loss(torch.tensor([[1.0, 0.0], [0.0, 1.0]])).item() == 0.0
     with pytest.raises(ValueError, match="normal, anomalous"):
-        aaclip.disentangle_loss(torch.zeros(3, 4, 5))
+        losses.disentangle_loss(torch.zeros(3, 4, 5))
 
 
 def test_dice_loss_hand_case():
     pred = torch.tensor([[[1.0, 0.5], [0.0, 0.0]]])
     target = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
     # (2 * 1.5 + 1) / (1.5 + 2 + 1) = 4 / 4.5
-    assert aaclip.dice_loss(pred, target).item() == pytest.approx(1.0 - 4.0 / 4.5)
+    assert losses.dice_loss(pred, target).item() == pytest.approx(1.0 - 4.0 / 4.5)
 
 
 def test_focal_loss_against_loop():
@@ -104,31 +105,31 @@ def test_focal_loss_against_loop():
                 p_true = probs[n, int(mask[n, i, j]), i, j].item()
                 pt = (1 - s) * p_true + s * (1 - p_true) + s
                 total += -((1 - pt) ** 2) * math.log(pt)
-    assert aaclip.focal_loss(probs, mask).item() == pytest.approx(total / 18, rel=1e-9)
+    assert losses.focal_loss(probs, mask).item() == pytest.approx(total / 18, rel=1e-9)
     # one pixel by hand: P(anomalous) = 0.8 on a defect pixel
     one = torch.tensor([[[[0.2]], [[0.8]]]]).double()
     pt = (1 - s) * 0.8 + s * 0.2 + s
-    assert aaclip.focal_loss(one, torch.ones(1, 1, 1)).item() == pytest.approx(-(1 - pt) ** 2 * math.log(pt))
+    assert losses.focal_loss(one, torch.ones(1, 1, 1)).item() == pytest.approx(-(1 - pt) ** 2 * math.log(pt))
 
 
 def test_segmentation_loss_is_focal_plus_two_dice():
     probs = torch.tensor([[[[0.9, 0.4]], [[0.1, 0.6]]]])  # (1, 2, 1, 2)
     mask = torch.tensor([[[0.0, 1.0]]])
-    expected = (aaclip.focal_loss(probs, mask) + aaclip.dice_loss(probs[:, 0], 1 - mask)
-                + aaclip.dice_loss(probs[:, 1], mask))
-    assert aaclip.segmentation_loss(probs, mask).item() == pytest.approx(expected.item())
+    expected = (losses.focal_loss(probs, mask) + losses.dice_loss(probs[:, 0], 1 - mask)
+                + losses.dice_loss(probs[:, 1], mask))
+    assert losses.segmentation_loss(probs, mask).item() == pytest.approx(expected.item())
     # dice terms by hand: normal map (0.9, 0.4) vs (1, 0): (1.8 + 1) / (1.3 + 1 + 1); anomalous (0.1, 0.6) vs (0, 1)
     dice = 2 - (2.8 / 3.3) - (2.2 / 2.7)
-    assert (expected - aaclip.focal_loss(probs, mask)).item() == pytest.approx(dice)
+    assert (expected - losses.focal_loss(probs, mask)).item() == pytest.approx(dice)
 
 
 def test_similarity_probs_shapes_and_softmax():
     patches = torch.nn.functional.normalize(torch.randn(3, 16, 8), dim=-1)
     anchors = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
-    logits = aaclip.similarity_logits(patches, anchors, 10.0)
+    logits = scoring.similarity_logits(patches, anchors, 10.0)
     assert logits.shape == (3, 2, 4, 4)
     torch.testing.assert_close(logits[1, 1, 2, 3], 10.0 * patches[1, 2 * 4 + 3] @ anchors[1])  # row-major grid
-    probs = aaclip.similarity_probs(patches, anchors, 10.0, 12)
+    probs = scoring.similarity_probs(patches, anchors, 10.0, 12)
     assert probs.shape == (3, 2, 12, 12)
     torch.testing.assert_close(probs.sum(1), torch.ones(3, 12, 12))
 
@@ -137,7 +138,7 @@ def test_similarity_probs_shapes_and_softmax():
 
 
 def test_prompts_as_official_code():
-    normal, anomalous = aaclip.prompts("star")
+    normal, anomalous = adapters.prompts("star")
     assert len(normal) == 6 and len(anomalous) == 10
     assert "a photo of the star." in normal and "a star with defect." in anomalous
 
@@ -162,11 +163,11 @@ def test_shapes_and_scores(tiny):
     assert [p.shape for p in patches] == [(3, 16, 32)] * 2 and image.shape == (3, 32)
     images = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
     for stage in (1, 2):
-        scores, maps = aaclip.anomaly_scores(model, images, "star", stage)
+        scores, maps = scoring.anomaly_scores(model, images, "star", stage)
         assert scores.shape == (3,) and maps.shape == (3, 40, 40)
         assert np.isfinite(maps).all() and np.all((scores >= 0) & (scores <= 1))
     # the official scores by hand, without blur: summed per-level logit differences, (cos(image, t_a) + 1) / 2
-    scores, maps = aaclip.anomaly_scores(model, images, "star", 2, sigma=0)
+    scores, maps = scoring.anomaly_scores(model, images, "star", 2, sigma=0)
     with torch.no_grad():
         levels, image = model.encode_image(clip.to_tensor(images, clip.image_size(model.clip)))
         a = anchors.detach()
@@ -176,17 +177,17 @@ def test_shapes_and_scores(tiny):
                                            align_corners=True)[:, 0]
     np.testing.assert_allclose(maps, grid.double().numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(scores, ((image @ anchors[1] + 1) / 2).detach().double().numpy(), rtol=1e-5, atol=1e-6)
-    sim = aaclip.anchor_similarity(model, ["star", "ring"])
+    sim = scoring.anchor_similarity(model, ["star", "ring"])
     assert sim.shape == (4, 4) and np.allclose(np.diag(sim), 1.0)
     with pytest.raises(ValueError, match="stage"):
-        aaclip.anomaly_scores(model, images, "star", 3)
+        scoring.anomaly_scores(model, images, "star", 3)
 
 
 def test_bad_configuration(tiny):
     with pytest.raises(ValueError, match="levels"):
-        aaclip.AACLIP(tiny, 1, 1, levels=(4,))
+        adapters.AACLIP(tiny, 1, 1, levels=(4,))
     with pytest.raises(ValueError, match="text_adapt_until"):
-        aaclip.AACLIP(tiny, 5, 1, levels=(3,))
+        adapters.AACLIP(tiny, 5, 1, levels=(3,))
 
 
 def test_training_keeps_backbone_frozen(tiny):
@@ -197,13 +198,13 @@ def test_training_keeps_backbone_frozen(tiny):
     images, masks, labels, names = toy_batch()
     # stage 1 from uint8 arrays (converted per batch), stage 2 from normalised tensors
     raw = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    h1 = aaclip.train_text_adapters(model, raw, masks.numpy() > 0, labels.numpy(), names, epochs=1, lr=1e-2,
+    h1 = training.train_text_adapters(model, raw, masks.numpy() > 0, labels.numpy(), names, epochs=1, lr=1e-2,
                                     batch_size=4)
     assert len(h1) == 1 and h1[0]["epoch"] == 1 and np.isfinite(h1[0]["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(text_before, model.text_parameters()))
     assert all(torch.equal(a, b) for a, b in zip(image_before, model.image_parameters()))
     text_after = [p.clone() for p in model.text_parameters()]
-    h2 = aaclip.train_image_adapters(model, images, masks, labels, names, epochs=1, lr=1e-2, batch_size=2)
+    h2 = training.train_image_adapters(model, images, masks, labels, names, epochs=1, lr=1e-2, batch_size=2)
     assert len(h2) == 1 and np.isfinite(h2[0]["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(image_before, model.image_parameters()))
     assert all(torch.equal(a, b) for a, b in zip(text_after, model.text_parameters()))
@@ -216,8 +217,8 @@ def test_training_keeps_backbone_frozen(tiny):
 def test_training_resumes_bit_exactly_from_a_checkpoint(tiny, tmp_path, stage):
     """Three epochs in one go equal two epochs, an interruption (a fresh model and process state), then the third
     from the checkpoint: the same parameters and the same history."""
-    train = aaclip.train_text_adapters if stage == "text" else aaclip.train_image_adapters
-    params = aaclip.AACLIP.text_parameters if stage == "text" else aaclip.AACLIP.image_parameters
+    train = training.train_text_adapters if stage == "text" else training.train_image_adapters
+    params = adapters.AACLIP.text_parameters if stage == "text" else adapters.AACLIP.image_parameters
     images, masks, labels, names = toy_batch(n=6)
     args = dict(lr=1e-2, batch_size=4, seed=3)
     whole = make_model(tiny)
@@ -231,7 +232,7 @@ def test_training_resumes_bit_exactly_from_a_checkpoint(tiny, tmp_path, stage):
     for a, b in zip(params(whole), params(resumed)):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="different settings"):  # a stage-1 checkpoint is not a stage-2 one
-        other = aaclip.train_image_adapters if stage == "text" else aaclip.train_text_adapters
+        other = training.train_image_adapters if stage == "text" else training.train_text_adapters
         other(make_model(tiny), images, masks, labels, names, epochs=3, checkpoint=ckpt, **args)
 
 
@@ -240,8 +241,8 @@ def test_stage1_loss_is_the_official_one_unless_the_image_term_is_asked_for(tiny
     image-level cross-entropy, which is positive."""
     images, masks, labels, names = toy_batch()
     args = dict(epochs=1, lr=1e-12, batch_size=4)
-    official = aaclip.train_text_adapters(make_model(tiny), images, masks, labels, names, **args)[0]["loss"]
-    with_ce = aaclip.train_text_adapters(make_model(tiny), images, masks, labels, names, image_loss=True, **args)
+    official = training.train_text_adapters(make_model(tiny), images, masks, labels, names, **args)[0]["loss"]
+    with_ce = training.train_text_adapters(make_model(tiny), images, masks, labels, names, image_loss=True, **args)
     assert with_ce[0]["loss"] > official > 0
 
 
@@ -250,8 +251,8 @@ def test_stage1_with_features_computed_once_equals_per_batch(tiny):
     images, masks, labels, names = toy_batch(n=6)
     args = dict(epochs=2, lr=1e-2, batch_size=4)
     cached, per_batch = make_model(tiny), make_model(tiny)
-    h_cached = aaclip.train_text_adapters(cached, images, masks, labels, names, **args)
-    h_batch = aaclip.train_text_adapters(per_batch, images, masks, labels, names, feature_cache_bytes=0, **args)
+    h_cached = training.train_text_adapters(cached, images, masks, labels, names, **args)
+    h_batch = training.train_text_adapters(per_batch, images, masks, labels, names, feature_cache_bytes=0, **args)
     assert [h["loss"] for h in h_cached] == pytest.approx([h["loss"] for h in h_batch], rel=1e-5)
     for a, b in zip(cached.text_parameters(), per_batch.text_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -260,7 +261,7 @@ def test_stage1_with_features_computed_once_equals_per_batch(tiny):
 def test_training_checks_inputs(tiny):
     images, masks, labels, names = toy_batch()
     with pytest.raises(ValueError, match="one entry per sample"):
-        aaclip.train_text_adapters(make_model(tiny), images, masks, labels, names[:2], epochs=1)
+        training.train_text_adapters(make_model(tiny), images, masks, labels, names[:2], epochs=1)
 
 
 # --------------------------------------------------------------------------- data, paper model
@@ -269,31 +270,31 @@ def test_training_checks_inputs(tiny):
 def test_few_shot_indices():
     labels = np.array([0, 0, 0, 1, 1, 0, 0, 1, 1, 1])
     groups = np.array(["a"] * 5 + ["b"] * 5)
-    idx = few = aaclip.few_shot_indices(labels, groups, 2, seed=0)
+    idx = few = training.few_shot_indices(labels, groups, 2, seed=0)
     assert len(idx) == 8 and len(set(idx)) == 8
     for g in "ab":
         for label in (0, 1):
             assert np.sum((groups[few] == g) & (labels[few] == label)) == 2
-    np.testing.assert_array_equal(idx, aaclip.few_shot_indices(labels, groups, 2, seed=0))
-    np.testing.assert_array_equal(aaclip.few_shot_indices(labels, groups, None), np.arange(10))
+    np.testing.assert_array_equal(idx, training.few_shot_indices(labels, groups, 2, seed=0))
+    np.testing.assert_array_equal(training.few_shot_indices(labels, groups, None), np.arange(10))
     with pytest.raises(ValueError, match="fewer than k=3"):
-        aaclip.few_shot_indices(labels, groups, 3)
+        training.few_shot_indices(labels, groups, 3)
 
 
 def test_resize_input():
     torch.manual_seed(0)
     model = clip.build_tiny_clip(SMALL).eval()
     pos = model.visual.positional_embedding.detach().clone()
-    aaclip.resize_input(model, 48)
+    adapters.resize_input(model, 48)
     assert model.visual.positional_embedding.shape == (1 + 36, 32)
     torch.testing.assert_close(model.visual.positional_embedding[0], pos[0])  # class token kept
     assert clip.encode_images(model, torch.randn(1, 3, 48, 48))[1].shape == (1, 36, 32)
     with pytest.raises(ValueError, match="multiple of the patch size"):
-        aaclip.resize_input(model, 50)
+        adapters.resize_input(model, 50)
 
 
 def test_paper_clip_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
-        aaclip.paper_clip()
+        adapters.paper_clip()

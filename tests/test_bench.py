@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from adlib import bench, cli, metrics
+from adlib import cli
+from adlib.bench import benchmark
+from adlib.eval import metrics
 from test_detectors import make_folder
 
 
@@ -28,7 +30,7 @@ def _maps_and_masks(seed: int = 0, n: int = 8, size: int = 24) -> tuple[np.ndarr
 
 def test_pixel_counts_match_the_exact_metrics() -> None:
     labels, masks, maps = _maps_and_masks()
-    grid = bench.PixelCounts.from_maps(masks, maps).metrics()
+    grid = benchmark.PixelCounts.from_maps(masks, maps).metrics()
     assert grid["pixel_auroc"][0] == pytest.approx(metrics.pixel_auroc(masks, maps), abs=2e-3)
     assert grid["aupro"][0] == pytest.approx(metrics.aupro(masks, maps), abs=2e-3)
 
@@ -38,22 +40,22 @@ def test_weights_equal_repeating_the_images() -> None:
     labels, masks, maps = _maps_and_masks(seed=1)
     weights = np.array([2, 0, 1, 3, 1, 2, 0, 1])
     repeated = np.repeat(np.arange(len(labels)), weights)
-    counts = bench.PixelCounts.from_maps(masks, maps)
+    counts = benchmark.PixelCounts.from_maps(masks, maps)
     grid = counts.metrics(weights[None])
     assert grid["aupro"][0] == pytest.approx(metrics.aupro(masks[repeated], maps[repeated]), abs=3e-3)
     assert grid["pixel_auroc"][0] == pytest.approx(metrics.pixel_auroc(masks[repeated], maps[repeated]), abs=3e-3)
     scores = maps.max(axis=(1, 2))
-    draws = bench.image_auroc_draws(labels, scores, np.vstack([np.ones(len(labels)), weights]))
+    draws = benchmark.image_auroc_draws(labels, scores, np.vstack([np.ones(len(labels)), weights]))
     assert draws[0] == pytest.approx(roc_auc_score(labels, scores))
     assert draws[1] == pytest.approx(roc_auc_score(labels[repeated], scores[repeated]))
 
 
 def test_resample_weights_keep_the_class_counts_and_repeat() -> None:
     labels = np.array([0, 0, 0, 1, 1])
-    w = bench.resample_weights(labels, n_boot=50, seed=3)
+    w = benchmark.resample_weights(labels, n_boot=50, seed=3)
     assert w.shape == (50, 5) and (w[:, :3].sum(1) == 3).all() and (w[:, 3:].sum(1) == 2).all()
-    assert np.array_equal(w, bench.resample_weights(labels, n_boot=50, seed=3))
-    assert not np.array_equal(w, bench.resample_weights(labels, n_boot=50, seed=4))
+    assert np.array_equal(w, benchmark.resample_weights(labels, n_boot=50, seed=3))
+    assert not np.array_equal(w, benchmark.resample_weights(labels, n_boot=50, seed=4))
 
 
 SMALL = {"patchknn": {"backbone": "random-resnet18"}, "padim": {"backbone": "random-resnet18", "layers": (1, 2),
@@ -62,29 +64,29 @@ SMALL = {"patchknn": {"backbone": "random-resnet18"}, "padim": {"backbone": "ran
 
 def test_sweep_summary_and_files(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "data", masks=True)
-    records = bench.sweep(root, ["patchknn", "padim"], image_size=32, keep=[0], options=SMALL, seeds=(0, 1))
+    records = benchmark.sweep(root, ["patchknn", "padim"], image_size=32, keep=[0], options=SMALL, seeds=(0, 1))
     assert [(r["name"], r["seed"]) for r in records] == [("patchknn", 0), ("patchknn", 1), ("padim", 0), ("padim", 1)]
     assert records[0]["maps"].shape == (1, 32, 32) and set(records[0]["by_defect"]) == {"dent"}
-    table = bench.summary(records, n_boot=200)
+    table = benchmark.summary(records, n_boot=200)
     assert list(table.index) == ["patchknn", "padim"]
-    for metric in bench.QUALITY:
+    for metric in benchmark.QUALITY:
         mean = np.mean([r["row"][metric] for r in records[:2]])
         assert table.loc["patchknn", metric] == pytest.approx(mean)
         assert table.loc["patchknn", f"{metric}_low"] <= table.loc["patchknn", f"{metric}_high"]
     assert (table["fit_s"] > 0).all() and (table["predict_ms"] > 0).all()
-    assert bench.by_defect(records).shape == (2, 1)
-    paths = bench.write(records, tmp_path / "out", {"data": str(root)})
+    assert benchmark.by_defect(records).shape == (2, 1)
+    paths = benchmark.write(records, tmp_path / "out", {"data": str(root)})
     doc = json.loads(paths["json"].read_text())
     assert set(doc["summary"]) == {"patchknn", "padim"} and len(doc["runs"]) == 4
     assert paths["markdown"].read_text().startswith("| method |") and paths["figure"].stat().st_size > 1000
     with pytest.raises(FileExistsError, match="not an empty folder"):
-        bench.write(records, tmp_path / "out", {})
+        benchmark.write(records, tmp_path / "out", {})
 
 
 def test_bench_cli_writes_the_report_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_folder(tmp_path / "data", masks=True)
-    monkeypatch.setitem(bench.SWEEP, "patchknn", ("patchknn", SMALL["patchknn"]))
+    monkeypatch.setitem(benchmark.SWEEP, "patchknn", ("patchknn", SMALL["patchknn"]))
     args = ["bench", "--data", str(root), "--methods", "patchknn", "--image-size", "32", "--device", "cpu",
             "--out", str(tmp_path / "report")]
     assert cli.main(args) == 0
@@ -94,4 +96,4 @@ def test_bench_cli_writes_the_report_and_refuses_to_overwrite(tmp_path: Path, ca
     assert cli.main(["bench", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")]) == 2
     assert "Expected" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Unknown bench method"):
-        bench.sweep(root, ["patchkn"])
+        benchmark.sweep(root, ["patchkn"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from adlib import cfa
+from adlib.methods import cfa
 
 
 def test_loss_matches_a_hand_computation():

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from adlib import claims
+from adlib.eval import claims, scorecard
 
 
 def test_bootstrap_differences_match_a_direct_loop() -> None:
@@ -145,28 +145,28 @@ def test_a_claim_renders_its_verdict_cause_and_numbers() -> None:
     failed = claims.check("1", "LOF beats the Gaussian", "AUROC", -0.05, -0.08, -0.03, "bootstrap", n=60,
                           unit="test images", cause="contradicts the paper on this data", why="it does not")
     assert held.holds and failed.verdict == "contradicted" and held.half_width == pytest.approx(0.05)
-    box = claims.claim_html(held)
+    box = scorecard.claim_html(held)
     assert "holds" in box and "+0.100" in box and "[+0.050, +0.150]" in box and "+0.040 (X (2020), Table 1)" in box
-    assert "admonition tip" in box and "admonition danger" in claims.claim_html(failed)
-    assert "Cause:</b> contradicts the paper" in claims.claim_html(failed)
-    rows = claims.table([held, failed])
+    assert "admonition tip" in box and "admonition danger" in scorecard.claim_html(failed)
+    assert "Cause:</b> contradicts the paper" in scorecard.claim_html(failed)
+    rows = scorecard.table([held, failed])
     assert list(rows.columns) == ["chapter", "claim", "paper", "ours", "verdict", "cause"]
     assert rows["verdict"].tolist() == ["holds", "contradicted"] and rows["cause"].tolist()[0] == "-"
-    assert "color: #cf222e" in claims.table_html([held, failed])
+    assert "color: #cf222e" in scorecard.table_html([held, failed])
     # An inconclusive claim always says how many test units would decide it, whatever its cause.
     moving = claims.TrainingRecord("r", 10, None, tuple(np.linspace(2, 1, 10)))
     open_ = claims.check("1", "A", "AUROC", 0.02, -0.02, 0.06, "b", n=50, unit="test images", records=[moving])
-    assert "To decide:</b> about 200 test images instead of 50" in claims.claim_html(open_)
+    assert "To decide:</b> about 200 test images instead of 50" in scorecard.claim_html(open_)
     by_data = claims.check("1", "A", "AUROC", 0.02, -0.02, 0.06, "b", n=50, unit="test images",
                            cause="too little data to decide")
-    assert "To decide" not in claims.claim_html(by_data) and "would need about 200" in claims.claim_html(by_data)
+    assert "To decide" not in scorecard.claim_html(by_data) and "would need about 200" in scorecard.claim_html(by_data)
 
 
 def test_conclusions_list_every_claim_with_its_verdict() -> None:
     a = claims.check("9", "A beats B.", "AUROC", 0.1, 0.05, 0.15, "bootstrap", n=9, unit="seeds")
     b = claims.check("9", "C beats D.", "AUROC", -0.02, -0.08, 0.04, "bootstrap", n=9, unit="seeds",
                      cause="deviation: smaller images")
-    assert claims.conclusions([a, b]).splitlines() == [
+    assert scorecard.conclusions([a, b]).splitlines() == [
         "- holds: A beats B. (AUROC +0.100, [+0.050, +0.150])",
         "- inconclusive: C beats D. (AUROC -0.020, [-0.080, +0.040]); cause: deviation: smaller images",
     ]
@@ -174,6 +174,6 @@ def test_conclusions_list_every_claim_with_its_verdict() -> None:
 
 def test_the_record_keeps_what_the_guard_checks() -> None:
     a = claims.check("9", "A beats B.", "AUROC", 0.1, 0.05, 0.15, "bootstrap", n=9, unit="seeds")
-    rec = claims.record([a], {"A / AUROC": 0.9})
+    rec = scorecard.record([a], {"A / AUROC": 0.9})
     assert rec["claims"]["A beats B."]["verdict"] == "holds" and rec["numbers"] == {"A / AUROC": 0.9}
     assert {"cpu", "packages", "threads", "python"} <= set(rec["environment"])

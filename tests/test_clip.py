@@ -1,4 +1,4 @@
-"""Tests of adlib.clip: encodings, weights on disk, WinCLIP-style scores, CLIPN losses and scores."""
+"""Tests of adlib.features.clip: encodings, weights on disk, WinCLIP-style scores, CLIPN losses and scores."""
 from __future__ import annotations
 
 import copy
@@ -13,8 +13,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from adlib import backbones, clip, clip_train, clipn, toyworld, winclip
-from adlib.download import sha256sum
+from adlib.core.checksum import sha256sum
+from adlib.data import image_folders, toyworld
+from adlib.features import clip
+from adlib.methods import clipn, winclip
+from adlib.recipes import tiny_clip
+from adlib.weights import registry
 from test_train import Interrupted, interrupted_after
 
 SMALL = {
@@ -93,12 +97,12 @@ def test_save_load_roundtrip_and_sha_check(model, tmp_path):
 
 
 def test_shipped_tiny_clip_is_checked_by_the_registry(monkeypatch, tmp_path):
-    entry = backbones.shipped_weights()[clip.TINY_CLIP]
+    entry = registry.shipped_weights()[clip.TINY_CLIP]
     assert entry["kind"] == "clip" and entry["command"] == clip.TRAIN_COMMAND
     copy = tmp_path / entry["file"]
-    copy.write_bytes((backbones.WEIGHTS_DIR / entry["file"]).read_bytes()[:-1] + b"x")
-    (tmp_path / "registry.json").write_text((backbones.WEIGHTS_DIR / "registry.json").read_text())
-    monkeypatch.setattr(backbones, "WEIGHTS_DIR", tmp_path)
+    copy.write_bytes((registry.WEIGHTS_DIR / entry["file"]).read_bytes()[:-1] + b"x")
+    (tmp_path / "registry.json").write_text((registry.WEIGHTS_DIR / "registry.json").read_text())
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(ValueError, match="sha256 mismatch .*tiny-clip.safetensors.*clip_train"):
         clip.load_tiny_clip()
 
@@ -121,7 +125,7 @@ def test_conv_stem_replaces_the_patch_projection(images, tmp_path):
 
 def test_shipped_tiny_clip_loads_is_small_and_knows_shapes():
     card = clip.tiny_clip_card()
-    assert backbones.weights_file(clip.TINY_CLIP).stat().st_size <= 15 * 2**20
+    assert registry.weights_file(clip.TINY_CLIP).stat().st_size <= 15 * 2**20
     m = clip.load_tiny_clip()  # checks the sha256
     assert clip.image_size(m) == card["config"]["vision_cfg"]["image_size"]
     # Recomputed here on fresh held-out scenes: far above chance (0.1) for shapes, the classes of chapter 9.
@@ -130,13 +134,13 @@ def test_shipped_tiny_clip_loads_is_small_and_knows_shapes():
 
 
 def test_train_tiny_command_smoke(tmp_path, monkeypatch):
-    monkeypatch.setattr(clip_train, "TINY_CONFIG", SMALL)
+    monkeypatch.setattr(tiny_clip, "TINY_CONFIG", SMALL)
     out = tmp_path / "tiny.safetensors"
     n_threads = torch.get_num_threads()
     try:
         argv = ["--out", str(out), "--steps", "2", "--batch-size", "8", "--pairs", "16", "--eval", "10",
                 "--threads", "1", "--defect-rate", "0.5", "--name-defect-rate", "1"]
-        assert clip_train.main(argv) == 0
+        assert tiny_clip.main(argv) == 0
     finally:
         torch.set_num_threads(n_threads)
     card = clip.tiny_clip_card(out)
@@ -149,13 +153,13 @@ def test_train_tiny_command_smoke(tmp_path, monkeypatch):
 
 
 def test_tiny_clip_training_resumes_bit_exactly_after_an_interruption(tmp_path, monkeypatch):
-    monkeypatch.setattr(clip_train, "steps_per_epoch", lambda steps: 2)  # 2 epochs of 2 steps
+    monkeypatch.setattr(tiny_clip, "steps_per_epoch", lambda steps: 2)  # 2 epochs of 2 steps
     args = dict(steps=4, batch_size=8, n_pairs=16, warmup=1, n_eval=10, config=SMALL, progress=False)
-    clip_train.train_tiny_clip(tmp_path / "whole.safetensors", **args)
+    tiny_clip.train_tiny_clip(tmp_path / "whole.safetensors", **args)
     ckpt = tmp_path / "ckpt.pt"
     with interrupted_after(3), pytest.raises(Interrupted):
-        clip_train.train_tiny_clip(tmp_path / "never.safetensors", checkpoint=ckpt, **args)
-    clip_train.train_tiny_clip(tmp_path / "resumed.safetensors", checkpoint=ckpt, **args)
+        tiny_clip.train_tiny_clip(tmp_path / "never.safetensors", checkpoint=ckpt, **args)
+    tiny_clip.train_tiny_clip(tmp_path / "resumed.safetensors", checkpoint=ckpt, **args)
     whole, resumed = (clip.load_tiny_clip(tmp_path / f"{n}.safetensors").state_dict() for n in ("whole", "resumed"))
     for k, v in whole.items():
         assert torch.equal(v, resumed[k]), k
@@ -345,28 +349,28 @@ def test_paper_data_readers(tmp_path):
         Image.new("RGB", (8, 8)).save(pairs / "a" / f"{i}.jpg")
         (pairs / "a" / f"{i}.txt").write_text(text + "\n")
     Image.new("RGB", (8, 8)).save(pairs / "a" / "no_caption.jpg")
-    paths, captions = clip.read_image_text_folder(pairs)
+    paths, captions = image_folders.read_image_text_folder(pairs)
     assert [p.name for p in paths] == ["0.jpg", "1.jpg"] and captions == ["a dog.", "a cat on a mat."]
     with pytest.raises(FileNotFoundError, match="caption file"):
-        clip.read_image_text_folder(tmp_path / "missing")
+        image_folders.read_image_text_folder(tmp_path / "missing")
     folder = tmp_path / "val"
     for wnid, n in (("n02", 2), ("n01", 1)):
         (folder / wnid).mkdir(parents=True)
         for i in range(n):
             Image.new("RGB", (8, 8)).save(folder / wnid / f"{i}.JPEG")
-    paths, labels, names = clip.read_image_folder(folder)
+    paths, labels, names = image_folders.read_image_folder(folder)
     assert names == ["n01", "n02"] and labels.tolist() == [0, 1, 1]
     (folder / "classnames.txt").write_text("goldfish\ntench\n")
-    assert clip.read_image_folder(folder)[2] == ["goldfish", "tench"]
+    assert image_folders.read_image_folder(folder)[2] == ["goldfish", "tench"]
     (folder / "classnames.txt").write_text("goldfish\n")
     with pytest.raises(ValueError, match="1 names for 2 class folders"):
-        clip.read_image_folder(folder)
+        image_folders.read_image_folder(folder)
     with pytest.raises(FileNotFoundError, match="Download"):
-        clip.read_image_folder(tmp_path / "nothing")
+        image_folders.read_image_folder(tmp_path / "nothing")
 
 
 def test_train_tiny_refuses_an_existing_file_before_training(tmp_path, capsys):
     out = tmp_path / "mine.safetensors"
     out.write_bytes(b"a user's file")
-    assert clip_train.main(["--out", str(out), "--steps", "1"]) == 2
+    assert tiny_clip.main(["--out", str(out), "--steps", "1"]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"a user's file"

@@ -7,7 +7,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import adlib
-from adlib import classic, data
+from adlib.data import oneclass
+from adlib.methods import classic
 
 
 def test_unknown_profile_lists_the_valid_ones():
@@ -50,14 +51,14 @@ def test_show_versions_reports_profile_and_seed(capsys):
 
 
 def test_one_class_digits_protocol():
-    sp = data.one_class_digits(3, seed=0)
+    sp = oneclass.one_class_digits(3, seed=0)
     assert sp.x_train.shape[1] == 64 and sp.x_train.dtype == np.float32
     assert 0.0 <= sp.x_train.min() and sp.x_train.max() <= 1.0
     assert set(np.unique(sp.y_test)) == {0, 1}
     assert np.array_equal(sp.y_test, (sp.classes_test != 3).astype(int))
     assert len(np.unique(sp.classes_test)) == 10
     with pytest.raises(ValueError, match="digit 0-9"):
-        data.one_class_digits(10)
+        oneclass.one_class_digits(10)
 
 
 def _brute_force_knn(x_train, x, k):
@@ -100,7 +101,7 @@ def test_unknown_detector_and_bad_shapes_are_refused():
 def test_global_statistics_by_hand() -> None:
     import numpy as np
 
-    from adlib import baselines
+    from adlib.methods import baselines
 
     img = np.zeros((1, 2, 2, 2))
     img[0, 0] = [[0.0, 0.25], [0.5, 0.75]]

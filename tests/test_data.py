@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from adlib.data import MVTecDataset, categories, load_arrays, one_class_cifar10, visa_to_mvtec
+from adlib.data.mvtec import MVTecDataset, categories, load_arrays
+from adlib.data.oneclass import one_class_cifar10
+from adlib.data.visa import visa_to_mvtec
 
 H, W = 32, 40  # deliberately not square, so a swapped height/width shows up
 
@@ -177,7 +179,7 @@ def test_missing_root_explains_layout_and_sources(tmp_path: Path) -> None:
     msg = str(err.value)
     for part in (str(tmp_path / "nowhere"), "train/good", "ground_truth/<defect>/<name>_mask.png",
                  "https://www.mvtec.com/company/research/datasets/mvtec-ad",
-                 'adlib.download.fetch("mvtec_ad"', "adlib.synthtex.generate_for_profile"):
+                 'adlib.data.download.fetch("mvtec_ad"', "adlib.data.synthtex.generate_for_profile"):
         assert part in msg
     with pytest.raises(FileNotFoundError, match="MVTec AD layout"):
         categories(tmp_path / "nowhere")

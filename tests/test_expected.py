@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from IPython.core.formatters import format_display_data
 
-from adlib import claims
+from adlib.eval import claims, scorecard
 from notebook_contract import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -21,7 +21,7 @@ PREFIX = "application/papermill.record/"
 def _chapter(ours: float = 0.10, low: float = 0.05, high: float = 0.15, number: float = 0.9) -> dict:
     claim = claims.check("1", "A beats B.", "AUROC", ours, low, high, "bootstrap", n=50, unit="test images",
                          cause="too little data to decide")
-    return claims.record([claim], {"A / image AUROC": number})
+    return scorecard.record([claim], {"A / image AUROC": number})
 
 
 def _write_executed(folder, record: dict, stem: str = "01_demo") -> None:

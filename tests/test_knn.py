@@ -6,7 +6,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from adlib import backbones, baselines, knn
+from adlib.features import cnn
+from adlib.methods import baselines, knn
 
 
 def test_patch_knn_matches_brute_force_distances():
@@ -60,8 +61,8 @@ def test_pixel_gaussian_is_the_summed_z_score():
 
 def test_patch_features_shape_and_determinism():
     images = torch.rand(3, 3, 64, 64)
-    a = backbones.patch_features(backbones.feature_extractor("resnet18", (1, 2), seed=0), images)
-    b = backbones.patch_features(backbones.feature_extractor("resnet18", (1, 2), seed=0), images, grid=8)
+    a = cnn.patch_features(cnn.feature_extractor("resnet18", (1, 2), seed=0), images)
+    b = cnn.patch_features(cnn.feature_extractor("resnet18", (1, 2), seed=0), images, grid=8)
     assert a.shape == (3, 64 + 128, 16, 16) and b.shape == (3, 192, 8, 8)
-    again = backbones.patch_features(backbones.feature_extractor("resnet18", (1, 2), seed=0), images)
+    again = cnn.patch_features(cnn.feature_extractor("resnet18", (1, 2), seed=0), images)
     assert torch.equal(a, again)

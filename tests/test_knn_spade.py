@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from adlib import backbones, knn
+from adlib.features import vit
+from adlib.methods import knn
 
 
 def _data(seed: int = 0):
@@ -64,14 +65,14 @@ def test_spade_errors():
 
 
 @pytest.fixture(scope="module")
-def vit() -> torch.nn.Module:
-    return backbones.vit_backbone("vit_tiny_patch16_224", image_size=32, patch_size=8, seed=0)
+def tiny_vit() -> torch.nn.Module:
+    return vit.vit_backbone("vit_tiny_patch16_224", image_size=32, patch_size=8, seed=0)
 
 
-def test_vit_patch_tokens_are_the_blocks_outputs(vit):
-    model = vit
+def test_vit_patch_tokens_are_the_blocks_outputs(tiny_vit):
+    model = tiny_vit
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    tokens = backbones.vit_patch_tokens(model, x, blocks=(0, 2))
+    tokens = vit.vit_patch_tokens(model, x, blocks=(0, 2))
     assert tokens.shape == (2, 2 * model.embed_dim, 4, 4)
     # Independent path: run the blocks by hand and fold the patch tokens (class token dropped) into a grid.
     with torch.no_grad():
@@ -83,17 +84,17 @@ def test_vit_patch_tokens_are_the_blocks_outputs(vit):
                 outs.append(h[:, model.num_prefix_tokens:].reshape(2, 4, 4, -1).permute(0, 3, 1, 2))
     torch.testing.assert_close(tokens, torch.cat(outs, 1))
     with pytest.raises(ValueError, match="blocks must be"):
-        backbones.vit_patch_tokens(model, x, blocks=(12,))
+        vit.vit_patch_tokens(model, x, blocks=(12,))
 
 
-def test_vit_backbone_loads_a_local_file_and_repeats_with_a_seed(vit, tmp_path):
-    model = vit
+def test_vit_backbone_loads_a_local_file_and_repeats_with_a_seed(tiny_vit, tmp_path):
+    model = tiny_vit
     torch.save(model.state_dict(), tmp_path / "vit.pth")
-    loaded = backbones.vit_backbone("vit_tiny_patch16_224", image_size=32, patch_size=8, seed=2,
+    loaded = vit.vit_backbone("vit_tiny_patch16_224", image_size=32, patch_size=8, seed=2,
                                     weights=str(tmp_path / "vit.pth"))
-    again = backbones.vit_backbone("vit_tiny_patch16_224", image_size=32, patch_size=8, seed=0)
+    again = vit.vit_backbone("vit_tiny_patch16_224", image_size=32, patch_size=8, seed=0)
     torch.testing.assert_close(again.patch_embed.proj.weight, model.patch_embed.proj.weight)
     x = torch.rand(1, 3, 32, 32)
-    torch.testing.assert_close(backbones.vit_patch_tokens(loaded, x, (1,)), backbones.vit_patch_tokens(model, x, (1,)))
+    torch.testing.assert_close(vit.vit_patch_tokens(loaded, x, (1,)), vit.vit_patch_tokens(model, x, (1,)))
     with pytest.raises(FileNotFoundError, match="No weights"):
-        backbones.vit_backbone("vit_tiny_patch16_224", image_size=32, weights=str(tmp_path / "missing.pth"))
+        vit.vit_backbone("vit_tiny_patch16_224", image_size=32, weights=str(tmp_path / "missing.pth"))

@@ -1,4 +1,4 @@
-"""adlib.metrics against independent computations: brute-force loops, pair counts, hand-worked cases."""
+"""adlib.eval.metrics against independent computations: brute-force loops, pair counts, hand-worked cases."""
 from __future__ import annotations
 
 import time
@@ -9,7 +9,7 @@ import torch
 from skimage import measure
 from sklearn.metrics import roc_auc_score
 
-from adlib import metrics
+from adlib.eval import metrics
 
 # ---------------------------------------------------------------- brute-force references
 

@@ -38,7 +38,7 @@ def test_notebook_runs_at_smoke_profile(path):
 
 
 def _check_claim_boxes(source, executed) -> None:
-    """A chapter that calls ``claims.show`` must show a claim box per claim and glue its table for the scorecard."""
+    """A chapter that calls ``scorecard.show`` must show a claim box per claim and glue its table for the scorecard."""
     if "claims.show(" not in source.read_text() and "claims.gather(" not in source.read_text():
         return
     outputs = [o for c in json.loads(executed.read_text())["cells"] if c["cell_type"] == "code"

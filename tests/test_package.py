@@ -29,4 +29,4 @@ def test_the_wheel_holds_every_module_and_every_registry_file(tmp_path) -> None:
     tracked = [f for f in tracked if f.startswith("adlib/")]
     missing = sorted(f for f in tracked if f not in inside)
     assert not missing, f"{wheel.name} lacks {missing}: check [tool.setuptools] in pyproject.toml"
-    assert "adlib/weights/registry.json" in inside and "adlib/claims.py" in inside
+    assert "adlib/weights/registry.json" in inside and "adlib/eval/claims.py" in inside

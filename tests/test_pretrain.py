@@ -1,4 +1,4 @@
-"""adlib.pretrain: the IFS renderer, the NT-Xent loss, weights files and a smoke run of the command."""
+"""adlib.recipes.pretrain: the IFS renderer, the NT-Xent loss, weights files and a smoke run of the command."""
 import hashlib
 import json
 
@@ -7,13 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adlib import backbones, pretrain, synthtex, validation
+from adlib.data import fractals, heldout, synthtex
+from adlib.features import vit
+from adlib.recipes import pretrain
+from adlib.weights import registry
 from test_train import Interrupted, interrupted_after
 
 
 def test_ifs_points_converge_to_the_fixed_point_of_one_map():
     # x' = 0.5 x + (0.5, -0.25) has the single fixed point (1, -0.5); after 6 steps chains are within 2 * 2^-6.
-    pts, ids = pretrain.ifs_points(np.array([[0.5, 0, 0, 0.5, 0.5, -0.25]]), np.random.default_rng(0),
+    pts, ids = fractals.ifs_points(np.array([[0.5, 0, 0, 0.5, 0.5, -0.25]]), np.random.default_rng(0),
                                    n_chains=16, n_steps=10)
     assert pts.shape == (16 * 4, 2) and (ids == 0).all()
     assert np.abs(pts - [1.0, -0.5]).max() <= 2 * 0.5 ** 7 + 1e-12
@@ -21,26 +24,26 @@ def test_ifs_points_converge_to_the_fixed_point_of_one_map():
 
 def test_ifs_systems_are_contractive_and_renders_repeat():
     rng = np.random.default_rng(0)
-    system = pretrain.ifs_system(rng)
+    system = fractals.ifs_system(rng)
     a = system[:, :4].reshape(-1, 2, 2)
     assert 2 <= len(system) <= 8 and (np.linalg.norm(a, ord=2, axis=(1, 2)) <= 0.9 + 1e-9).all()
-    img = pretrain.render_fractal(system, 48, np.random.default_rng(1))
+    img = fractals.render_fractal(system, 48, np.random.default_rng(1))
     assert img.shape == (48, 48, 3) and img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1
-    np.testing.assert_array_equal(img, pretrain.render_fractal(system, 48, np.random.default_rng(1)))
-    images, labels = pretrain.fractal_dataset(3, 2, 32, seed=0)
+    np.testing.assert_array_equal(img, fractals.render_fractal(system, 48, np.random.default_rng(1)))
+    images, labels = fractals.fractal_dataset(3, 2, 32, seed=0)
     assert images.shape == (6, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_training_data_is_disjoint_from_evaluation():
     evaluation = set(synthtex.CATEGORIES) | {"brick", "grass", "gravel"}
-    assert not set(pretrain.NATURAL_IMAGES) & set(validation.VALIDATION_IMAGES)
-    assert not (set(pretrain.NATURAL_IMAGES) | set(validation.VALIDATION_IMAGES)) & evaluation
+    assert not set(pretrain.NATURAL_IMAGES) & set(heldout.VALIDATION_IMAGES)
+    assert not (set(pretrain.NATURAL_IMAGES) | set(heldout.VALIDATION_IMAGES)) & evaluation
 
 
 def test_validation_set_labels_match_masks():
-    val = validation.validation_set(image_size=64, n_train=2, n_test_good=2, n_per_defect=1)
-    assert set(val) == set(validation.VALIDATION_IMAGES)
+    val = heldout.validation_set(image_size=64, n_train=2, n_test_good=2, n_per_defect=1)
+    assert set(val) == set(heldout.VALIDATION_IMAGES)
     for c in val.values():
         assert c["train"].shape == (2, 3, 64, 64) and c["test"].shape == (2 + len(synthtex.DEFECTS), 3, 64, 64)
         np.testing.assert_array_equal(c["masks"].reshape(len(c["masks"]), -1).any(1), c["labels"] == 1)
@@ -86,7 +89,7 @@ def test_smoke_run_of_the_vit_command_loads_as_a_vit(tmp_path, capsys):
     maps = pretrain.validation_model(recipe, out)(torch.rand(2, 3, 128, 128))
     assert [m.shape for m in maps] == [(2, 192, 16, 16)] * 2
     with pytest.raises(ValueError, match="lack"):  # a 12-block ViT cannot be filled from 4 trained blocks
-        backbones.vit_backbone(recipe.arch, 64, weights=str(out), patch_size=recipe.patch_size)
+        vit.vit_backbone(recipe.arch, 64, weights=str(out), patch_size=recipe.patch_size)
 
 
 def test_pretraining_resumes_bit_exactly_after_an_interruption(tmp_path, monkeypatch):
@@ -110,11 +113,12 @@ def test_unknown_recipe_kind_is_refused():
 def test_candidates_table_matches_the_registry_and_the_model_card():
     rows = pretrain.candidates()
     shipped = {r["shipped_as"]: r for r in rows if r["shipped_as"]}
-    registry = {name: e for name, e in backbones.shipped_weights().items() if e.get("kind", "backbone") == "backbone"}
-    assert set(shipped) == set(registry)
-    card = (backbones.WEIGHTS_DIR / "MODEL_CARD.md").read_text()
+    backbone_entries = {name: e for name, e in registry.shipped_weights().items()
+                        if e.get("kind", "backbone") == "backbone"}
+    assert set(shipped) == set(backbone_entries)
+    card = (registry.WEIGHTS_DIR / "MODEL_CARD.md").read_text()
     for name, row in shipped.items():
-        assert registry[name]["recipe"] == row["recipe"].split()[0]
+        assert backbone_entries[name]["recipe"] == row["recipe"].split()[0]
     for row in rows:  # every number of the json is in the card's tables
         for key in ("val_image_auroc", "val_pixel_auroc", "synthtex_image_auroc", "synthtex_aupro"):
             assert f"{row[key]:.3f}" in card, (row["candidate"], key)

@@ -122,7 +122,7 @@ def test_one_version_licence_and_urls():
     import importlib.metadata
 
     import adlib
-    from adlib.backbones import PYPI_WEIGHTS
+    from adlib.weights.registry import PYPI_WEIGHTS
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "version" not in project and project["dynamic"] == ["version"], "the version lives in adlib/__init__.py"

@@ -1,4 +1,5 @@
-"""adlib.recon: shapes, losses against hand computations, scores against loops, and a tiny AE that detects."""
+"""The autoencoder, VAE and GANomaly: losses against hand computations, scores against loops, a tiny AE that
+detects."""
 from __future__ import annotations
 
 import math
@@ -7,8 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from adlib import recon
-from adlib.train import fit, seed_everything
+from adlib.core.runtime import seed_everything
+from adlib.methods import autoencoder, ganomaly, vae
+from adlib.training.loop import fit
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,19 +29,19 @@ SIZES = [(1, 8), (3, 32), (3, 64), (3, 128)]
 def test_shapes(channels, size):
     torch.manual_seed(0)
     x = torch.rand(2, channels, size, size)
-    ae = recon.ConvAutoencoder(channels, size, latent_dim=6, base_channels=4)
+    ae = autoencoder.ConvAutoencoder(channels, size, latent_dim=6, base_channels=4)
     out = ae(x)
     assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
 
-    vae = recon.ConvVAE(channels, size, latent_dim=6, base_channels=4)
-    rec, mu, logvar = vae(x)
+    net = vae.ConvVAE(channels, size, latent_dim=6, base_channels=4)
+    rec, mu, logvar = net(x)
     assert rec.shape == x.shape and mu.shape == logvar.shape == (2, 6)
 
-    gen = recon.GanomalyGenerator(channels, size, latent_dim=5, base_channels=4)
+    gen = ganomaly.GanomalyGenerator(channels, size, latent_dim=5, base_channels=4)
     x_hat, z, z_hat = gen(x)
     assert x_hat.shape == x.shape and z.shape == z_hat.shape == (2, 5)
 
-    disc = recon.GanomalyDiscriminator(channels, size, base_channels=4)
+    disc = ganomaly.GanomalyDiscriminator(channels, size, base_channels=4)
     logit, feat = disc(x)
     stages = int(math.log2(size)) - 2
     assert logit.shape == (2,) and feat.shape == (2, 4 * 2 ** (stages - 1), 4, 4)
@@ -47,21 +49,21 @@ def test_shapes(channels, size):
 
 def test_vae_eval_is_deterministic_and_train_samples():
     torch.manual_seed(0)
-    vae = recon.ConvVAE(1, 8, latent_dim=4, base_channels=4)
+    net = vae.ConvVAE(1, 8, latent_dim=4, base_channels=4)
     x = torch.rand(3, 1, 8, 8)
-    vae.eval()
-    assert torch.equal(vae(x)[0], vae(x)[0])
-    vae.train()
-    assert not torch.equal(vae(x)[0], vae(x)[0])
+    net.eval()
+    assert torch.equal(net(x)[0], net(x)[0])
+    net.train()
+    assert not torch.equal(net(x)[0], net(x)[0])
 
 
 def test_bad_sizes_are_explained():
     with pytest.raises(ValueError, match="power of two"):
-        recon.ConvAutoencoder(3, 48)
+        autoencoder.ConvAutoencoder(3, 48)
     with pytest.raises(ValueError, match="power of two"):
-        recon.GanomalyGenerator(1, 4)
+        ganomaly.GanomalyGenerator(1, 4)
     with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
-        recon.ConvAutoencoder(3, 32, base_channels=4)(torch.rand(2, 3, 64, 64))
+        autoencoder.ConvAutoencoder(3, 32, base_channels=4)(torch.rand(2, 3, 64, 64))
 
 
 def test_ganomaly_generator_loss_by_hand():
@@ -75,12 +77,12 @@ def test_ganomaly_generator_loss_by_hand():
     con = (0.5 + 0.0 + 0.5 + 1.0) / 4               # mean |x - x_hat|
     enc = (1.0 + 4.0 + 9.0 + 0.0) / 4               # mean (z - z_hat)^2
     adv = (1.0 + 4.0 + 0.0 + 1.0) / 4               # mean (f_real - f_fake)^2
-    out = recon.ganomaly_generator_loss(x, x_hat, z, z_hat, f_real, f_fake)
+    out = ganomaly.ganomaly_generator_loss(x, x_hat, z, z_hat, f_real, f_fake)
     assert out["con"].item() == pytest.approx(con)
     assert out["enc"].item() == pytest.approx(enc)
     assert out["adv"].item() == pytest.approx(adv)
     assert out["total"].item() == pytest.approx(1 * adv + 50 * con + 1 * enc)
-    out = recon.ganomaly_generator_loss(x, x_hat, z, z_hat, f_real, f_fake, w_adv=2, w_con=3, w_enc=5)
+    out = ganomaly.ganomaly_generator_loss(x, x_hat, z, z_hat, f_real, f_fake, w_adv=2, w_con=3, w_enc=5)
     assert out["total"].item() == pytest.approx(2 * adv + 3 * con + 5 * enc)
 
 
@@ -89,7 +91,7 @@ def test_ganomaly_discriminator_loss_by_hand():
     logit_fake = torch.tensor([0.0, -math.log(3.0)])   # probabilities 1/2 and 1/4
     real = (-math.log(0.5) - math.log(0.75)) / 2       # -log p for label 1
     fake = (-math.log(0.5) - math.log(1 - 0.25)) / 2   # -log(1 - p) for label 0
-    out = recon.ganomaly_discriminator_loss(logit_real, logit_fake)
+    out = ganomaly.ganomaly_discriminator_loss(logit_real, logit_fake)
     assert out["real"].item() == pytest.approx(real)
     assert out["fake"].item() == pytest.approx(fake)
     assert out["total"].item() == pytest.approx(0.5 * (real + fake))
@@ -103,7 +105,7 @@ def test_vae_loss_by_hand_and_closed_form():
     recon_term = ((1 + 4) + (0 + 9)) / 2
     # KL(N(1, 1) || N(0, 1)) = 1/2; KL(N(0, 2) || N(0, 1)) = (2 - 1 - log 2) / 2; the second sample's KL is 0
     kl_term = (0.5 + 0.5 * (1 - math.log(2.0)) + 0.0) / 2
-    total, r, k = recon.vae_loss(x, rec, mu, logvar, beta=2.0)
+    total, r, k = vae.vae_loss(x, rec, mu, logvar, beta=2.0)
     assert r.item() == pytest.approx(recon_term)
     assert k.item() == pytest.approx(kl_term)
     assert total.item() == pytest.approx(recon_term + 2.0 * kl_term)
@@ -118,14 +120,14 @@ def test_reconstruction_nll_against_torch_distributions():
     # Gaussian with sigma^2 = 1/2: -log N = (x - r)^2 + const, so the sum of squared errors is the NLL up to a constant
     nll = -torch.distributions.Normal(r, math.sqrt(0.5)).log_prob(x).flatten(1).sum(1)
     const = 16 * 0.5 * math.log(2 * math.pi * 0.5)
-    assert recon.reconstruction_nll(x, r, "gaussian").tolist() == pytest.approx((nll - const).tolist(), rel=1e-5)
+    assert vae.reconstruction_nll(x, r, "gaussian").tolist() == pytest.approx((nll - const).tolist(), rel=1e-5)
     # Bernoulli (continuous cross-entropy): -[x log r + (1 - x) log(1 - r)], summed
     expected = [-sum(x[i].flatten()[j] * math.log(r[i].flatten()[j]) + (1 - x[i].flatten()[j])
                      * math.log(1 - r[i].flatten()[j]) for j in range(16)).item() for i in range(3)]
-    assert recon.reconstruction_nll(x, r, "bernoulli").tolist() == pytest.approx(expected, rel=1e-5)
+    assert vae.reconstruction_nll(x, r, "bernoulli").tolist() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="likelihood must be one of"):
-        recon.reconstruction_nll(x, r, "poisson")
-    _, bern, _ = recon.vae_loss(x, r, torch.zeros(3, 2), torch.zeros(3, 2), likelihood="bernoulli")
+        vae.reconstruction_nll(x, r, "poisson")
+    _, bern, _ = vae.vae_loss(x, r, torch.zeros(3, 2), torch.zeros(3, 2), likelihood="bernoulli")
     assert bern.item() == pytest.approx(sum(expected) / 3, rel=1e-5)
 
 
@@ -133,14 +135,14 @@ def test_ganomaly_score_matches_a_loop():
     g = torch.Generator().manual_seed(0)
     z, z_hat = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
     expected = [sum((z[i, j].item() - z_hat[i, j].item()) ** 2 for j in range(7)) / 7 for i in range(5)]
-    assert recon.ganomaly_score(z, z_hat).tolist() == pytest.approx(expected)
-    assert recon.ganomaly_score(z[..., None, None], z_hat[..., None, None]).tolist() == pytest.approx(expected)
+    assert ganomaly.ganomaly_score(z, z_hat).tolist() == pytest.approx(expected)
+    assert ganomaly.ganomaly_score(z[..., None, None], z_hat[..., None, None]).tolist() == pytest.approx(expected)
 
 
 def test_residual_map_and_image_scores():
     g = torch.Generator().manual_seed(0)
     x, r = torch.rand(2, 3, 4, 5, generator=g), torch.rand(2, 3, 4, 5, generator=g)
-    amap = recon.residual_map(x, r)
+    amap = autoencoder.residual_map(x, r)
     assert amap.shape == (2, 4, 5)
     for n in range(2):
         for i in range(4):
@@ -148,18 +150,18 @@ def test_residual_map_and_image_scores():
                 expected = sum((x[n, c, i, j].item() - r[n, c, i, j].item()) ** 2 for c in range(3)) / 3
                 assert amap[n, i, j].item() == pytest.approx(expected)
     flat = amap.reshape(2, -1).tolist()
-    assert recon.image_score_from_map(amap).tolist() == pytest.approx([sum(v) / len(v) for v in flat])
-    assert recon.image_score_from_map(amap, "max").tolist() == pytest.approx([max(v) for v in flat])
+    assert autoencoder.image_score_from_map(amap).tolist() == pytest.approx([sum(v) / len(v) for v in flat])
+    assert autoencoder.image_score_from_map(amap, "max").tolist() == pytest.approx([max(v) for v in flat])
     with pytest.raises(ValueError, match="'mean' or 'max'"):
-        recon.image_score_from_map(amap, "median")
+        autoencoder.image_score_from_map(amap, "median")
 
 
 def _ganomaly_after_one_step(d_reinit_below):
     seed_everything(0)
-    gen = recon.GanomalyGenerator(1, 8, latent_dim=4, base_channels=4)
-    disc = recon.GanomalyDiscriminator(1, 8, base_channels=4)
-    opt_g, opt_d = recon.ganomaly_optimizers(gen, disc)
-    out = recon.ganomaly_step(gen, disc, opt_g, opt_d, d_reinit_below=d_reinit_below)(torch.rand(4, 1, 8, 8))
+    gen = ganomaly.GanomalyGenerator(1, 8, latent_dim=4, base_channels=4)
+    disc = ganomaly.GanomalyDiscriminator(1, 8, base_channels=4)
+    opt_g, opt_d = ganomaly.ganomaly_optimizers(gen, disc)
+    out = ganomaly.ganomaly_step(gen, disc, opt_g, opt_d, d_reinit_below=d_reinit_below)(torch.rand(4, 1, 8, 8))
     return gen, disc, out
 
 
@@ -176,9 +178,9 @@ def test_ganomaly_step_reinitialises_the_discriminator_when_its_loss_collapses()
 
 
 def test_ganomaly_optimizer_defaults():
-    gen = recon.GanomalyGenerator(1, 8, latent_dim=4, base_channels=4)
-    disc = recon.GanomalyDiscriminator(1, 8, base_channels=4)
-    for opt in recon.ganomaly_optimizers(gen, disc):
+    gen = ganomaly.GanomalyGenerator(1, 8, latent_dim=4, base_channels=4)
+    disc = ganomaly.GanomalyDiscriminator(1, 8, base_channels=4)
+    for opt in ganomaly.ganomaly_optimizers(gen, disc):
         assert opt.param_groups[0]["lr"] == 2e-4 and opt.param_groups[0]["betas"] == (0.5, 0.999)
 
 
@@ -193,17 +195,17 @@ def test_two_epoch_autoencoder_scores_a_bright_square_above_constant_images():
     anomalous[:, :, 4:8, 4:8] = 1.0                         # a bright 4x4 square
 
     seed_everything(0)
-    model = recon.ConvAutoencoder(1, size, latent_dim=8, base_channels=8)
+    model = autoencoder.ConvAutoencoder(1, size, latent_dim=8, base_channels=8)
 
     def scores(x):
         model.eval()
         with torch.no_grad():
-            return recon.image_score_from_map(recon.residual_map(x, model(x)))
+            return autoencoder.image_score_from_map(autoencoder.residual_map(x, model(x)))
 
     untrained = scores(normal)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     loader = DataLoader(TensorDataset(train_x), batch_size=4, shuffle=True)
-    history = fit(recon.ae_step(model, opt), loader, epochs=2, seed=0, progress=False)
+    history = fit(autoencoder.ae_step(model, opt), loader, epochs=2, seed=0, progress=False)
     assert history[1]["loss"] < 0.5 * history[0]["loss"]
     s_normal, s_anomalous = scores(normal), scores(anomalous)
     assert s_normal.mean() < untrained.mean()              # it learnt to reconstruct normal images

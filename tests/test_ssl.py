@@ -1,4 +1,4 @@
-"""adlib.ssl: NT-Xent against a double loop, augmentation statistics, steps, one-class heads vs sklearn."""
+"""adlib.methods.simclr: NT-Xent against a double loop, augmentation statistics, steps, one-class heads vs sklearn."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,8 @@ import torch
 from sklearn.metrics.pairwise import rbf_kernel
 from sklearn.neighbors import KernelDensity
 
-from adlib import ssl
-from adlib.train import fit
+from adlib.methods import simclr, ssl_occ
+from adlib.training.loop import fit
 
 
 def nt_xent_loop(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
@@ -29,24 +29,24 @@ def nt_xent_loop(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
 def test_nt_xent_matches_loop(t):
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
-    assert ssl.nt_xent(z1, z2, t).item() == pytest.approx(nt_xent_loop(z1, z2, t), rel=1e-10)
+    assert simclr.nt_xent(z1, z2, t).item() == pytest.approx(nt_xent_loop(z1, z2, t), rel=1e-10)
 
 
 def test_nt_xent_hand_case_and_errors():
     # two images, views identical and orthogonal to the other image: each anchor sees e^(1/t) vs 1 + e^(1/t)
     e = torch.eye(2, dtype=torch.float64)
     t = 0.5
-    assert ssl.nt_xent(e, e, t).item() == pytest.approx(-math.log(math.e**2 / (math.e**2 + 2)))
+    assert simclr.nt_xent(e, e, t).item() == pytest.approx(-math.log(math.e**2 / (math.e**2 + 2)))
     with pytest.raises(ValueError, match="same shape"):
-        ssl.nt_xent(torch.ones(3, 2), torch.ones(2, 2))
+        simclr.nt_xent(torch.ones(3, 2), torch.ones(2, 2))
     with pytest.raises(ValueError, match="at least 2"):
-        ssl.nt_xent(torch.ones(1, 2), torch.ones(1, 2))
+        simclr.nt_xent(torch.ones(1, 2), torch.ones(1, 2))
     with pytest.raises(ValueError, match="temperature"):
-        ssl.nt_xent(e, e, 0.0)
+        simclr.nt_xent(e, e, 0.0)
 
 
 def test_augmentation_shapes_range_and_seed():
-    aug = ssl.simclr_augmentation(16)
+    aug = simclr.simclr_augmentation(16)
     x = torch.rand(64, 3, 24, 24)
     torch.manual_seed(0)
     a = aug(x)
@@ -65,11 +65,11 @@ def test_augmentation_probabilities():
     x = torch.rand(4000, 3, 8, 8)
     x[:, 0] = 1.0
     x[:, 1:] *= 0.3
-    out = ssl.simclr_augmentation(8, s=1.0)(x)
+    out = simclr.simclr_augmentation(8, s=1.0)(x)
     grey = (out.amax(1) - out.amin(1)).amax(dim=(1, 2)) < 1e-5
     assert abs(grey.float().mean().item() - 0.2) < 0.03
     # without jitter, grayscale, blur and with crops of the whole image, only flips remain
-    plain = ssl._resized_crop_flip(x, 8, min_scale=1.0)
+    plain = simclr._resized_crop_flip(x, 8, min_scale=1.0)
     flipped = torch.isclose(plain, x.flip(-1), atol=1e-5).flatten(1).all(1)
     same = torch.isclose(plain, x, atol=1e-5).flatten(1).all(1)
     assert (flipped | same).all()  # area 1 with an aspect ratio != 1 never fits: the whole image is kept
@@ -80,7 +80,7 @@ def test_blur_matches_explicit_kernel():
     torch.manual_seed(0)
     x = torch.rand(3, 3, 9, 9, dtype=torch.float64)
     torch.manual_seed(5)
-    out = ssl._gaussian_blur(x, 3, p=1.0)
+    out = simclr._gaussian_blur(x, 3, p=1.0)
     torch.manual_seed(5)
     torch.rand(3)  # the p draw
     sigma = torch.empty(3).uniform_(0.1, 2.0)
@@ -94,42 +94,42 @@ def test_blur_matches_explicit_kernel():
 
 def test_rotate_and_rotation_step_learns():
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
-    r = ssl.rotate(x, torch.tensor([1, 3]))
+    r = simclr.rotate(x, torch.tensor([1, 3]))
     assert torch.equal(r[0], torch.rot90(x[0], 1, (1, 2))) and torch.equal(r[1], torch.rot90(x[1], 3, (1, 2)))
     with pytest.raises(ValueError, match="one rotation per image"):
-        ssl.rotate(x, torch.tensor([1]))
+        simclr.rotate(x, torch.tensor([1]))
     # digits' rotations are easy to tell apart: a few steps must beat chance (0.25) clearly
     from sklearn.datasets import load_digits
 
     torch.manual_seed(0)
-    imgs = ssl.digit_images(load_digits().data[:128] / 16.0, size=8)
-    enc = ssl.ConvEncoder(width=8)
+    imgs = simclr.digit_images(load_digits().data[:128] / 16.0, size=8)
+    enc = simclr.ConvEncoder(width=8)
     clf = torch.nn.Linear(enc.feature_dim, 4)
     opt = torch.optim.Adam([*enc.parameters(), *clf.parameters()], lr=1e-2)
     loader = torch.utils.data.DataLoader(imgs, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
-    hist = fit(ssl.rotation_step(enc, clf, opt), loader, epochs=4, progress=False)
+    hist = fit(ssl_occ.rotation_step(enc, clf, opt), loader, epochs=4, progress=False)
     assert hist[-1]["acc"] > 0.6 and hist[-1]["loss"] < hist[0]["loss"]
 
 
 def test_simclr_step_reduces_loss_and_distribution_augmentation():
     torch.manual_seed(0)
     imgs = torch.rand(64, 3, 8, 8)
-    enc = ssl.ConvEncoder(width=8)
-    head = ssl.ProjectionHead(enc.feature_dim, out_dim=16)
+    enc = simclr.ConvEncoder(width=8)
+    head = simclr.ProjectionHead(enc.feature_dim, out_dim=16)
     opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=1e-2)
     loader = torch.utils.data.DataLoader(imgs, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
-    aug = ssl.simclr_augmentation(8, blur=False)
-    hist = fit(ssl.simclr_step(enc, head, opt, aug, temperature=0.5), loader, epochs=8, progress=False)
+    aug = simclr.simclr_augmentation(8, blur=False)
+    hist = fit(simclr.simclr_step(enc, head, opt, aug, temperature=0.5), loader, epochs=8, progress=False)
     assert hist[-1]["loss"] < hist[0]["loss"]
     # with DA the augmentation receives each image in one of its four rotations, not always upright
     seen = []
     spy = lambda x: seen.append(x) or aug(x)  # noqa: E731
-    step = ssl.simclr_step(enc, head, opt, spy, distribution_augmentation=True)
+    step = simclr.simclr_step(enc, head, opt, spy, distribution_augmentation=True)
     batch = imgs[:32]
     assert np.isfinite(step(batch)["loss"])
     rotations = torch.stack([torch.rot90(batch, k, (2, 3)) for k in range(4)], dim=1)  # (32, 4, 3, 8, 8)
     k = (seen[0][:, None] == rotations).flatten(2).all(2).float().argmax(1)
-    assert torch.equal(seen[0], ssl.rotate(batch, k)) and len(set(k.tolist())) > 1
+    assert torch.equal(seen[0], simclr.rotate(batch, k)) and len(set(k.tolist())) > 1
 
 
 def test_linear_eval_matches_sklearn():
@@ -141,9 +141,9 @@ def test_linear_eval_matches_sklearn():
     xtr, ytr, xte, yte = d.data[:1000], d.target[:1000], d.data[1000:], d.target[1000:]
     sc = StandardScaler().fit(xtr)
     ref = LogisticRegression(max_iter=2000).fit(sc.transform(xtr), ytr).score(sc.transform(xte), yte)
-    assert ssl.linear_eval(xtr, ytr, xte, yte) == pytest.approx(ref)
+    assert simclr.linear_eval(xtr, ytr, xte, yte) == pytest.approx(ref)
     with pytest.raises(ValueError, match="one label per row"):
-        ssl.linear_eval(xtr, ytr[:5], xte, yte)
+        simclr.linear_eval(xtr, ytr[:5], xte, yte)
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def test_ocsvm_head_paper_gamma(feats):
     ntr, nte = tr / np.linalg.norm(tr, axis=1, keepdims=True), te / np.linalg.norm(te, axis=1, keepdims=True)
     gamma = 10.0 / (np.var(ntr) * ntr.shape[1])
     ref = -OneClassSVM(kernel="rbf", gamma=gamma).fit(ntr).score_samples(nte)
-    np.testing.assert_allclose(ssl.ocsvm_head(tr)(te), ref, rtol=1e-8)
+    np.testing.assert_allclose(ssl_occ.ocsvm_head(tr)(te), ref, rtol=1e-8)
 
 
 def test_kde_head_is_a_gaussian_kde(feats):
@@ -168,7 +168,7 @@ def test_kde_head_is_a_gaussian_kde(feats):
     gamma = 10.0 / (np.var(ntr) * ntr.shape[1])
     # exp(-gamma |x - f|^2) is sklearn's Gaussian kernel with bandwidth h, gamma = 1 / (2 h^2)
     log_density = KernelDensity(bandwidth=np.sqrt(1 / (2 * gamma))).fit(ntr).score_samples(nte)
-    ours = ssl.kde_head(tr)(te)
+    ours = ssl_occ.kde_head(tr)(te)
     # ours = -(1/gamma) logsumexp(-gamma |x-f|^2 + 2 gamma) = -(log_density + const) / gamma - 2
     slope, _ = np.polyfit(log_density, ours, 1)
     np.testing.assert_allclose(slope, -1 / gamma, rtol=1e-6)
@@ -182,40 +182,40 @@ def test_gaussian_head_matches_mahalanobis(feats):
     mu = ntr.mean(0)
     cov = np.cov(ntr, rowvar=False, bias=True) + 1e-6 * np.eye(6)
     d2 = np.einsum("ni,ij,nj->n", nte - mu, np.linalg.inv(cov), nte - mu)
-    ours = ssl.gaussian_head(tr)(te)
+    ours = ssl_occ.gaussian_head(tr)(te)
     const = 0.5 * (6 * np.log(2 * np.pi) + np.linalg.slogdet(cov)[1])
     np.testing.assert_allclose(ours, 0.5 * d2 + const, rtol=1e-6)
-    assert set(ssl.ONE_CLASS_HEADS) == {"OC-SVM", "KDE", "Gaussian"}
+    assert set(ssl_occ.ONE_CLASS_HEADS) == {"OC-SVM", "KDE", "Gaussian"}
 
 
 def test_heads_detect_an_outlier_cluster():
     rng = np.random.default_rng(1)
     normal = rng.normal(size=(100, 4)) * 0.2 + np.array([1.0, 0, 0, 0])
     odd = rng.normal(size=(20, 4)) * 0.2 + np.array([0, 1.0, 0, 0])
-    for name, head in ssl.ONE_CLASS_HEADS.items():
+    for name, head in ssl_occ.ONE_CLASS_HEADS.items():
         s = head(normal[:80])(np.vstack([normal[80:], odd]))
         assert s[:20].max() < s[20:].min(), name
     with pytest.raises(ValueError, match=r"\(n, d\)"):
-        ssl.kde_head(np.ones(5))
+        ssl_occ.kde_head(np.ones(5))
 
 
 def test_augmentation_switches_and_coloured_digits():
     from sklearn.datasets import load_digits
 
-    x = ssl.digit_images(load_digits().data[:8] / 16.0, size=16, colour_seed=0)
+    x = simclr.digit_images(load_digits().data[:8] / 16.0, size=16, colour_seed=0)
     assert x.shape == (8, 3, 16, 16) and 0 <= x.min() and x.max() <= 1
     # every image has its own stroke and background colour; grey digits have none
     assert x.std(dim=(0, 2, 3)).min() > 0.05 and not torch.allclose(x[:, 0], x[:, 1])
-    grey = ssl.digit_images(load_digits().data[:8] / 16.0, size=16)
+    grey = simclr.digit_images(load_digits().data[:8] / 16.0, size=16)
     assert torch.equal(grey[:, 0], grey[:, 1])
     torch.manual_seed(0)
-    assert torch.equal(ssl.simclr_augmentation(16, crop=False, colour=False, blur=False)(x), x)  # nothing left
-    colour_only = ssl.simclr_augmentation(16, crop=False, blur=False)(x)
+    assert torch.equal(simclr.simclr_augmentation(16, crop=False, colour=False, blur=False)(x), x)  # nothing left
+    colour_only = simclr.simclr_augmentation(16, crop=False, blur=False)(x)
     # colour only: the geometry is untouched, so the (per-image standardised) grey level keeps its layout
-    g0, g1 = ssl._gray(x), ssl._gray(colour_only)
+    g0, g1 = simclr._gray(x), simclr._gray(colour_only)
     corr = [abs(torch.corrcoef(torch.stack([g0[i].flatten(), g1[i].flatten()]))[0, 1]) for i in range(8)]
     assert min(corr) > 0.95
-    crop_only = ssl.simclr_augmentation(16, colour=False, blur=False)(x)
+    crop_only = simclr.simclr_augmentation(16, colour=False, blur=False)(x)
     # crop only: pixel colours come from the image itself (a bilinear mix of its two colours)
     assert not torch.equal(crop_only, x)
     stroke_ground = torch.stack([x.amin(dim=(2, 3)), x.amax(dim=(2, 3))])
@@ -231,8 +231,8 @@ def test_cross_view_nce_matches_a_loop():
     for i in range(5):  # anchor i of view 1 against the 5 second views: 1 positive, 4 negatives
         logits = [float(n1[i] @ n2[j]) / 0.2 for j in range(5)]
         expected += -(logits[i] - math.log(sum(math.exp(v) for v in logits))) / 5
-    assert ssl.cross_view_nce(z1, z2, 0.2).item() == pytest.approx(expected, rel=1e-10)
+    assert simclr.cross_view_nce(z1, z2, 0.2).item() == pytest.approx(expected, rel=1e-10)
     # one direction: swapping the views changes the loss, unlike NT-Xent
-    assert ssl.cross_view_nce(z2, z1, 0.2).item() != pytest.approx(expected, rel=1e-6)
+    assert simclr.cross_view_nce(z2, z1, 0.2).item() != pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="loss must be one of"):
-        ssl.simclr_step(torch.nn.Identity(), torch.nn.Identity(), None, lambda x: x, loss="triplet")
+        simclr.simclr_step(torch.nn.Identity(), torch.nn.Identity(), None, lambda x: x, loss="triplet")

@@ -7,13 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from adlib import backbones, download, knn, students
+from adlib.core import checksum
+from adlib.features import cnn
+from adlib.methods import knn
+from adlib.methods.students import ensemble, teacher
+from adlib.recipes import teachers
+from adlib.weights import registry
 
 
 @pytest.mark.parametrize("patch_size, stride", [(17, 1), (17, 4), (33, 4), (17, 8), (33, 8), (9, 1)])
 def test_descriptor_shapes_and_exact_receptive_field(patch_size, stride):
     torch.manual_seed(0)
-    net = students.PatchNet(patch_size, dim=5, width=4, stride=stride).double()
+    net = teacher.PatchNet(patch_size, dim=5, width=4, stride=stride).double()
     x = torch.rand(1, 3, 48, 48, dtype=torch.float64, requires_grad=True)
     out = net(x)
     assert out.shape == (1, 5, 48 // stride, 48 // stride)
@@ -28,7 +33,7 @@ def test_descriptor_shapes_and_exact_receptive_field(patch_size, stride):
 @pytest.mark.parametrize("stride", [1, 2, 4])
 def test_dense_output_equals_network_on_each_patch(stride):
     torch.manual_seed(0)
-    net = students.PatchNet(17, dim=6, width=5, stride=stride, n=2).double()
+    net = teacher.PatchNet(17, dim=6, width=5, stride=stride, n=2).double()
     x = torch.rand(2, 3, 28, 28, dtype=torch.float64)
     dense = net(x)
     cells = [(i, j) for i in range(dense.shape[-2]) for j in range(dense.shape[-1])
@@ -46,7 +51,7 @@ def test_border_cells_see_the_image_not_a_frame():
     # cell, and their scores outranked the defects (below-chance localisation). A constant image must give the
     # descriptor of a constant patch at every cell, border included.
     torch.manual_seed(0)
-    net = students.PatchNet(17, dim=4, width=4, stride=4).double()
+    net = teacher.PatchNet(17, dim=4, width=4, stride=4).double()
     x = torch.full((1, 3, 40, 40), 0.7, dtype=torch.float64)
     dense = net(x)[0].flatten(1)
     patch = net(x[:, :, :17, :17], dense=False)[0, :, 0, 0]
@@ -57,7 +62,7 @@ def test_bright_square_is_scored_where_it_is():
     # The cells whose patch overlaps a bright square, upsampled to pixels as the chapter does, centre on the
     # square: a shifted map (e.g. by half a patch) would be off by several pixels.
     torch.manual_seed(0)
-    net = students.PatchNet(9, dim=4, width=4, stride=4).double()
+    net = teacher.PatchNet(9, dim=4, width=4, stride=4).double()
     x = torch.full((1, 3, 64, 64), 0.5, dtype=torch.float64)
     y = x.clone()
     y[:, :, 38:45, 14:21] = 1.0  # centre (41, 17)
@@ -70,8 +75,8 @@ def test_bright_square_is_scored_where_it_is():
 
 def test_grouped_students_are_independent_networks():
     torch.manual_seed(0)
-    ens = students.PatchNet(17, dim=3, width=4, stride=4, n=2).double()
-    single = students.PatchNet(17, dim=3, width=4, stride=4, n=1).double()
+    ens = teacher.PatchNet(17, dim=3, width=4, stride=4, n=2).double()
+    single = teacher.PatchNet(17, dim=3, width=4, stride=4, n=1).double()
     # Copy the second group's weights into a single network: it must reproduce that student's output.
     for conv_e, conv_s in zip(ens.convs, single.convs):
         out = conv_s.out_channels
@@ -83,28 +88,28 @@ def test_grouped_students_are_independent_networks():
 
 def test_unreachable_patch_size_is_refused():
     with pytest.raises(ValueError, match="not reachable"):
-        students.PatchNet(65, stride=3)
+        teacher.PatchNet(65, stride=3)
     with pytest.raises(ValueError, match="dense=False expects"):
-        students.PatchNet(17, dim=2, width=2, stride=4)(torch.rand(1, 3, 20, 20), dense=False)
+        teacher.PatchNet(17, dim=2, width=2, stride=4)(torch.rand(1, 3, 20, 20), dense=False)
     with pytest.raises(ValueError, match="smaller than patch_size"):
-        students.PatchNet(17, dim=2, width=2, stride=4)(torch.rand(1, 3, 16, 40))
+        teacher.PatchNet(17, dim=2, width=2, stride=4)(torch.rand(1, 3, 16, 40))
 
 
 def test_compactness_loss_against_numpy():
     d = torch.randn(50, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     corr = np.corrcoef(d.numpy(), rowvar=False)
     expected = (corr**2).sum() - np.trace(corr**2)
-    assert students.compactness_loss(d).item() == pytest.approx(expected, rel=1e-6)
+    assert teacher.compactness_loss(d).item() == pytest.approx(expected, rel=1e-6)
     # Uncorrelated (orthogonal, centred) channels cost nothing.
     a = np.random.default_rng(0).normal(size=(50, 4))
     q, _ = np.linalg.qr(a - a.mean(0))  # orthonormal columns, still centred
-    assert students.compactness_loss(torch.from_numpy(q)).item() == pytest.approx(0.0, abs=1e-12)
+    assert teacher.compactness_loss(torch.from_numpy(q)).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_errors_and_variances_against_loops():
     g = np.random.default_rng(0)
     s, t = g.normal(size=(3, 2, 4, 2, 3)), g.normal(size=(2, 4, 2, 3))
-    e, v = students.errors_and_variances(torch.from_numpy(s), torch.from_numpy(t))
+    e, v = ensemble.errors_and_variances(torch.from_numpy(s), torch.from_numpy(t))
     for n in range(2):
         for i in range(2):
             for j in range(3):
@@ -115,8 +120,8 @@ def test_errors_and_variances_against_loops():
 
 def test_score_is_normalised_with_held_out_statistics():
     torch.manual_seed(0)
-    teacher = students.PatchNet(17, dim=4, width=4, stride=4).eval()
-    st = students.StudentTeacher(teacher, n_students=2)
+    net = teacher.PatchNet(17, dim=4, width=4, stride=4).eval()
+    st = ensemble.StudentTeacher(net, n_students=2)
     images = torch.rand(6, 3, 32, 32)
     st.fit(images[:4], epochs=1, batch_size=2, progress=False)
     with pytest.raises(RuntimeError, match="calibrate"):
@@ -134,29 +139,29 @@ def test_score_is_normalised_with_held_out_statistics():
 
 
 def test_shipped_teachers_load_and_explain_their_targets():
-    teachers = {name: e for name, e in backbones.shipped_weights().items() if e.get("kind") == "teacher"}
+    teachers = {name: e for name, e in registry.shipped_weights().items() if e.get("kind") == "teacher"}
     assert {"teacher-p17", "teacher-p33"} <= set(teachers)
-    extractor = backbones.feature_extractor(students.TEACHER_BACKBONE, layers=students.TEACHER_LAYERS)
-    images = students.teacher_images()
+    extractor = cnn.feature_extractor(teacher.TEACHER_BACKBONE, layers=teacher.TEACHER_LAYERS)
+    images = teacher.teacher_images()
     for name, entry in teachers.items():
-        teacher, decoder = students.load_teacher(name)
-        assert (teacher.patch_size, teacher.dim, teacher.width, teacher.stride) == tuple(
+        net, decoder = teacher.load_teacher(name)
+        assert (net.patch_size, net.dim, net.width, net.stride) == tuple(
             entry["options"][k] for k in ("patch_size", "dim", "width", "stride"))
-        assert (backbones.WEIGHTS_DIR / entry["file"]).stat().st_size <= 15 * 2**20
-        patches = students.random_patches(images, teacher.patch_size, 64, seed=5)
-        targets = students.pretrained_descriptors(extractor, patches, students.TEACHER_RECIPE["target_size"])
-        explained = students.explained_variance(teacher, decoder, patches, targets)
+        assert (registry.WEIGHTS_DIR / entry["file"]).stat().st_size <= 15 * 2**20
+        patches = teacher.random_patches(images, net.patch_size, 64, seed=5)
+        targets = teacher.pretrained_descriptors(extractor, patches, teacher.TEACHER_RECIPE["target_size"])
+        explained = teacher.explained_variance(net, decoder, patches, targets)
         assert explained > 0.3, (name, explained)  # a random network explains nothing (about 0 or below)
-        random_teacher = students.PatchNet(teacher.patch_size, teacher.dim, teacher.width, teacher.stride)
-        assert students.explained_variance(random_teacher, decoder, patches, targets) < 0.1
+        random_teacher = teacher.PatchNet(net.patch_size, net.dim, net.width, net.stride)
+        assert teacher.explained_variance(random_teacher, decoder, patches, targets) < 0.1
 
 
 def test_teacher_command_writes_a_loadable_file_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "t.safetensors"
-    students.main(["--patch-size", "17", "--out", str(out), "--epochs", "1", "--n-patches", "128"])
+    teachers.main(["--patch-size", "17", "--out", str(out), "--epochs", "1", "--n-patches", "128"])
     summary = json.loads(capsys.readouterr().out)
-    assert summary["sha256"] == download.sha256sum(out) and len(summary["history"]) == 1
-    teacher, decoder = students.load_teacher(str(out))
-    assert teacher.patch_size == 17 and decoder.out_features == 320
+    assert summary["sha256"] == checksum.sha256sum(out) and len(summary["history"]) == 1
+    net, decoder = teacher.load_teacher(str(out))
+    assert net.patch_size == 17 and decoder.out_features == 320
     with pytest.raises(SystemExit, match="exists"):
-        students.main(["--patch-size", "17", "--out", str(out)])
+        teachers.main(["--patch-size", "17", "--out", str(out)])

@@ -12,8 +12,9 @@ from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from adlib import synthtex
-from adlib.synthtex import AREA_RANGE, CATEGORIES, DEFECTS, SIZES, add_defect, generate, texture
+from adlib.data import synthtex
+from adlib.data.defects import AREA_RANGE, add_defect
+from adlib.data.synthtex import CATEGORIES, DEFECTS, SIZES, generate, texture
 
 TINY = dict(n_train=3, n_test_good=2, n_test_per_defect=1, image_size=48)
 

@@ -1,11 +1,11 @@
-"""Tests of adlib.toyworld: determinism, exact defect masks, captions, MVTec export."""
+"""Tests of adlib.data.toyworld: determinism, exact defect masks, captions, MVTec export."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from adlib import data
-from adlib import toyworld as tw
+from adlib.data import mvtec
+from adlib.data import toyworld as tw
 
 
 def test_sample_is_deterministic_and_prefix_stable():
@@ -96,7 +96,7 @@ def test_bad_input_is_rejected():
 
 def test_export_mvtec_reads_back(tmp_path):
     root = tw.export_mvtec(tmp_path, ("star",), n_train=3, n_test_good=2, n_test_per_defect=2, image_size=32)
-    ds = data.MVTecDataset(root, "star", split="test", image_size=32)
+    ds = mvtec.MVTecDataset(root, "star", split="test", image_size=32)
     assert len(ds) == 2 + 2 * len(tw.DEFECTS)
     assert set(ds.defects) == {"good", *tw.DEFECTS}
     images, masks = tw.scenes_of("star", "hole", 2, seed=1, image_size=32)  # test split uses seed 2 * 0 + 1
@@ -104,6 +104,6 @@ def test_export_mvtec_reads_back(tmp_path):
     for k, item in enumerate(holes):
         np.testing.assert_array_equal(np.asarray(item["mask"]).squeeze() > 0.5, masks[k])
         assert item["label"] == 1
-    assert len(data.MVTecDataset(root, "star", split="train", image_size=32)) == 3
+    assert len(mvtec.MVTecDataset(root, "star", split="train", image_size=32)) == 3
     with pytest.raises(FileExistsError):
         tw.export_mvtec(tmp_path, ("star",), n_train=1)

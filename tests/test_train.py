@@ -1,4 +1,4 @@
-"""adlib.train.fit: per-epoch means, exact resume after an interruption, refusal of foreign checkpoints."""
+"""adlib.training.loop.fit: per-epoch means, exact resume after an interruption, refusal of foreign checkpoints."""
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from adlib import train
-from adlib.train import fit
+from adlib.training import loop
+from adlib.training.loop import fit
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -160,29 +160,29 @@ def test_bad_arguments_are_explained(tmp_path):
 def test_loss_change_compares_the_last_two_fifths():
     history = [{"epoch": i + 1, "loss": v} for i, v in enumerate([9, 9, 9, 9, 9, 9, 4, 4, 2, 2])]
     # fifths of 2 epochs: the second-last averages 4, the last 2 -> -50 %
-    assert train.loss_change(history) == pytest.approx(-0.5)
-    assert train.loss_change([{"loss": 2.0}, {"loss": 1.0}]) == pytest.approx(-0.5)
+    assert loop.loss_change(history) == pytest.approx(-0.5)
+    assert loop.loss_change([{"loss": 2.0}, {"loss": 1.0}]) == pytest.approx(-0.5)
     with pytest.raises(ValueError, match="at least 2 epochs"):
-        train.loss_change([{"loss": 1.0}])
+        loop.loss_change([{"loss": 1.0}])
 
 
 def test_index_batches_cover_every_sample_once_per_pass() -> None:
-    loader = train.IndexBatches(10, 4, seed=0)
+    loader = loop.IndexBatches(10, 4, seed=0)
     first, second = [b.tolist() for b in loader], [b.tolist() for b in loader]
     assert len(loader) == 3 and [len(b) for b in first] == [4, 4, 2]
     assert sorted(sum(first, [])) == list(range(10)) == sorted(sum(second, []))
     assert first != second  # a new order every pass
-    assert [b.tolist() for b in train.IndexBatches(10, 4, seed=0)] == first
+    assert [b.tolist() for b in loop.IndexBatches(10, 4, seed=0)] == first
     with pytest.raises(ValueError, match="batch_size"):
-        train.IndexBatches(10, 0)
+        loop.IndexBatches(10, 0)
 
 
 def test_random_steps_and_steps_per_epoch() -> None:
-    loader = train.RandomSteps(3, seed=1)
+    loader = loop.RandomSteps(3, seed=1)
     assert len(loader) == 3 and all(g is loader.generator for g in loader)
-    assert [train.steps_per_epoch(n) for n in (3000, 600, 7, 250, 1)] == [100, 100, 7, 50, 1]
+    assert [loop.steps_per_epoch(n) for n in (3000, 600, 7, 250, 1)] == [100, 100, 7, 50, 1]
     with pytest.raises(ValueError, match="steps"):
-        train.RandomSteps(0)
+        loop.RandomSteps(0)
 
 
 class Interrupted(Exception):
@@ -191,8 +191,9 @@ class Interrupted(Exception):
 
 @contextlib.contextmanager
 def interrupted_after(n_steps: int):
-    """Every :class:`adlib.train.RandomSteps` loader raises :class:`Interrupted` at its ``n_steps + 1``-th step."""
-    original, count = train.RandomSteps.__iter__, [0]
+    """Every :class:`adlib.training.loop.RandomSteps` loader raises :class:`Interrupted` at its ``n_steps + 1``-th
+    step."""
+    original, count = loop.RandomSteps.__iter__, [0]
 
     def iterate(self):
         for item in original(self):
@@ -202,5 +203,5 @@ def interrupted_after(n_steps: int):
             yield item
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train.RandomSteps, "__iter__", iterate)
+        patch.setattr(loop.RandomSteps, "__iter__", iterate)
         yield

@@ -11,7 +11,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from adlib import metrics, viz  # noqa: E402
+from adlib import viz
+from adlib.eval import metrics  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,9 @@
 """The guard on the book's numbers: compare executed chapters with ``book/expected.json``.
 
 Every chapter glues its claims (difference, interval, verdict, causes), its headline numbers and the environment
-that made them (``adlib.claims.gather``, under ``claims_record``). This tool reads them from the executed notebooks
-and fails, naming chapter, entry, old and new value, when a verdict changes or a number moves beyond its tolerance:
+that made them (``adlib.eval.scorecard.gather``, under ``claims_record``). This tool reads them from the executed
+notebooks and fails, naming chapter, entry, old and new value, when a verdict changes or a number moves beyond
+its tolerance:
 
 - same environment (CPU model, package versions, threads) as recorded: numbers must repeat bit for bit
   (``tolerance.same_environment``);
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adlib.claims import VERDICTS
+from adlib.eval.claims import VERDICTS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = ROOT / "book" / "expected.json"

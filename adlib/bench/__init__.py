@@ -1,0 +1,1 @@
+"""Benchmarks: every method on one folder (``benchmark``), and a backbone's patch-kNN probe (``backbone_probe``)."""

@@ -1,0 +1,1 @@
+"""Core: profiles, seeding and device, array conversions, the data home, checksums, versions."""

@@ -1,0 +1,86 @@
+"""Seeding, device choice and peak-memory measurement."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int = 0) -> int:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) so a run repeats exactly; returns ``seed``.
+
+    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    return seed
+
+
+def choose_device(prefer: str | None = None) -> torch.device:
+    """CUDA if available, else CPU; ``prefer`` (e.g. ``"cpu"``) or ``$ADLIB_DEVICE`` overrides.
+
+    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    """
+    name = prefer or os.environ.get("ADLIB_DEVICE")
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"Device {name!r} was requested but CUDA is not available here; use 'cpu'.")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+
+class PeakMemory:
+    """Peak memory (MB) while the ``with`` block runs: the process's resident set on CPU (sampled every 5 ms,
+    so it includes the Python process itself; where ``/proc`` is missing, e.g. macOS, the process's peak since
+    it started), allocated CUDA memory on a GPU.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+
+    def __init__(self, device: str = "cpu"):
+        self.cuda = str(device).startswith("cuda")
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def rss_mb() -> float:
+        """The process's resident memory now, MB (its peak so far where ``/proc`` is missing)."""
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        except OSError:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+            return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak_mb = self.rss_mb()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, self.rss_mb())

@@ -1,0 +1,93 @@
+"""One-class splits of labelled data sets (digits, CIFAR-10): one class is normal, the rest anomalous.
+
+Labels follow one convention everywhere in the book: ``0`` = normal, ``1`` = anomalous."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from adlib.core.home import data_home  # noqa: F401  (re-exported: chapters call home.data_home())
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class OneClassSplit(NamedTuple):
+    """A one-class split: train on normal samples only, test on normal + anomalous.
+
+    ``x_train``: (n_train, d) float32, ``x_test``: (n_test, d) float32, ``y_test``: (n_test,) int64
+    with 1 = anomalous, ``classes_test``: (n_test,) original class of each test sample.
+
+    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``)
+    """
+
+    x_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes_test: np.ndarray
+
+
+def one_class_digits(normal_class: int | Sequence[int], *, test_fraction: float = 0.5, seed: int = 0) -> OneClassSplit:
+    """sklearn's 8x8 digits as a one-class problem: ``normal_class`` is normal, the other digits anomalous.
+
+    ``normal_class``: one digit, or several (a *multimodal* normal class; e.g. nine digits, leaving one out as
+    the anomaly). Every class is split ``1 - test_fraction`` / ``test_fraction`` (stratified, seeded);
+    training keeps only the normal part of the first split, testing uses all of the second. Pixels are scaled
+    to [0, 1], so ``x`` is (n, 64); reshape to (n, 8, 8) to look at it.
+
+    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    normal = [normal_class] if isinstance(normal_class, (int, np.integer)) else list(normal_class)
+    if not normal or any(c not in range(10) for c in normal) or len(set(normal)) == 10:
+        raise ValueError(f"normal_class must be one digit 0-9 or a list of 1-9 distinct digits, got {normal_class!r}.")
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
+    return OneClassSplit(
+        x_train=x_tr[np.isin(y_tr, normal)],
+        x_test=x_te,
+        y_test=(~np.isin(y_te, normal)).astype(np.int64),
+        classes_test=y_te,
+    )
+
+
+def one_class_cifar10(root: str | Path, normal_class: int, download: bool = False) -> OneClassSplit:
+    """CIFAR-10 as a one-class problem, the standard protocol of the deep one-class papers.
+
+    Train: the ``normal_class`` images of the CIFAR-10 train split (5000). Test: the whole test split
+    (10000), ``y_test`` = 1 for the nine other classes. Pixels are in [0, 1] and ``x`` is
+    (n, 3072), flattened channel-first: ``x.reshape(-1, 3, 32, 32)`` gives torch's image layout.
+    ``download=True`` lets torchvision fetch the data into ``root`` (needs internet).
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+    from torchvision.datasets import CIFAR10
+
+    if normal_class not in range(10):
+        raise ValueError(f"normal_class must be a CIFAR-10 class index 0-9 {CIFAR10_CLASSES}, got {normal_class!r}.")
+    root = Path(root)
+    try:
+        train, test = (CIFAR10(str(root), train=t, download=download) for t in (True, False))
+    except RuntimeError as err:
+        raise FileNotFoundError(
+            f"CIFAR-10 not found (or incomplete) under {root}: expected {root / 'cifar-10-batches-py'}. "
+            "Call one_class_cifar10(root, normal_class, download=True) on a machine with internet, or "
+            "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it into "
+            f"{root}."
+        ) from err
+
+    def to_x(data: np.ndarray) -> np.ndarray:  # (n, 32, 32, 3) uint8 -> (n, 3072) float32, channel-first
+        return (np.asarray(data).transpose(0, 3, 1, 2).reshape(len(data), -1) / 255.0).astype(np.float32)
+
+    y_train, y_test = np.asarray(train.targets, dtype=np.int64), np.asarray(test.targets, dtype=np.int64)
+    return OneClassSplit(
+        x_train=to_x(np.asarray(train.data)[y_train == normal_class]),
+        x_test=to_x(test.data),
+        y_test=(y_test != normal_class).astype(np.int64),
+        classes_test=y_test,
+    )

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the claims' verdicts and the scorecard glue, and the one-class protocol."""

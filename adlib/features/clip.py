@@ -1,0 +1,354 @@
+"""CLIP for anomaly and OOD detection: the model, its encoders and its weights.
+
+Everything here works on an ``open_clip.CLIP`` model: the book's tiny CLIP (``load_tiny_clip``: trained
+on :mod:`adlib.data.toyworld` by :mod:`adlib.recipes.tiny_clip`, shipped as package data with a sha256) or a real one
+(``load_open_clip``: ViT-B-16 and friends from a local file or a pretrained tag, for the paper profile).
+
+* Encoding: ``tokenize``, ``to_tensor``, ``encode_images`` (global and patch embeddings), ``encode_texts``.
+* Zero-shot classification: ``class_embeddings``, ``zero_shot_accuracy``.
+* Weights: ``save_clip``, ``load_tiny_clip``, ``tiny_clip_card``, ``load_open_clip`` (a file or a pretrained
+  tag; offline it fails at once with a message).
+* Paper-profile data: ``read_image_text_folder``, ``read_image_folder``, ``encode_image_files``.
+
+The methods built on it have their own modules: :mod:`adlib.methods.winclip` (WinCLIP-style zero-shot anomaly
+scores) and :mod:`adlib.methods.clipn` (CLIPN). For segmentation (chapter 10, AA-CLIP) ``encode_images`` returns the
+projected patch tokens of open_clip's ``VisionTransformer`` (its ``output_tokens`` switch) next to the global
+embedding.
+
+The shipped weights are ``"tiny-clip"`` in the package's one weights registry (``adlib/weights/registry.json``,
+sha256-checked, safetensors with the config in the file's metadata); reproduce them with
+``python -m adlib.recipes.tiny_clip --out adlib/weights/tiny-clip.safetensors``.
+
+Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adlib.core.checksum import sha256sum
+
+#: The tiny CLIP: a ViT with 8 x 8 patches on 64 px images and a small causal text transformer.
+#: open_clip's BPE vocabulary (49408 tokens) is kept so the real tokenizer works unchanged.
+#: ``conv_stem``: the ViT's patch embedding is a stack of stride-2 3x3 convolutions with these widths
+#: (see :class:`ConvStem`) instead of one linear patch projection.
+TINY_CONFIG: dict = {
+    "embed_dim": 64,
+    "conv_stem": [32, 64],
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32, "mlp_ratio": 4.0},
+    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+TINY_CLIP = "tiny-clip"  # its name in the weights registry
+TRAIN_COMMAND = "python -m adlib.clip_train --out adlib/weights/tiny-clip.safetensors"
+FORMAT = "adlib-tiny-clip/1"
+#: Toy-world settings of the tiny CLIP's training captions: defects rare (10 %) and mostly unnamed (10 % of those).
+TINY_WORLD = {"defect_rate": 0.1, "name_defect_rate": 0.1, "image_size": 64}
+
+
+# --------------------------------------------------------------------------- model, text, images
+
+
+class ConvStem(nn.Sequential):
+    """A convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see better").
+
+    (N, 3, S, S) -> (N, width, S / patch, S / patch), like the ViT's linear patch projection it replaces,
+    but through log2(patch) stride-2 3x3 convolutions: one per entry of ``channels`` (with batch norm and
+    GELU), then a last one to ``width`` channels (plain, as the linear projection it replaces). Trained
+    from scratch on a small data set, a ViT with a linear stem learnt the toy world's colours but not its
+    shapes; with this stem it learns both.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+
+    def __init__(self, patch: int, width: int, channels: Sequence[int]):
+        n = int(math.log2(patch))
+        if 2 ** n != patch or len(channels) != n - 1:
+            raise ValueError(f"A conv stem needs a power-of-two patch and log2(patch) - 1 = {n - 1} widths, "
+                             f"got patch {patch} and {list(channels)}.")
+        layers, c_in = [], 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.GELU()]
+            c_in = c
+        super().__init__(*layers, nn.Conv2d(c_in, width, 3, 2, 1))
+
+
+def build_tiny_clip(config: dict | None = None) -> open_clip.CLIP:
+    """A randomly initialised ``open_clip.CLIP`` of ``config`` (default :data:`TINY_CONFIG`).
+
+    With a ``conv_stem`` entry the ViT's ``conv1`` (its patch projection) becomes a :class:`ConvStem`.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    cfg = copy.deepcopy(config or TINY_CONFIG)
+    model = open_clip.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
+    if cfg.get("conv_stem"):
+        vision = cfg["vision_cfg"]
+        model.visual.conv1 = ConvStem(vision["patch_size"], vision["width"], cfg["conv_stem"])
+    return model
+
+
+def context_length(model: open_clip.CLIP) -> int:
+    """The number of text tokens ``model`` reads.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    return int(model.positional_embedding.shape[0])
+
+
+def tokenize(texts: Sequence[str] | str, model: open_clip.CLIP) -> torch.Tensor:
+    """open_clip's BPE tokenizer (offline) at the model's context length: (T,) strings -> (T, L) int64.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    return open_clip.tokenize(texts, context_length=context_length(model))
+
+
+def image_size(model: open_clip.CLIP) -> int:
+    """Side of the square images the model's ViT expects.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    return int(model.visual.image_size[0])
+
+
+def to_tensor(images: np.ndarray, size: int | None = None) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, size, size) float, normalised with CLIP's mean and std.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"Expected (N, H, W, 3) uint8 images, got {images.shape} {images.dtype}.")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    if size is not None and x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def encode_images(model: open_clip.CLIP, images: np.ndarray | torch.Tensor, batch_size: int = 256
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised global and patch embeddings in the joint space.
+
+    ``images``: (N, H, W, 3) uint8 or an already normalised (N, 3, S, S) tensor. Returns
+    ((N, D) global, (N, P, D) patches) where P = (S / patch)^2 in row-major order; patch tokens pass
+    through the same final norm and projection as the class token (the way WinCLIP-style methods read
+    them), so they can be compared with text embeddings.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    x = to_tensor(images, image_size(model)) if isinstance(images, np.ndarray) else images
+    visual, device = model.visual, next(model.parameters()).device
+    pooled_all, tokens_all = [], []
+    before = visual.output_tokens
+    visual.output_tokens = True  # open_clip's VisionTransformer then returns (pooled, tokens)
+    try:
+        for i in range(0, len(x), batch_size):
+            pooled, tokens = visual(x[i:i + batch_size].to(device))
+            if visual.proj is not None:
+                tokens = tokens @ visual.proj
+            pooled_all.append(F.normalize(pooled.float(), dim=-1).cpu())
+            tokens_all.append(F.normalize(tokens.float(), dim=-1).cpu())
+    finally:
+        visual.output_tokens = before
+    return torch.cat(pooled_all), torch.cat(tokens_all)
+
+
+@torch.no_grad()
+def encode_texts(model: open_clip.CLIP, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
+    """(T,) strings -> (T, D) L2-normalised text embeddings.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    device = next(model.parameters()).device
+    tokens = tokenize(list(texts), model)
+    out = [model.encode_text(tokens[i:i + batch_size].to(device), normalize=True).float().cpu()
+           for i in range(0, len(tokens), batch_size)]
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- zero-shot classification
+
+#: Prompt templates for zero-shot classification of toy objects (an ensemble, as CLIP does for ImageNet).
+CLASS_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a {}.", "a picture of a {}.")
+
+
+def class_embeddings(model: open_clip.CLIP, classnames: Sequence[str],
+                     templates: Sequence[str] = CLASS_TEMPLATES,
+                     encode: Callable[[Sequence[str]], torch.Tensor] | None = None) -> torch.Tensor:
+    """(C,) class names -> (C, D) unit class embeddings: the mean of the normalised template embeddings.
+
+    ``encode`` maps strings to (T, D) unit embeddings (default: the model's text encoder); CLIPN passes
+    its "no" encoder here.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    encode = encode or (lambda texts: encode_texts(model, texts))
+    prompts = [t.format(c) for c in classnames for t in templates]
+    emb = encode(prompts).view(len(classnames), len(templates), -1).mean(1)
+    return F.normalize(emb, dim=-1)
+
+
+def zero_shot_logits(model: open_clip.CLIP, image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+    """(N, D) image and (C, D) class embeddings (unit) -> (N, C) logits scaled by the model's temperature.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    return model.logit_scale.exp().detach().float() * image_emb @ class_emb.T
+
+
+def zero_shot_accuracy(model: open_clip.CLIP, images: np.ndarray, labels: np.ndarray, classnames: Sequence[str],
+                       templates: Sequence[str] = CLASS_TEMPLATES) -> float:
+    """Top-1 accuracy of zero-shot classification: (N, H, W, 3) uint8 images, (N,) labels indexing ``classnames``.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    image_emb, _ = encode_images(model, images)
+    pred = (image_emb @ class_embeddings(model, classnames, templates).T).argmax(1).numpy()
+    return float((pred == np.asarray(labels)).mean())
+
+
+# --------------------------------------------------------------------------- weights on disk
+
+
+def save_clip(model: open_clip.CLIP, path: str | os.PathLike, config: dict, meta: dict | None = None) -> str:
+    """Write ``model`` as fp16 safetensors with ``config`` (its :func:`build_tiny_clip` config) and ``meta`` (JSON)
+    in the file's metadata; refuses to overwrite a file; returns the file's sha256.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; choose another file or delete it first.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous()
+             for k, v in model.state_dict().items()}
+    # One metadata key: safetensors writes several in no fixed order, and the bytes (so the sha256) must repeat.
+    header = json.dumps({"format": FORMAT, "config": config, "meta": meta or {}}, sort_keys=True)
+    save_file(state, str(path), metadata={"adlib": header})
+    return sha256sum(path)
+
+
+def _read_clip_file(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(state dict, config, meta) of a file written by :func:`save_clip`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("adlib", "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); is it corrupt?") from err
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tiny CLIP written by adlib.features.clip.save_clip (format {FORMAT}).")
+    return state, header["config"], header["meta"]
+
+
+def load_tiny_clip(weights: str | os.PathLike | None = None, sha256: str | None = None) -> open_clip.CLIP:
+    """A tiny CLIP, in eval mode, fp32: the shipped ``"tiny-clip"`` (None; sha256-checked by the registry) or a file
+    written by :func:`save_clip` (checked against ``sha256`` if given).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    from adlib.weights.registry import weights_file
+
+    path = weights_file(TINY_CLIP if weights is None else weights)
+    if sha256 is not None and (actual := sha256sum(path)) != sha256:
+        raise ValueError(f"{path} has sha256 {actual}, expected {sha256}: the file is corrupt or was replaced. "
+                         f"Restore it or retrain with `{TRAIN_COMMAND}`.")
+    state, config, _ = _read_clip_file(path)
+    model = build_tiny_clip(config)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.eval()
+
+
+def tiny_clip_card(weights: str | os.PathLike | None = None) -> dict:
+    """What is known about tiny CLIP weights: for the shipped one (None) its registry entry (sha256, config,
+    command, training settings ``train``, evaluation ``eval``), for a file its metadata plus its sha256.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    from adlib.weights.registry import shipped_weights, weights_file
+
+    name = TINY_CLIP if weights is None else str(weights)
+    registry = shipped_weights()
+    if name in registry:
+        return registry[name]
+    path = weights_file(name)
+    _, config, meta = _read_clip_file(path)
+    return {"file": path.name, "sha256": sha256sum(path), "config": config, **meta}
+
+
+def load_open_clip(name: str = "ViT-B-16", pretrained: str = "openai", device: str | torch.device = "cpu"
+                   ) -> tuple[open_clip.CLIP, Callable]:
+    """A real CLIP through ``open_clip.create_model_and_transforms``: (model in eval mode, test preprocess).
+
+    ``pretrained`` is a local checkpoint file (an open_clip/OpenAI state dict) or a pretrained tag such
+    as ``"openai"`` or ``"laion2b_s34b_b88k"``. With ``HF_HUB_OFFLINE=1`` (or no network) a tag that is
+    not already in the Hugging Face cache stops at once with a message saying what to download.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    """
+    if name not in open_clip.list_models():
+        raise ValueError(f"Unknown open_clip model {name!r}; see open_clip.list_models().")
+    if not os.path.isfile(pretrained):
+        tags = [t for m, t in open_clip.list_pretrained() if m == name]
+        if pretrained not in tags:
+            raise FileNotFoundError(f"{pretrained!r} is neither a file nor a pretrained tag of {name} ({tags}).")
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        if offline and not _in_hf_cache(cfg):
+            raise FileNotFoundError(
+                f"{name}/{pretrained} weights are not in the Hugging Face cache and HF_HUB_OFFLINE is set. "
+                f"On a machine with internet run open_clip.create_model_and_transforms({name!r}, "
+                f"pretrained={pretrained!r}) once (hub repo {cfg.get('hf_hub') or cfg.get('url')}), or pass "
+                f"pretrained='/path/to/weights.bin' (a local state dict).")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except RuntimeError as err:
+        raise FileNotFoundError(f"Could not load {name} weights {pretrained!r}: {err}. Download them on a "
+                                f"machine with internet, or pass a local file path.") from err
+    return model.eval(), preprocess
+
+
+def _in_hf_cache(cfg: dict) -> bool:
+    """Whether a pretrained tag's weights are already in the local Hugging Face cache (no network)."""
+    hub = cfg.get("hf_hub") or ""
+    if not hub:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id = "/".join(hub.strip("/").split("/")[:2])
+    files = [hub.strip("/").split("/", 2)[2]] if hub.strip("/").count("/") >= 2 else [
+        "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in files)
+
+
+@torch.no_grad()
+def encode_image_files(model: open_clip.CLIP, preprocess: Callable, paths: Sequence[Path], batch_size: int = 128
+                       ) -> torch.Tensor:
+    """Image files -> (N, D) unit embeddings, with open_clip's preprocessing (paper profile).
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    from PIL import Image
+
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(paths), batch_size):
+        x = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths[i:i + batch_size]])
+        out.append(model.encode_image(x.to(device), normalize=True).float().cpu())
+    return torch.cat(out)

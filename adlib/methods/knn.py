@@ -1,0 +1,209 @@
+"""Nearest-neighbour scoring of patch features against a memory bank of normal patches (faiss).
+
+The score of a test patch is its distance to the nearest normal patch of *every* training image (a full
+memory bank: PatchCore without its coreset and reweighting, SPADE's pixel step without its image gallery);
+the image score is the maximum of the map. The same bank serves the ViT-kNN and CFA chapters.
+:class:`PatchKNNDetector` and :class:`SPADEDetector` put both behind the detector protocol of
+``adlib.methods.base``.
+
+Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+"""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+from adlib.core.arrays import to_numpy
+from adlib.features.cnn import aggregate_patches
+from adlib.methods.base import FeatureDetector, to_pixel_maps  # noqa: F401  (to_pixel_maps: used by chapters 6-8)
+
+
+def _as_rows(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(N, C, h, w) -> (N*h*w, C) float32 rows and the (N, h, w) shape to fold them back."""
+    f = torch.as_tensor(features)
+    if f.ndim != 4:
+        raise ValueError(f"patch features must be (N, C, h, w), got shape {tuple(f.shape)}.")
+    n, c, h, w = f.shape
+    rows = np.ascontiguousarray(to_numpy(f.permute(0, 2, 3, 1).reshape(-1, c), np.float32))
+    return rows, (n, h, w)
+
+
+class PatchKNN:
+    """A memory bank of normal patch features; ``score_maps`` gives each test patch's kNN distance.
+
+    ``k``: neighbours averaged (1 = nearest only). Search is exact (``faiss.IndexFlatL2``).
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``)
+    """
+
+    def __init__(self, k: int = 1):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}.")
+        self.k = k
+        self.index: faiss.IndexFlatL2 | None = None
+
+    def fit(self, features: torch.Tensor | np.ndarray) -> "PatchKNN":
+        """Store every patch of normal ``features`` (N, C, h, w) in the bank."""
+        rows, _ = _as_rows(features)
+        self.index = faiss.IndexFlatL2(rows.shape[1])
+        self.index.add(rows)
+        return self
+
+    def score_maps(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Mean Euclidean distance of each patch of ``features`` (N, C, h, w) to its k nearest: (N, h, w)."""
+        if self.index is None:
+            raise RuntimeError("Call fit(normal_features) before score_maps().")
+        rows, shape = _as_rows(features)
+        if rows.shape[1] != self.index.d:
+            raise ValueError(f"features have {rows.shape[1]} channels, the bank has {self.index.d}.")
+        sq, _ = self.index.search(rows, self.k)
+        return np.sqrt(np.maximum(sq, 0)).mean(axis=1).astype(np.float64).reshape(shape)
+
+
+def nearest_images(train_global: torch.Tensor | np.ndarray, test_global: torch.Tensor | np.ndarray,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest training images of each test image in global feature space (exact, faiss).
+
+    train_global (M, D), test_global (N, D) -> Euclidean distances (N, k) float64, ascending, and indices
+    (N, k) into the training set.
+
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    """
+    train = np.ascontiguousarray(to_numpy(train_global, np.float32))
+    test = np.ascontiguousarray(to_numpy(test_global, np.float32))
+    if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
+        raise ValueError(f"global features must be (M, D) and (N, D), got {train.shape} and {test.shape}.")
+    if not 1 <= k <= len(train):
+        raise ValueError(f"k must be between 1 and the number of training images ({len(train)}), got {k}.")
+    index = faiss.IndexFlatL2(train.shape[1])
+    index.add(train)
+    sq, idx = index.search(test, k)
+    return np.sqrt(np.maximum(sq, 0)).astype(np.float64), idx
+
+
+class SPADE:
+    """SPADE: kNN on global features for the image score, then a pixel map from a gallery of those images.
+
+    ``fit(train_global (M, D), train_patches (M, C, h, w))`` stores normal features; ``predict(test_global
+    (N, D), test_patches (N, C, h, w))`` returns image scores (N,) = mean distance to the ``k`` nearest
+    training images, and patch maps (N, h, w) = mean distance of each test patch to its ``kappa`` nearest
+    patches among *all* positions of those k images (the gallery). Paper: k = 50, kappa = 1; upsample and
+    blur the maps with :func:`to_pixel_maps` (sigma 4).
+
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    """
+
+    def __init__(self, k: int = 50, kappa: int = 1):
+        if k < 1 or kappa < 1:
+            raise ValueError(f"k and kappa must be >= 1, got k={k}, kappa={kappa}.")
+        self.k, self.kappa = k, kappa
+        self.train_global: torch.Tensor | None = None
+        self.train_patches: torch.Tensor | None = None
+
+    def fit(self, train_global: torch.Tensor | np.ndarray, train_patches: torch.Tensor | np.ndarray) -> "SPADE":
+        g, p = torch.as_tensor(to_numpy(train_global, np.float32)), torch.as_tensor(to_numpy(train_patches, np.float32))
+        if p.ndim != 4 or g.ndim != 2 or len(g) != len(p):
+            raise ValueError(f"need train_global (M, D) and train_patches (M, C, h, w) for the same M images, "
+                             f"got {tuple(g.shape)} and {tuple(p.shape)}.")
+        if len(g) < self.k:
+            raise ValueError(f"k={self.k} needs at least {self.k} training images, got {len(g)}; lower k.")
+        self.train_global, self.train_patches = g, p
+        return self
+
+    def predict(self, test_global: torch.Tensor | np.ndarray,
+                test_patches: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.train_patches is None:
+            raise RuntimeError("Call fit(train_global, train_patches) before predict().")
+        q = torch.as_tensor(to_numpy(test_patches, np.float32))
+        if q.shape[1:] != self.train_patches.shape[1:]:
+            raise ValueError(f"test patches {tuple(q.shape[1:])} differ from training patches "
+                             f"{tuple(self.train_patches.shape[1:])} (C, h, w).")
+        dist, idx = nearest_images(self.train_global, test_global, self.k)
+        n, c, h, w = q.shape
+        maps = np.empty((n, h, w))
+        for i in range(n):
+            # The gallery is small (k * h * w rows), so an exact torch.cdist per test image is cheap.
+            gallery = self.train_patches[idx[i]].permute(0, 2, 3, 1).reshape(-1, c)
+            d = torch.cdist(q[i].permute(1, 2, 0).reshape(-1, c), gallery)
+            maps[i] = d.topk(self.kappa, largest=False).values.mean(1).reshape(h, w).double().numpy()
+        return dist.mean(1), maps
+
+
+class PatchKNNDetector(FeatureDetector):
+    """Patch kNN behind the detector protocol: :func:`adlib.features.cnn.aggregate_patches` (3 x 3 local average,
+    stages resized to one grid) in a full :class:`PatchKNN` bank; image score = maximum of the blurred map.
+
+    ``k`` neighbours averaged; ``stride`` 8 px by default (the stride of PatchCore's first layer on its
+    WideResNet-50), other arguments as :class:`adlib.methods.base.FeatureDetector`.
+
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    """
+
+    summary = "nearest training patch of every training image (full bank); image score = max of the map"
+    method = "patchknn"
+    fitted = ("bank",)
+
+    def __init__(self, backbone: str | torch.nn.Module = "effnet-lite0", layers: tuple[int, ...] | None = None,
+                 stride: int | None = 8, k: int = 1, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
+                 batch_size: int = 32):
+        super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
+        self.k = k
+        self.knn = PatchKNN(k)
+
+    def embed(self, maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        return aggregate_patches(maps, grid=grid)
+
+    def fit_features(self, features: torch.Tensor) -> None:
+        self.bank = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        self.restore()
+
+    def restore(self) -> None:
+        self.knn.fit(self.bank[:, :, None, None])
+
+    def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, None]:
+        return self.knn.score_maps(features), None
+
+
+class SPADEDetector(FeatureDetector):
+    """SPADE behind the detector protocol: image score = mean distance of the global feature to the ``k``
+    nearest training images; pixel map from the patches of those images (:class:`SPADE`). Paper: k = 50,
+    kappa = 1. The global feature is the spatial mean of the last requested stage (the paper pools the
+    network's last stage, which the shallow backbones here do not compute). ``backbone`` may be a module (e.g. a
+    ViT's :class:`adlib.features.vit.ViTStages`, with ``stride`` = its patch size): its last map gives the global one.
+
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    """
+
+    summary = "SPADE (Cohen & Hoshen 2020): k nearest images by global feature, then their patches"
+    method = "spade"
+    fitted = ("train_global", "train_patches")
+
+    def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None, stride: int | None = 8,
+                 k: int = 50, kappa: int = 1, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
+                 batch_size: int = 32):
+        super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
+        self.k, self.kappa = k, kappa
+        self.spade = SPADE(k, kappa)
+
+    def embed(self, maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        # The global feature rides along as extra channels (constant over the grid), split off again below.
+        patches = aggregate_patches(maps, grid=grid)
+        pooled = maps[-1].mean(dim=(2, 3))[:, :, None, None].expand(-1, -1, *grid)
+        self.global_dim = pooled.shape[1]  # any backbone, a CNN's stages or a ViT's blocks
+        return torch.cat([patches, pooled], dim=1)
+
+    def _split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.global_dim
+        return features[:, -c:, 0, 0], features[:, :-c]
+
+    def fit_features(self, features: torch.Tensor) -> None:
+        self.train_global, self.train_patches = self._split(features)
+        self.restore()
+
+    def restore(self) -> None:
+        self.spade = SPADE(self.k, self.kappa).fit(self.train_global, self.train_patches)
+
+    def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = self.spade.predict(*self._split(features))
+        return maps, scores

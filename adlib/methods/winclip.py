@@ -1,0 +1,114 @@
+"""WinCLIP-style zero-shot anomaly detection with any CLIP: compositional prompt ensembles as text anchors,
+image scores from the global embedding and maps from the patch tokens.
+
+Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from adlib.core.arrays import as_images
+from adlib.features.clip import encode_images, encode_texts, load_open_clip, load_tiny_clip
+from adlib.methods.base import FeatureDetector
+
+#: WinCLIP's compositional prompt ensemble (Jeong et al. 2023, as in anomalib's ``winclip/prompting.py``):
+#: every state is put into every template; the ensemble's mean embedding is the text anchor.
+NORMAL_STATES: tuple[str, ...] = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw",
+                                  "{} without defect", "{} without damage")
+ANOMALOUS_STATES: tuple[str, ...] = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
+WINCLIP_TEMPLATES: tuple[str, ...] = (
+    "a cropped photo of the {}.", "a close-up photo of a {}.", "a close-up photo of the {}.",
+    "a bright photo of a {}.", "a bright photo of the {}.", "a dark photo of the {}.", "a dark photo of a {}.",
+    "a jpeg corrupted photo of a {}.", "a jpeg corrupted photo of the {}.", "a blurry photo of the {}.",
+    "a blurry photo of a {}.", "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.",
+    "a photo of the small {}.", "a photo of a large {}.", "a photo of the large {}.",
+    "a photo of the {} for visual inspection.", "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.", "a photo of a {} for anomaly detection.",
+)
+
+
+def prompt_ensemble(object_name: str) -> tuple[list[str], list[str]]:
+    """WinCLIP's (normal prompts, anomalous prompts) for one object name: 7 x 21 and 4 x 21 strings.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    normal = [t.format(s.format(object_name)) for s in NORMAL_STATES for t in WINCLIP_TEMPLATES]
+    anomalous = [t.format(s.format(object_name)) for s in ANOMALOUS_STATES for t in WINCLIP_TEMPLATES]
+    return normal, anomalous
+
+
+def text_anchors(model: open_clip.CLIP, object_name: str) -> torch.Tensor:
+    """(2, D) unit text anchors [normal, anomalous]: the normalised mean of each ensemble's embeddings.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    normal, anomalous = prompt_ensemble(object_name)
+    anchors = [F.normalize(encode_texts(model, p).mean(0), dim=-1) for p in (normal, anomalous)]
+    return torch.stack(anchors)
+
+
+def winclip_scores(model: open_clip.CLIP, images: np.ndarray, object_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-shot anomaly scores: ((N,) image scores, (N, H, W) pixel maps), both P(anomalous) in [0, 1].
+
+    Image level: softmax over the [normal, anomalous] anchors of the global embedding, with the model's
+    temperature. Patch level: the same for every projected patch token, upsampled bilinearly to the
+    image size. WinCLIP proper scores sliding windows at several scales; reading patch tokens instead
+    keeps the baseline cheap (one forward pass) and is what later token-based variants do.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    """
+    global_emb, patch_emb = encode_images(model, images)
+    anchors = text_anchors(model, object_name)
+    scale = model.logit_scale.exp().detach().float()
+    image_scores = (scale * global_emb @ anchors.T).softmax(-1)[:, 1]
+    patch = (scale * patch_emb @ anchors.T).softmax(-1)[..., 1]
+    side = int(round(math.sqrt(patch.shape[1])))
+    maps = F.interpolate(patch.view(-1, 1, side, side), size=images.shape[1:3], mode="bilinear", align_corners=False)
+    return image_scores.numpy().astype(np.float64), maps[:, 0].numpy().astype(np.float64)
+
+
+class WinCLIPDetector(FeatureDetector):
+    """:func:`winclip_scores` behind the book's detector protocol, so the benchmark can run it beside the
+    feature detectors: ``fit`` learns nothing (zero-shot; it only records the image size), ``predict`` compares
+    the images with the prompt ensembles of ``object_name`` and applies the book's post-processing.
+
+    ``clip``: ``"tiny"`` (the shipped tiny CLIP, which knows the toy world's objects only), the path of a tiny
+    CLIP saved by :func:`adlib.features.clip.save_clip`, or ``"NAME:PRETRAINED"`` for an open_clip model (the paper
+    profile, e.g. ``"ViT-B-16:openai"``; :func:`adlib.features.clip.load_open_clip`). The image score is the image-level
+    P(anomalous).
+
+    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
+    """
+
+    method = "winclip"
+    summary = "WinCLIP-style zero-shot (Jeong et al. 2023): prompt-ensemble anchors vs CLIP tokens; no training"
+
+    def __init__(self, object_name: str = "object", clip: str = "tiny", sigma: float = 4.0, device: str = "cpu",
+                 seed: int = 0, batch_size: int = 32):
+        super().__init__(None, None, 1, sigma, device, seed, batch_size)
+        self.object_name, self.clip = object_name, clip
+        if clip == "tiny" or Path(clip).is_file():
+            self.clip_model = load_tiny_clip(None if clip == "tiny" else clip)
+        else:
+            name, _, pretrained = clip.partition(":")
+            self.clip_model = load_open_clip(name, pretrained or "openai")[0]
+        self.clip_model = self.clip_model.to(device).eval()  # not self.model: nothing to save
+
+    # The protocol's hooks: the "features" are the images themselves, and nothing is learnt from the normal ones.
+    def features(self, images: Any) -> torch.Tensor:
+        return as_images(images).cpu()
+
+    def fit_features(self, images: torch.Tensor) -> None:
+        pass
+
+    def score_features(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        uint8 = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        scores, maps = winclip_scores(self.clip_model, uint8, self.object_name)
+        return maps, scores  # maps at image size already: the shared post-processing only blurs them

@@ -1,0 +1,2 @@
+"""Recipes that make the files shipped in ``adlib/weights``: backbone pretraining, the tiny CLIP, the
+students' teachers. Each runs from the one command, ``python -m adlib pretrain | train-clip | distill-teacher``."""

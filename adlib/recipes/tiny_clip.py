@@ -1,0 +1,171 @@
+"""Training the book's tiny CLIP on the toy world:
+``python -m adlib.recipes.tiny_clip --out adlib/weights/tiny-clip.safetensors``.
+
+Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import open_clip
+import torch
+
+from adlib.data import toyworld
+from adlib.features.clip import (
+    CLASS_TEMPLATES,
+    TINY_CONFIG,
+    TINY_WORLD,
+    TRAIN_COMMAND,
+    build_tiny_clip,
+    save_clip,
+    to_tensor,
+    tokenize,
+    zero_shot_accuracy,
+)
+from adlib.training.loop import RandomSteps, fit, steps_per_epoch
+
+
+def train_tiny_clip(
+    out: str | os.PathLike,
+    *,
+    steps: int = 6000,
+    batch_size: int = 128,
+    n_pairs: int = 20_000,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    warmup: int = 50,
+    seed: int = 0,
+    n_eval: int = 1000,
+    config: dict | None = None,
+    world: dict | None = None,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    command: str = TRAIN_COMMAND,
+) -> dict:
+    """Train a tiny CLIP with the CLIP contrastive loss on toy-world image-caption pairs and save it.
+
+    ``config``: the model (default :data:`TINY_CONFIG`; its ViT image size sets the toy images' size);
+    ``world``: the toy-world settings of the captions (default :data:`TINY_WORLD`: defects rare and mostly unnamed);
+    ``command``: how to rebuild the file, recorded in its metadata (the CLI passes the one of its settings);
+    ``progress``: print progress lines (the loop is :func:`adlib.training.loop.fit`, an epoch of
+    :func:`adlib.training.loop.steps_per_epoch` steps); ``checkpoint``: a file to save to after every epoch and resume
+    from after an interruption. Pairs come from ``toyworld.sample(n_pairs, seed, **world)``;
+    the learning rate warms up linearly for ``warmup`` steps, then follows a cosine to zero; the logit
+    scale is clamped at ln(100) as in CLIP. After training, zero-shot shape accuracy is measured on
+    ``n_eval`` held-out scenes (seed + 1) and written, with the training settings, into the file's metadata
+    (:func:`adlib.features.clip.save_clip`). Returns that metadata with the file's sha256: the registry entry's fields.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    if Path(out).exists():  # before the training, not after it
+        raise FileExistsError(f"{out} exists; choose another file or delete it first.")
+    config = copy.deepcopy(config or TINY_CONFIG)
+    start = time.time()
+    torch.manual_seed(seed)
+    model = build_tiny_clip(config)
+    size = config["vision_cfg"]["image_size"]
+    world = dict(TINY_WORLD if world is None else world, image_size=size)
+    data = toyworld.sample(n_pairs, seed, **world)
+    images = to_tensor(data.images)
+    tokens = tokenize(data.captions, model)
+    if progress:
+        print(f"generated {n_pairs} pairs in {time.time() - start:.0f} s")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    def lr_factor(s: int) -> float:  # linear warm-up, then cosine decay to zero
+        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    loss_fn = open_clip.ClipLoss()
+
+    def step(gen: torch.Generator) -> dict[str, float]:
+        idx = torch.randint(0, n_pairs, (batch_size,), generator=gen)
+        img = model.encode_image(images[idx], normalize=True)
+        txt = model.encode_text(tokens[idx], normalize=True)
+        loss = loss_fn(img, txt, model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return {"loss": loss.item()}
+
+    per_epoch = steps_per_epoch(steps)
+    model.train()
+    history = fit(step, RandomSteps(per_epoch, seed), epochs=steps // per_epoch, checkpoint=checkpoint,
+                  state={"model": model, "optimizer": opt, "schedule": schedule}, seed=seed,
+                  config={"steps": steps, "lr": lr, "warmup": warmup, "n_pairs": n_pairs}, progress=progress,
+                  log_every=max(1, steps // 20 // per_epoch))
+    model.eval()
+    held = toyworld.sample(n_eval, seed + 1, **world)
+    acc = zero_shot_accuracy(model, held.images, held.labels, toyworld.SHAPES)
+    meta = {
+        "command": command,
+        "train": {"steps": steps, "batch_size": batch_size, "n_pairs": n_pairs, "lr": lr, "weight_decay": weight_decay,
+                  "warmup": warmup, "seed": seed, "world": world, "torch": torch.__version__,
+                  "open_clip": open_clip.__version__, "seconds": round(time.time() - start, 1),
+                  "final_loss": round(history[-1]["loss"], 4),
+                  "threads": torch.get_num_threads()},
+        "eval": {"n": n_eval, "seed": seed + 1, "zero_shot_shape_accuracy": round(acc, 4),
+                 "templates": list(CLASS_TEMPLATES)},
+    }
+    meta["sha256"] = save_clip(model, out, config, meta)
+    if progress:
+        print(f"zero-shot shape accuracy on {n_eval} held-out scenes: {acc:.3f}; saved {out} "
+              f"(sha256 {meta['sha256'][:12]}...)")
+    return meta
+
+
+def _command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The canonical command of these settings: :data:`TRAIN_COMMAND` plus every setting that is not the default.
+
+    ``--out``, ``--checkpoint`` and ``--threads`` do not change the weights, so they stay out of it."""
+    changed = [f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items()
+               if name not in ("out", "checkpoint", "threads") and value != parser.get_default(name)]
+    return " ".join([TRAIN_COMMAND, *changed])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m adlib.recipes.tiny_clip --out PATH [--steps N ...]``: (re)train the tiny CLIP.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    """
+    p = argparse.ArgumentParser(prog="python -m adlib.clip_train", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="file to write (.safetensors); refused if it exists")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--pairs", type=int, default=20_000)
+    p.add_argument("--eval", type=int, default=1000, help="held-out scenes for the zero-shot accuracy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--defect-rate", type=float, default=TINY_WORLD["defect_rate"],
+                   help="share of training scenes with a defect")
+    p.add_argument("--name-defect-rate", type=float, default=TINY_WORLD["name_defect_rate"],
+                   help="share of the defective scenes whose caption names the defect")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 was fastest on the shared 2-core build machine (2 threads oversubscribe)")
+    p.add_argument("--checkpoint", help="save here after every epoch; rerun with it to resume")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # progress on stderr: stdout is the registry entry
+            meta = train_tiny_clip(args.out, steps=args.steps, batch_size=args.batch_size, n_pairs=args.pairs,
+                                   seed=args.seed, n_eval=args.eval, checkpoint=args.checkpoint,
+                                   world={"defect_rate": args.defect_rate, "name_defect_rate": args.name_defect_rate},
+                                   command=_command(p, args))
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(meta, indent=1))  # the fields of the file's entry in adlib/weights/registry.json
+    return 0
