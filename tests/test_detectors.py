@@ -331,6 +331,32 @@ def test_cli_errors_are_messages(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert all(name in listing for name in [*catalog.METHODS, *cnn.BACKBONES])
 
 
+def test_cli_list_and_help_import_no_heavy_module() -> None:
+    """``list`` and every ``--help`` answer at once: they read the light tables, never torch, numpy or pandas."""
+    import subprocess
+    import sys
+
+    code = """
+import contextlib, io, json, sys
+from adlib import cli
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    codes = [cli.main(["list"])]
+    for argv in (["--help"], *([name, "--help"] for name in cli.COMMANDS)):
+        try:
+            cli.main(argv)
+        except SystemExit as done:
+            codes.append(done.code)
+print(json.dumps({"codes": codes, "heavy": sorted({"torch", "numpy", "pandas", "timm", "open_clip"} & set(sys.modules)),
+                  "text": out.getvalue()}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    found = json.loads(done.stdout)
+    assert found["heavy"] == [], f"cli imports {found['heavy']} for list/--help"
+    assert set(found["codes"]) == {0} and len(found["codes"]) == len(cli.COMMANDS) + 2
+    assert all(name in found["text"] for name in [*catalog.METHODS, *cnn.BACKBONES, *cli.COMMANDS])
+
+
 def test_two_fresh_processes_give_the_same_table(tmp_path: Path) -> None:
     """The same run in two new Python processes gives the same metrics bit for bit (README: repeatable tables)."""
     import os

@@ -7,7 +7,7 @@ import torch
 from scipy import ndimage
 
 from adlib.features import cnn
-from adlib.methods import baselines, knn
+from adlib.methods import base, baselines, knn
 
 
 def test_patch_knn_matches_brute_force_distances():
@@ -39,11 +39,11 @@ def test_patch_knn_errors():
 def test_to_pixel_maps_upsamples_and_blurs():
     maps = np.zeros((1, 4, 4))
     maps[0, 1, 1] = 1.0
-    up = knn.to_pixel_maps(maps, 16, sigma=0)
+    up = base.to_pixel_maps(maps, 16, sigma=0)
     assert up.shape == (1, 16, 16)
     row, col = np.unravel_index(up[0].argmax(), (16, 16))
     assert 4 <= row <= 7 and 4 <= col <= 7  # inside the upsampled cell (1, 1)
-    blurred = knn.to_pixel_maps(maps, 16, sigma=2)
+    blurred = base.to_pixel_maps(maps, 16, sigma=2)
     np.testing.assert_allclose(blurred[0], ndimage.gaussian_filter(up[0], 2))
 
 

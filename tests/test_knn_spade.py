@@ -69,10 +69,11 @@ def tiny_vit() -> torch.nn.Module:
     return vit.vit_backbone("vit_tiny_patch16_224", image_size=32, patch_size=8, seed=0)
 
 
-def test_vit_patch_tokens_are_the_blocks_outputs(tiny_vit):
+def test_vit_stages_are_the_blocks_outputs(tiny_vit):
     model = tiny_vit
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    tokens = vit.vit_patch_tokens(model, x, blocks=(0, 2))
+    with torch.no_grad():
+        tokens = torch.cat(vit.ViTStages(model, (0, 2))(x), 1)
     assert tokens.shape == (2, 2 * model.embed_dim, 4, 4)
     # Independent path: run the blocks by hand and fold the patch tokens (class token dropped) into a grid.
     with torch.no_grad():
@@ -84,7 +85,7 @@ def test_vit_patch_tokens_are_the_blocks_outputs(tiny_vit):
                 outs.append(h[:, model.num_prefix_tokens:].reshape(2, 4, 4, -1).permute(0, 3, 1, 2))
     torch.testing.assert_close(tokens, torch.cat(outs, 1))
     with pytest.raises(ValueError, match="blocks must be"):
-        vit.vit_patch_tokens(model, x, blocks=(12,))
+        vit.ViTStages(model, (12,))
 
 
 def test_vit_backbone_loads_a_local_file_and_repeats_with_a_seed(tiny_vit, tmp_path):
@@ -95,6 +96,7 @@ def test_vit_backbone_loads_a_local_file_and_repeats_with_a_seed(tiny_vit, tmp_p
     again = vit.vit_backbone("vit_tiny_patch16_224", image_size=32, patch_size=8, seed=0)
     torch.testing.assert_close(again.patch_embed.proj.weight, model.patch_embed.proj.weight)
     x = torch.rand(1, 3, 32, 32)
-    torch.testing.assert_close(vit.vit_patch_tokens(loaded, x, (1,)), vit.vit_patch_tokens(model, x, (1,)))
+    with torch.no_grad():
+        torch.testing.assert_close(vit.ViTStages(loaded, (1,))(x)[0], vit.ViTStages(model, (1,))(x)[0])
     with pytest.raises(FileNotFoundError, match="No weights"):
         vit.vit_backbone("vit_tiny_patch16_224", image_size=32, weights=str(tmp_path / "missing.pth"))

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adlib import cli
 from adlib.data import fractals, heldout, synthtex
 from adlib.features import vit
-from adlib.recipes import pretrain
+from adlib.recipes import pretrain, pretrain_recipes
 from adlib.weights import registry
 from test_train import Interrupted, interrupted_after
 
@@ -66,10 +67,10 @@ def test_save_weights_writes_fp16_and_its_sha256(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["fractal", "simclr"])
 def test_smoke_run_of_the_command_is_deterministic(tmp_path, capsys, recipe):
-    args = [recipe, "--steps", "1", "--batch-size", "4", "--n-classes", "3", "--per-class", "2"]
+    args = ["pretrain", recipe, "--steps", "1", "--batch-size", "4", "--n-classes", "3", "--per-class", "2"]
     shas = []
     for name in ("a", "b"):
-        pretrain.main(args + ["--out", str(tmp_path / f"{name}.safetensors")])
+        assert cli.main(args + ["--out", str(tmp_path / f"{name}.safetensors")]) == 0
         shas.append(json.loads(capsys.readouterr().out)["sha256"])
     assert shas[0] == shas[1]
     weights = load_file(str(tmp_path / "a.safetensors"))
@@ -77,12 +78,12 @@ def test_smoke_run_of_the_command_is_deterministic(tmp_path, capsys, recipe):
 
 
 def test_smoke_run_of_the_vit_command_loads_as_a_vit(tmp_path, capsys):
-    args = ["fractal_vit", "--steps", "2", "--batch-size", "4", "--n-classes", "3", "--per-class", "2"]
+    args = ["pretrain", "fractal_vit", "--steps", "2", "--batch-size", "4", "--n-classes", "3", "--per-class", "2"]
     out = tmp_path / "vit.safetensors"
-    pretrain.main(args + ["--out", str(out)])
+    assert cli.main(args + ["--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["recipe"]["arch"] == "vit_tiny_patch16_224" and summary["final_loss"] > 0
-    recipe = pretrain.RECIPES["fractal_vit"]
+    recipe = pretrain_recipes.RECIPES["fractal_vit"]
     weights = load_file(str(out))
     assert f"blocks.{recipe.stages - 1}.mlp.fc2.weight" in weights
     assert f"blocks.{recipe.stages}.norm1.weight" not in weights
@@ -94,7 +95,7 @@ def test_smoke_run_of_the_vit_command_loads_as_a_vit(tmp_path, capsys):
 
 def test_pretraining_resumes_bit_exactly_after_an_interruption(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "steps_per_epoch", lambda steps: 2)  # 3 epochs of 2 steps
-    recipe = pretrain.Recipe("fractal_simclr", steps=6, batch_size=4, n_classes=3, per_class=2)
+    recipe = pretrain_recipes.Recipe("fractal_simclr", steps=6, batch_size=4, n_classes=3, per_class=2)
     whole, log = pretrain.train(recipe, log_every=0)
     ckpt = tmp_path / "ckpt.pt"
     with interrupted_after(4), pytest.raises(Interrupted):  # during the third epoch
@@ -107,7 +108,7 @@ def test_pretraining_resumes_bit_exactly_after_an_interruption(tmp_path, monkeyp
 
 def test_unknown_recipe_kind_is_refused():
     with pytest.raises(ValueError, match="Unknown recipe"):
-        pretrain.train(pretrain.Recipe("rotation", steps=1))
+        pretrain.train(pretrain_recipes.Recipe("rotation", steps=1))
 
 
 def test_candidates_table_matches_the_registry_and_the_model_card():

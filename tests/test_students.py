@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from adlib import cli
 from adlib.core import checksum
 from adlib.features import cnn
-from adlib.methods import knn
+from adlib.methods import base
 from adlib.methods.students import ensemble, teacher
-from adlib.recipes import teachers
 from adlib.weights import registry
 
 
@@ -67,7 +67,7 @@ def test_bright_square_is_scored_where_it_is():
     y = x.clone()
     y[:, :, 38:45, 14:21] = 1.0  # centre (41, 17)
     touched = ((net(y) - net(x)).abs().sum(1) > 1e-9).double().detach().numpy()
-    pixel = knn.to_pixel_maps(touched, 64, sigma=0)[0]
+    pixel = base.to_pixel_maps(touched, 64, sigma=0)[0]
     rows, cols = np.mgrid[:64, :64]
     centre = (rows * pixel).sum() / pixel.sum(), (cols * pixel).sum() / pixel.sum()
     assert abs(centre[0] - 41) <= 1 and abs(centre[1] - 17) <= 1
@@ -158,10 +158,11 @@ def test_shipped_teachers_load_and_explain_their_targets():
 
 def test_teacher_command_writes_a_loadable_file_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "t.safetensors"
-    teachers.main(["--patch-size", "17", "--out", str(out), "--epochs", "1", "--n-patches", "128"])
+    assert cli.main(["distill-teacher", "--patch-size", "17", "--out", str(out), "--epochs", "1",
+                     "--n-patches", "128"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["sha256"] == checksum.sha256sum(out) and len(summary["history"]) == 1
     net, decoder = teacher.load_teacher(str(out))
     assert net.patch_size == 17 and decoder.out_features == 320
-    with pytest.raises(SystemExit, match="exists"):
-        teachers.main(["--patch-size", "17", "--out", str(out)])
+    assert cli.main(["distill-teacher", "--patch-size", "17", "--out", str(out)]) == 2  # before any training
+    assert "exists" in capsys.readouterr().err

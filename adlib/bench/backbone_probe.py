@@ -18,7 +18,7 @@ def patch_knn_scores(model: nn.Module, categories: dict[str, dict[str, np.ndarra
     ``masks`` (M, S, S), as :func:`validation_set` returns. Returns name -> {"image_auroc", "pixel_auroc"
     (, "aupro")}.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
     out = {}
     for name, c in categories.items():

@@ -22,26 +22,13 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from adlib.bench.lineup import SWEEP
 from adlib.core import runtime
 from adlib.core.runtime import seed_everything
 from adlib.data import mvtec
 from adlib.eval import claims, metrics, protocol
 from adlib.methods import catalog
 
-#: bench name -> (method of :data:`adlib.methods.catalog.METHODS`, its options): the settings its chapter uses in the
-#: book profile, i.e. the detector's defaults (``python -m adlib list``) except SPADE's K = 5 nearest images
-#: (chapter 8; the paper's 50 needs more than SynthTex's 60 training images to mean a gallery).
-SWEEP: dict[str, tuple[str, dict[str, Any]]] = {
-    "patchknn": ("patchknn", {}),
-    "spade": ("spade", {"k": 5}),
-    "padim": ("padim", {}),
-    "patchcore": ("patchcore", {}),
-    "cfa": ("cfa", {}),
-    "students": ("students", {}),
-    "ae": ("ae", {}),
-    "vae": ("ae", {"kind": "vae"}),
-    "winclip": ("winclip", {}),
-}
 QUALITY = ("image_auroc", "pixel_auroc", "aupro")
 #: False-positive rates at which :class:`PixelCounts` puts its thresholds: dense below AUPRO's limit of 0.3.
 FPR_GRID = np.unique(np.concatenate([np.linspace(0.0, 0.3, 151), np.linspace(0.3, 1.0, 71)]))
@@ -58,7 +45,7 @@ class PixelCounts:
     at or above each threshold. Thresholds are the normal-pixel quantiles at the rates of :data:`FPR_GRID`,
     plus one above every normal pixel.
 
-    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
+    Used by: ``adlib.bench.benchmark.run_one``.
     """
 
     normal: np.ndarray
@@ -126,7 +113,7 @@ def resample_weights(labels: Any, n_boot: int = 1000, seed: int = 0) -> np.ndarr
     """``n_boot`` bootstrap draws of the test images as counts (n_boot, N): normal and defective images are drawn
     with replacement separately, so each draw keeps the class counts. The same seed gives the same draws.
 
-    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
+    Used by: ``adlib.bench.benchmark.draws``.
     """
     y = np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -150,7 +137,7 @@ def run_one(name: str, root: str | Path, category: str, *, seed: int = 0, image_
     and ``history`` (the per-epoch training history of a method that trains a network, as
     :func:`adlib.training.loop.fit` returns it; empty for the training-free ones), for its training record.
 
-    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
+    Used by: ``adlib.bench.benchmark.sweep``.
     """
     method, defaults = SWEEP[name]
     options = defaults | (options or {})
@@ -261,7 +248,7 @@ def by_defect(records: Sequence[dict[str, Any]], metric: str = "aupro") -> pd.Da
 def markdown(table: pd.DataFrame) -> str:
     """The :func:`summary` table as markdown: each metric as ``mean [low, high]``, then the cost columns.
 
-    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
+    Used by: ``adlib.bench.benchmark.write``.
     """
     head = "| method | " + " | ".join(QUALITY) + " | fit s / category | predict ms / image | added MB |"
     lines = [head, "|" + "---|" * (len(QUALITY) + 4)]
@@ -276,7 +263,7 @@ def markdown(table: pd.DataFrame) -> str:
 def check_new_folder(out: str | Path) -> Path:
     """``out`` as a Path if it is missing or empty; a FileExistsError if writing there would overwrite anything.
 
-    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
+    Used by: ``adlib.bench.benchmark.write``, ``python -m adlib bench``.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -288,7 +275,7 @@ def write(records: Sequence[dict[str, Any]], out: str | Path, meta: dict[str, An
     """Write ``bench.json`` (settings, the summary and every per-category row), ``bench.md`` (the table) and
     ``bench.png`` (:func:`adlib.viz.quality_vs_cost`) into the new folder ``out``; refuses an existing one.
 
-    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
+    Used by: ``python -m adlib bench``.
     """
     import matplotlib.pyplot as plt
 

@@ -16,7 +16,7 @@ import torch
 def to_numpy(x: Any, dtype: type | None = None) -> np.ndarray:
     """A numpy copy (or view) of ``x``: a torch tensor on any device (detached), an array or a list.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.methods.base.postprocess``, ``adlib.methods.base.to_pixel_maps``, ``adlib.methods.knn.SPADE``.
     """
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -29,7 +29,7 @@ def as_images(images: Any) -> torch.Tensor:
     Refuses other shapes and values outside [0, 1] (e.g. uint8 images: divide them by 255 first; ImageNet-
     normalised ones: pass the raw images, every backbone normalises them itself).
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.methods.autoencoder.AutoencoderDetector``, ``adlib.methods.base.FeatureDetector``.
     """
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
     if x.ndim != 4 or x.shape[1] != 3:

@@ -10,7 +10,7 @@ CHUNK = 1 << 20  # 1 MiB: large enough for speed, small enough for a smooth prog
 def sha256sum(path: str | Path, chunk_size: int = CHUNK) -> str:
     """Hex SHA-256 of a file, read in chunks so multi-GB archives need no memory.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.data.download.fetch``, ``adlib.features.clip.load_tiny_clip``, ``adlib.features.clip.save_clip``.
     """
     h = hashlib.sha256()
     with Path(path).open("rb") as f:

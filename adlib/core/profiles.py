@@ -26,7 +26,7 @@ PROFILES: dict[str, str] = {
 def check_profile(name: str) -> str:
     """Return ``name`` if it is a known profile, else raise a ``ValueError`` listing the valid ones.
 
-    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``).
     """
     if name not in PROFILES:
         valid = ", ".join(f"{k!r} ({v})" for k, v in PROFILES.items())
@@ -40,6 +40,6 @@ def by_profile(profile: str, *, smoke: T, book: T, paper: T) -> T:
     Chapters use it in their settings cell so that every knob that differs between profiles is
     visible in one place.
 
-    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``).
     """
     return {"smoke": smoke, "book": book, "paper": paper}[check_profile(profile)]

@@ -14,7 +14,7 @@ import torch
 def seed_everything(seed: int = 0) -> int:
     """Seed Python, NumPy and PyTorch (CPU and CUDA) so a run repeats exactly; returns ``seed``.
 
-    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``).
     """
     random.seed(seed)
     np.random.seed(seed)
@@ -27,7 +27,7 @@ def seed_everything(seed: int = 0) -> int:
 def choose_device(prefer: str | None = None) -> torch.device:
     """CUDA if available, else CPU; ``prefer`` (e.g. ``"cpu"``) or ``$ADLIB_DEVICE`` overrides.
 
-    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
     """
     name = prefer or os.environ.get("ADLIB_DEVICE")
     if name:
@@ -44,7 +44,7 @@ class PeakMemory:
     so it includes the Python process itself; where ``/proc`` is missing, e.g. macOS, the process's peak since
     it started), allocated CUDA memory on a GPU.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.bench.benchmark.run_one``, ``adlib.eval.protocol.evaluate``.
     """
 
     def __init__(self, device: str = "cpu"):

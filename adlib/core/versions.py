@@ -11,7 +11,7 @@ _PACKAGES = ("adlib", "torch", "torchvision", "timm", "open_clip_torch", "numpy"
 def versions(profile: str | None = None, seed: int | None = None) -> dict[str, str]:
     """Python/package versions, the compute device, the seed and the profile, as a dict.
 
-    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    Used by: ``adlib.core.versions.show_versions``.
     """
     import torch
 
@@ -30,7 +30,7 @@ def versions(profile: str | None = None, seed: int | None = None) -> dict[str, s
 def show_versions(profile: str | None = None, seed: int | None = None) -> None:
     """Print :func:`versions` as an aligned two-column list (the last cell of every chapter).
 
-    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``)
+    Defined in: "How a chapter is built" (``book/chapter_template.ipynb``).
     """
     info = versions(profile, seed)
     width = max(map(len, info))

@@ -39,7 +39,7 @@ class Resource:
     the file is (``"tar.xz"``, ``"tar"``, ``"zip"``, ...); :func:`safe_extract` reads the format from
     the file's content, not from this field.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.data.download.fetch``.
     """
 
     name: str
@@ -115,7 +115,7 @@ def fetch(
 
     Returns ``dest_dir`` when ``extract`` is true, else the archive's path.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     if isinstance(name_or_resource, Resource):
         res = name_or_resource
@@ -229,7 +229,7 @@ def safe_extract(archive: str | Path, target: str | Path, *, overwrite: bool = F
     symlinks, hard links, devices and FIFOs are refused with the member's name, so are existing
     files unless ``overwrite=True``, and a corrupt archive fails with a clear error.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.data.download.fetch``.
     """
     archive, root = Path(archive), Path(target).resolve()
     if not archive.is_file():

@@ -12,7 +12,7 @@ def ifs_system(rng: np.random.Generator, max_maps: int = 8) -> np.ndarray:
     As FractalDB, parameters are uniform in [-1, 1]; maps are shrunk to spectral norm <= 0.9 so every
     system converges, and systems whose attractor fills too little of its bounding box are redrawn.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    Used by: ``adlib.data.fractals.fractal_dataset``.
     """
     while True:
         n = int(rng.integers(2, max_maps + 1))
@@ -29,7 +29,7 @@ def ifs_points(params: np.ndarray, rng: np.random.Generator, n_chains: int = 102
                n_steps: int = 24) -> tuple[np.ndarray, np.ndarray]:
     """Chaos-game points (M, 2) of an IFS and the index (M,) of the map that placed each point.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    Used by: ``adlib.data.fractals.ifs_system``, ``adlib.data.fractals.render_fractal``.
     """
     a = params[:, :4].reshape(-1, 2, 2)
     b = params[:, 4:]
@@ -59,7 +59,7 @@ def render_fractal(params: np.ndarray, size: int, rng: np.random.Generator) -> n
     at random, and colours its points by the map that placed them; the background is a random colour
     with smooth noise, so the class is told by shape and local structure, not by colour.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    Used by: ``adlib.data.fractals.fractal_dataset``.
     """
     yy, xx = np.mgrid[0:size, 0:size] / size
     bg = rng.uniform(0, 1, 3) + rng.uniform(-0.2, 0.2, 3) * np.sin(
@@ -91,7 +91,7 @@ def render_fractal(params: np.ndarray, size: int, rng: np.random.Generator) -> n
 def fractal_dataset(n_classes: int, per_class: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (n_classes * per_class, 3, size, size) uint8 and labels: ``n_classes`` random IFS classes.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    Used by: ``adlib.recipes.pretrain._train``.
     """
     rng = np.random.default_rng(seed)
     systems = [ifs_system(rng) for _ in range(n_classes)]

@@ -22,7 +22,7 @@ def bundled_image(name: str) -> np.ndarray:
     """A photograph bundled with scikit-image (or, for ``"china"`` and ``"flower"``, scikit-learn) as
     (H, W, 3) float32 in [0, 1]; grey images are replicated to three channels.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Used by: ``adlib.data.heldout.validation_set``, ``adlib.recipes.pretrain.natural_images``.
     """
     if name in ("china", "flower"):
         from sklearn.datasets import load_sample_image
@@ -45,7 +45,7 @@ def validation_set(image_size: int = 128, n_train: int = 30, n_test_good: int = 
     the side), flipped at random; defective ones get one SynthTex defect each. Returns, per category,
     ``train`` (n_train, 3, S, S), ``test`` (M, 3, S, S), ``labels`` (M,) and ``masks`` (M, S, S).
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
     rng = np.random.default_rng(seed)
     sources = {n: bundled_image(n) for n in VALIDATION_IMAGES}

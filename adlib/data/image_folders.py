@@ -37,7 +37,7 @@ def read_image_folder(root: str | os.PathLike, classnames_file: str | None = "cl
     Class names come from ``root/<classnames_file>`` (one readable name per line, in sorted folder
     order, as for ImageNet's wnid folders) when it exists, else from the folder names.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     root = Path(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

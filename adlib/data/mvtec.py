@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
-from adlib.core.home import data_home  # noqa: F401  (re-exported: chapters call home.data_home())
+from adlib.core.home import data_home
 from adlib.core.profiles import check_profile
 from adlib.data import download, synthtex
 
@@ -45,7 +45,7 @@ def list_images(folder: str | Path) -> list[Path]:
     """The image files directly in ``folder`` (any of :data:`IMAGE_EXTENSIONS`, any letter case), sorted by name;
     hidden files (``._x.png``) are skipped.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.data.mvtec.MVTecDataset``, ``python -m adlib predict``.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -83,7 +83,7 @@ def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def read_images(paths: Sequence[str | Path], image_size: int | tuple[int, int] = 256) -> np.ndarray:
     """Image files (png, jpg, ...) -> (N, 3, H, W) float32 in [0, 1], resized as :class:`MVTecDataset` does.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``python -m adlib predict``.
     """
     size = _pair(image_size, "image_size")
     if not paths:
@@ -94,7 +94,7 @@ def read_images(paths: Sequence[str | Path], image_size: int | tuple[int, int] =
 def read_mask(path: Path) -> np.ndarray:
     """Decode a mask file to (H, W) bool: any non-zero value (in any colour channel) is anomalous.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.data.mvtec.MVTecDataset``, ``adlib.data.visa.visa_to_mvtec``.
     """
     try:
         with Image.open(path) as im:
@@ -145,7 +145,7 @@ def select_categories(root: str | Path, wanted: Sequence[str] | None = None) -> 
     """``wanted`` (None: every category under ``root``), each checked to exist there; an error names the expected
     layout when ``root`` has no category, and the available ones when a name is unknown.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.bench.benchmark.sweep``, ``python -m adlib run``.
     """
     available = categories(root)
     if not available:

@@ -8,8 +8,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from adlib.core.home import data_home  # noqa: F401  (re-exported: chapters call home.data_home())
-
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -19,7 +17,7 @@ class OneClassSplit(NamedTuple):
     ``x_train``: (n_train, d) float32, ``x_test``: (n_test, d) float32, ``y_test``: (n_test,) int64
     with 1 = anomalous, ``classes_test``: (n_test,) original class of each test sample.
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``)
+    Used by: ``adlib.data.oneclass.one_class_cifar10``, ``adlib.data.oneclass.one_class_digits``.
     """
 
     x_train: np.ndarray
@@ -64,7 +62,7 @@ def one_class_cifar10(root: str | Path, normal_class: int, download: bool = Fals
     (n, 3072), flattened channel-first: ``x.reshape(-1, 3, 32, 32)`` gives torch's image layout.
     ``download=True`` lets torchvision fetch the data into ``root`` (needs internet).
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "SSL-OCC: self-supervised one-class classification" (``notebooks/05_ssl_occ.ipynb``).
     """
     from torchvision.datasets import CIFAR10
 

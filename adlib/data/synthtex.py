@@ -276,7 +276,7 @@ def generate(
     asking. A folder SynthTex did not write (absent from ``root/synthtex.json``) is never deleted: move
     it or choose another ``root``.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.data.synthtex.generate_for_profile``.
     """
     categories = CATEGORIES if categories is None else tuple(categories)
     unknown = [c for c in categories if c not in CATEGORIES]
@@ -324,7 +324,7 @@ def generate_for_profile(profile: str, root: str | os.PathLike | None = None) ->
     Reuses an earlier generation with the same parameters, so calling it at the top of every chapter
     costs a directory listing after the first time.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.data.mvtec.benchmark_root``.
     """
     check_profile(profile)
     if profile not in SIZES:

@@ -51,7 +51,7 @@ _TEMPLATES = (
 class Scene(NamedTuple):
     """What a toy image shows; ``defect`` is ``"good"`` for an intact object.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
 
     shape: str
@@ -68,7 +68,7 @@ class ToyData(NamedTuple):
     ``captions`` N strings; ``labels`` (N,) int, the index of the shape in the ``shapes`` asked for;
     ``scenes`` N :class:`Scene`.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.data.toyworld.sample``.
     """
 
     images: np.ndarray
@@ -106,7 +106,7 @@ def _poly_mask(points: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
 def shape_mask(shape: str, size: int, centre: np.ndarray, radius: float, angle: float) -> np.ndarray:
     """(size, size) bool mask of one object; ``centre`` is (x, y) in pixels.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.data.toyworld.render``.
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(float)
     x, y = xx - centre[0], yy - centre[1]
@@ -151,7 +151,7 @@ def _smooth_noise(size: int, sigma: float, rng: np.random.Generator) -> np.ndarr
 def background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """(size, size, 3) float image in [0, 1] of one background kind.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.data.toyworld.Scene``, ``adlib.data.toyworld.render``.
     """
     yy, xx = np.mgrid[0:size, 0:size] / size
     if kind == "plain":
@@ -202,7 +202,7 @@ def _blob(size: int, obj: np.ndarray, radius: float, rng: np.random.Generator) -
 def render(scene: Scene, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Draw one scene: ((size, size, 3) float image in [0, 1], (size, size) bool defect mask).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.data.toyworld.sample``, ``adlib.data.toyworld.scenes_of``.
     """
     bg = background(scene.background, size, rng)
     radius = size * (rng.uniform(0.20, 0.26) if scene.size == "small" else rng.uniform(0.33, 0.40))
@@ -249,7 +249,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> tuple[np.ndarra
 def caption(scene: Scene, rng: np.random.Generator, name_defect: bool = False) -> str:
     """One caption from the grammar; the defect is named (``"a cracked red star"``) only if asked.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     text = _TEMPLATES[rng.integers(len(_TEMPLATES))].format(
         size=scene.size, colour=scene.colour, shape=scene.shape, bg=_BG_PHRASE[scene.background])
@@ -261,19 +261,12 @@ def caption(scene: Scene, rng: np.random.Generator, name_defect: bool = False) -
     return text
 
 
-def describes(text: str, scene: Scene) -> bool:
-    """Whether a caption of the grammar is true of ``scene``: every shape, colour, size, background and
-    defect word it uses matches (an unnamed defect does not make it false, as with real captions).
-
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
-    """
-    return bool(match_matrix([text], [scene])[0, 0])
-
-
 def match_matrix(captions: Sequence[str], scenes: Sequence[Scene]) -> np.ndarray:
-    """(len(scenes), len(captions)) bool: entry (i, j) = ``describes(captions[j], scenes[i])``, vectorised.
+    """(len(scenes), len(captions)) bool: entry (i, j) says whether caption j is true of scene i: every
+    shape, colour, size, background and defect word it uses matches (an unnamed defect does not make it false, as
+    with real captions).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     vocabs = (SHAPES, tuple(COLOURS), SIZES, BACKGROUNDS, tuple(DEFECT_WORDS.values()))
     required = np.full((len(captions), len(vocabs)), -1)  # -1: the caption does not mention this attribute
@@ -343,7 +336,7 @@ def sample(
 def scenes_of(shape: str, defect: str, n: int, seed: int, image_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """``n`` images of one shape in one state (random colour, size, background): ((n, H, W, 3) uint8, (n, H, W) bool).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     _check_names([shape], SHAPES, "shape")
     images = np.zeros((n, image_size, image_size, 3), np.uint8)
@@ -374,7 +367,7 @@ def export_mvtec(
     ``<shape>/ground_truth/<defect>/000_mask.png`` (0/255), readable by :class:`adlib.data.mvtec.MVTecDataset`.
     Refuses to write into an existing category folder (delete it first).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
     """
     root = Path(root)
     shapes = _check_names(shapes, SHAPES, "shapes")

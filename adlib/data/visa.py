@@ -9,7 +9,6 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm  # text bars: a widget would need JavaScript in the built book
 
-from adlib.core.home import data_home  # noqa: F401  (re-exported: chapters call home.data_home())
 from adlib.data.mvtec import read_mask
 
 
@@ -29,7 +28,7 @@ def visa_to_mvtec(
     what the VisA authors' ``prepare_data.py`` and anomalib do. Everything is checked before the first
     file is written, and existing files are kept unless ``overwrite=True``.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     visa_root, out_root = Path(visa_root), Path(out_root)
     split_csv = visa_root / "split_csv" / "1cls.csv" if split_csv is None else Path(split_csv)

@@ -82,7 +82,7 @@ def percentile_interval(draws: Any, level: float = LEVEL) -> tuple[float, float]
 def spread_interval(differences: Any, level: float = LEVEL) -> tuple[float, float, float]:
     """Mean and Student-t ``level`` interval of paired differences over seeds or tasks: (mean, low, high).
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
     """
     d = np.asarray(differences, dtype=np.float64)
     if len(d) < 2:
@@ -97,7 +97,7 @@ def verdict(low: float, high: float, margin: float = 0.0) -> str:
     ``"inconclusive"`` otherwise. With ``margin < 0`` the claim reads "A is no worse than B by more than
     ``-margin``".
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    Used by: ``adlib.eval.claims.Claim``, ``adlib.eval.claims.check``.
     """
     if not low <= high:
         raise ValueError(f"an interval needs low <= high, got [{low}, {high}].")
@@ -110,7 +110,7 @@ def units_needed(n: int, ours: float, low: float, high: float, margin: float = 0
     A half-width shrinks as 1 / sqrt(n), so deciding needs n (half-width / |ours - margin|)^2 units; None when the
     difference sits on the margin (no sample size decides it).
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Used by: ``adlib.eval.scorecard.claim_html``.
     """
     distance = abs(ours - margin)
     if distance == 0:
@@ -125,7 +125,7 @@ class TrainingRecord:
     ``held_out`` loss per epoch where there is a held-out set, the learning rate per epoch (``lr``; empty when
     constant), and ``discarded`` (why the run was not used; "" when it was).
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
 
     name: str
@@ -180,7 +180,7 @@ class Claim:
     ``margin``; the ``verdict``; the ``causes`` of a verdict other than "holds"; ``why`` (one sentence from the
     numbers); the training ``records`` it rests on and ``doubled`` (the difference after twice the training).
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
     """
 
     chapter: str

@@ -62,7 +62,7 @@ def check_labels_scores(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarra
     Raises a ``ValueError`` unless both are 1-D of the same length, labels are binary with both
     classes present, and scores are finite.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.bench.benchmark.image_auroc_draws``, ``adlib.eval.metrics.average_precision``.
     """
     y, s = _to_float64(labels, "labels"), _to_float64(scores, "scores")
     if y.ndim != 1 or s.ndim != 1:
@@ -130,7 +130,7 @@ def average_precision(labels: Any, scores: Any) -> float:
 
     Unlike AUROC it depends on the fraction of anomalies: a random detector scores that fraction.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.eval.metrics.evaluate``.
     """
     y, s = check_labels_scores(labels, scores)
     return float(average_precision_score(y, s))
@@ -143,7 +143,7 @@ def f1_max(labels: Any, scores: Any) -> tuple[float, float]:
     threshold; F1-max reports the best one found *on the test labels*, an optimistic upper bound
     of what a threshold chosen without them would give.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.eval.metrics.evaluate``.
     """
     y, s = check_labels_scores(labels, scores)
     precision, recall, thresholds = precision_recall_curve(y, s)
@@ -160,7 +160,7 @@ def fpr_at_tpr(labels: Any, scores: Any, tpr: float = 0.95) -> float:
 
     ``scores`` (N,), ``labels`` (N,) -> float in [0, 1]; lower is better.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     if not 0.0 < tpr <= 1.0:
         raise ValueError(f"tpr must be in (0, 1], got {tpr}.")
@@ -229,7 +229,7 @@ def trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     As the official ``trapezoid``: if ``x_max`` falls between two points, y is linearly interpolated
     there and the last partial trapezoid is added.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.bench.benchmark.PixelCounts``, ``adlib.eval.metrics.aupro``.
     """
     inside = x <= x_max  # a prefix, since x is sorted
     xi, yi = x[inside], y[inside]

@@ -18,7 +18,7 @@ def evaluate(detector: Any, train_images: Any, test_images: Any, labels: Any,
     None when ``masks`` (M, H, W) is None: a folder without ground truth), and the image scores (M,) and maps
     (M, H, W). ``peak_mb``: see :class:`PeakMemory`.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
     """
     with PeakMemory(detector.device) as memory:
         t0 = time.perf_counter()

@@ -42,7 +42,7 @@ def _training_text(claim: Claim) -> str:
 def claim_html(claim: Claim) -> str:
     """The claim as an HTML admonition box: green when it holds, red when contradicted, amber when inconclusive.
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    Used by: ``adlib.eval.scorecard.show``.
     """
     e = html.escape
     rule = f"holds when the interval lies above {claim.margin:+g}, contradicted when it lies below"
@@ -66,7 +66,7 @@ def claim_html(claim: Claim) -> str:
 def table(claims: Sequence[Claim]) -> Any:
     """The scorecard rows of ``claims``: chapter, claim, paper, ours, verdict, cause.
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    Used by: ``adlib.eval.scorecard.table_html``.
     """
     import pandas as pd
 
@@ -77,7 +77,7 @@ def table(claims: Sequence[Claim]) -> Any:
 def table_html(claims: Sequence[Claim]) -> str:
     """:func:`table` as HTML with the verdicts coloured (a DataFrame's own HTML cuts long claims).
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    Used by: ``adlib.eval.scorecard.gather``.
     """
     rows = table(claims)
     e = html.escape
@@ -100,7 +100,7 @@ def conclusions(claims: Sequence[Claim]) -> str:
 def environment() -> dict[str, Any]:
     """What made a run's numbers: CPU model, a digest of the installed package versions, threads, Python.
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    Used by: ``adlib.eval.scorecard.record``.
     """
     import hashlib
     from importlib import metadata
@@ -124,7 +124,7 @@ def record(claims: Sequence[Claim], numbers: Mapping[str, float] | None = None) 
     """What ``book/expected.json`` keeps of a chapter: every claim's difference, interval, verdict and causes,
     the chapter's headline ``numbers`` and the :func:`environment`.
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    Used by: ``adlib.eval.scorecard.gather``.
     """
     return {"claims": {c.statement: {"ours": c.ours, "low": c.low, "high": c.high, "verdict": c.verdict,
                                      "causes": list(c.causes), "half_width": c.half_width, "n": c.n,
@@ -138,7 +138,7 @@ def gather(claims: Sequence[Claim], key: str = "claims", numbers: Mapping[str, f
 
     Without ``myst_nb`` (e.g. on Colab) this does nothing: the scorecard is the built book's.
 
-    Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
     """
     from IPython.display import HTML
 

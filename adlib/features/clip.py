@@ -17,7 +17,7 @@ embedding.
 
 The shipped weights are ``"tiny-clip"`` in the package's one weights registry (``adlib/weights/registry.json``,
 sha256-checked, safetensors with the config in the file's metadata); reproduce them with
-``python -m adlib.recipes.tiny_clip --out adlib/weights/tiny-clip.safetensors``.
+``python -m adlib train-clip --out adlib/weights/tiny-clip.safetensors``.
 
 Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 """
@@ -49,7 +49,7 @@ TINY_CONFIG: dict = {
     "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
 TINY_CLIP = "tiny-clip"  # its name in the weights registry
-TRAIN_COMMAND = "python -m adlib.clip_train --out adlib/weights/tiny-clip.safetensors"
+TRAIN_COMMAND = "python -m adlib train-clip --out adlib/weights/tiny-clip.safetensors"
 FORMAT = "adlib-tiny-clip/1"
 #: Toy-world settings of the tiny CLIP's training captions: defects rare (10 %) and mostly unnamed (10 % of those).
 TINY_WORLD = {"defect_rate": 0.1, "name_defect_rate": 0.1, "image_size": 64}
@@ -67,7 +67,7 @@ class ConvStem(nn.Sequential):
     from scratch on a small data set, a ViT with a linear stem learnt the toy world's colours but not its
     shapes; with this stem it learns both.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.features.clip.build_tiny_clip``.
     """
 
     def __init__(self, patch: int, width: int, channels: Sequence[int]):
@@ -87,7 +87,7 @@ def build_tiny_clip(config: dict | None = None) -> open_clip.CLIP:
 
     With a ``conv_stem`` entry the ViT's ``conv1`` (its patch projection) becomes a :class:`ConvStem`.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.features.clip.load_tiny_clip``, ``adlib.recipes.tiny_clip.train_tiny_clip``.
     """
     cfg = copy.deepcopy(config or TINY_CONFIG)
     model = open_clip.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
@@ -100,7 +100,7 @@ def build_tiny_clip(config: dict | None = None) -> open_clip.CLIP:
 def context_length(model: open_clip.CLIP) -> int:
     """The number of text tokens ``model`` reads.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.features.clip.tokenize``, ``adlib.methods.aaclip.adapters.AACLIP``.
     """
     return int(model.positional_embedding.shape[0])
 
@@ -108,7 +108,7 @@ def context_length(model: open_clip.CLIP) -> int:
 def tokenize(texts: Sequence[str] | str, model: open_clip.CLIP) -> torch.Tensor:
     """open_clip's BPE tokenizer (offline) at the model's context length: (T,) strings -> (T, L) int64.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     return open_clip.tokenize(texts, context_length=context_length(model))
 
@@ -116,7 +116,7 @@ def tokenize(texts: Sequence[str] | str, model: open_clip.CLIP) -> torch.Tensor:
 def image_size(model: open_clip.CLIP) -> int:
     """Side of the square images the model's ViT expects.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     return int(model.visual.image_size[0])
 
@@ -124,7 +124,7 @@ def image_size(model: open_clip.CLIP) -> int:
 def to_tensor(images: np.ndarray, size: int | None = None) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, size, size) float, normalised with CLIP's mean and std.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.features.clip.encode_images``, ``adlib.methods.aaclip.scoring.anomaly_scores``.
     """
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"Expected (N, H, W, 3) uint8 images, got {images.shape} {images.dtype}.")
@@ -146,7 +146,7 @@ def encode_images(model: open_clip.CLIP, images: np.ndarray | torch.Tensor, batc
     through the same final norm and projection as the class token (the way WinCLIP-style methods read
     them), so they can be compared with text embeddings.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     x = to_tensor(images, image_size(model)) if isinstance(images, np.ndarray) else images
     visual, device = model.visual, next(model.parameters()).device
@@ -169,7 +169,7 @@ def encode_images(model: open_clip.CLIP, images: np.ndarray | torch.Tensor, batc
 def encode_texts(model: open_clip.CLIP, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
     """(T,) strings -> (T, D) L2-normalised text embeddings.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.features.clip.class_embeddings``, ``adlib.methods.winclip.text_anchors``.
     """
     device = next(model.parameters()).device
     tokens = tokenize(list(texts), model)
@@ -192,7 +192,7 @@ def class_embeddings(model: open_clip.CLIP, classnames: Sequence[str],
     ``encode`` maps strings to (T, D) unit embeddings (default: the model's text encoder); CLIPN passes
     its "no" encoder here.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     encode = encode or (lambda texts: encode_texts(model, texts))
     prompts = [t.format(c) for c in classnames for t in templates]
@@ -203,7 +203,7 @@ def class_embeddings(model: open_clip.CLIP, classnames: Sequence[str],
 def zero_shot_logits(model: open_clip.CLIP, image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
     """(N, D) image and (C, D) class embeddings (unit) -> (N, C) logits scaled by the model's temperature.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     return model.logit_scale.exp().detach().float() * image_emb @ class_emb.T
 
@@ -212,7 +212,7 @@ def zero_shot_accuracy(model: open_clip.CLIP, images: np.ndarray, labels: np.nda
                        templates: Sequence[str] = CLASS_TEMPLATES) -> float:
     """Top-1 accuracy of zero-shot classification: (N, H, W, 3) uint8 images, (N,) labels indexing ``classnames``.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     image_emb, _ = encode_images(model, images)
     pred = (image_emb @ class_embeddings(model, classnames, templates).T).argmax(1).numpy()
@@ -226,7 +226,7 @@ def save_clip(model: open_clip.CLIP, path: str | os.PathLike, config: dict, meta
     """Write ``model`` as fp16 safetensors with ``config`` (its :func:`build_tiny_clip` config) and ``meta`` (JSON)
     in the file's metadata; refuses to overwrite a file; returns the file's sha256.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.recipes.tiny_clip.train_tiny_clip``.
     """
     from safetensors.torch import save_file
 
@@ -261,7 +261,7 @@ def load_tiny_clip(weights: str | os.PathLike | None = None, sha256: str | None 
     """A tiny CLIP, in eval mode, fp32: the shipped ``"tiny-clip"`` (None; sha256-checked by the registry) or a file
     written by :func:`save_clip` (checked against ``sha256`` if given).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     from adlib.weights.registry import weights_file
 
@@ -279,7 +279,7 @@ def tiny_clip_card(weights: str | os.PathLike | None = None) -> dict:
     """What is known about tiny CLIP weights: for the shipped one (None) its registry entry (sha256, config,
     command, training settings ``train``, evaluation ``eval``), for a file its metadata plus its sha256.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     from adlib.weights.registry import shipped_weights, weights_file
 
@@ -342,7 +342,7 @@ def encode_image_files(model: open_clip.CLIP, preprocess: Callable, paths: Seque
                        ) -> torch.Tensor:
     """Image files -> (N, D) unit embeddings, with open_clip's preprocessing (paper profile).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     from PIL import Image
 

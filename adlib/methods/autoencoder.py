@@ -85,7 +85,7 @@ def image_score_from_map(amap: torch.Tensor, reduction: str = "mean") -> torch.T
     to make small on normal images; ``"max"`` reacts to a single bad pixel, better for small defects but
     noisier.
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Used by: ``adlib.methods.autoencoder.AutoencoderDetector``.
     """
     if amap.ndim != 3:
         raise ValueError(f"amap must be (N, H, W), got shape {tuple(amap.shape)}.")
@@ -105,10 +105,9 @@ class AutoencoderDetector(FeatureDetector):
     texture settings of the reconstruction chapter's book profile (8 base channels, latent 100 as GANomaly's nz,
     Adam lr 3e-3, 50 epochs of batches of 16); no backbone is used.
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Used by: ``adlib.methods.catalog.METHODS``.
     """
 
-    summary = "autoencoder / VAE (kind=vae) trained on the normal images; residual map, mean residual score"
     method = "ae"
 
     def __init__(self, kind: str = "ae", latent_dim: int = 100, base_channels: int = 8, epochs: int = 50,

@@ -49,7 +49,7 @@ def postprocess(patch_maps: Any, size: int | tuple[int, int], sigma: float = 4.0
     (N, h, w) (:func:`to_pixel_maps`); the image score is ``scores`` when a method defines its own (e.g.
     PatchCore's reweighting, SPADE's global kNN), else the maximum of the blurred map.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "Uninformed Students" (``notebooks/06_uninformed_students.ipynb``).
     """
     maps = to_pixel_maps(patch_maps, size, sigma)
     scores = maps.reshape(len(maps), -1).max(axis=1) if scores is None else to_numpy(scores, np.float64)
@@ -71,11 +71,10 @@ class FeatureDetector:
     ``sigma``: blur of the maps; ``device``: where features are computed (inputs move there). ``backbone=None``
     (models that learn from the pixels themselves) needs its own :meth:`features`.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
     """
 
     method: ClassVar[str] = ""
-    summary: ClassVar[str] = ""  # one line for ``python -m adlib list``
     fitted: ClassVar[tuple[str, ...]] = ()
     model: nn.Module | None = None  # the trained network of a detector that trains one (CFA, students, AE)
 

@@ -13,7 +13,7 @@ import numpy as np
 class PixelGaussian:
     """Per-pixel, per-channel mean and variance of normal images (N, C, H, W); score = summed z^2.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``)
+    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
 
     def __init__(self, eps: float = 1e-4):

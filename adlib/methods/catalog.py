@@ -1,43 +1,55 @@
-"""The detectors by name (``python -m adlib run METHOD``): make one, load a saved one."""
+"""The detectors by name (``python -m adlib run METHOD``): make one, load a saved one.
+
+Light on purpose: :data:`METHODS` is read by ``python -m adlib list`` and ``--help``, which must answer without
+torch; the detector modules (and torch) are imported when a detector is first made or loaded.
+"""
 from __future__ import annotations
 
 import importlib
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    from adlib.methods.base import FeatureDetector
 
-from adlib.methods.base import FORMAT, FeatureDetector
-
-# method name -> "module:Class"; the classes live in one module per method (imported when first used).
+# method name -> ("module:Class", its one line for ``python -m adlib list``); the classes live in one module per
+# method (imported when first used).
 METHODS = {
-    "patchknn": "adlib.methods.knn:PatchKNNDetector",
-    "spade": "adlib.methods.knn:SPADEDetector",
-    "patchcore": "adlib.methods.patchcore:PatchCore",
-    "padim": "adlib.methods.padim:PaDiM",
-    "cfa": "adlib.methods.cfa:CFADetector",
-    "students": "adlib.methods.students.ensemble:StudentsDetector",
-    "ae": "adlib.methods.autoencoder:AutoencoderDetector",
-    "winclip": "adlib.methods.winclip:WinCLIPDetector",
+    "patchknn": ("adlib.methods.knn:PatchKNNDetector",
+                 "nearest training patch of every training image (full bank); image score = max of the map"),
+    "spade": ("adlib.methods.knn:SPADEDetector",
+              "SPADE (Cohen & Hoshen 2020): k nearest images by global feature, then their patches"),
+    "patchcore": ("adlib.methods.patchcore:PatchCore",
+                  "PatchCore (Roth et al. 2022): locally aware patches, greedy coreset, reweighted NN score"),
+    "padim": ("adlib.methods.padim:PaDiM",
+              "PaDiM (Defard et al. 2021): a Gaussian per patch position, Mahalanobis distance"),
+    "cfa": ("adlib.methods.cfa:CFADetector",
+            "CFA (Lee et al. 2022): patch descriptor + memory bank trained with hypersphere losses"),
+    "students": ("adlib.methods.students.ensemble:StudentsDetector",
+                 "Uninformed Students (Bergmann et al. 2020): students regress a distilled teacher; error + variance"),
+    "ae": ("adlib.methods.autoencoder:AutoencoderDetector",
+           "autoencoder / VAE (kind=vae) trained on the normal images; residual map, mean residual score"),
+    "winclip": ("adlib.methods.winclip:WinCLIPDetector",
+                "WinCLIP-style zero-shot (Jeong et al. 2023): prompt-ensemble anchors vs CLIP tokens; no training"),
 }
 
 
 def detector_class(method: str) -> type[FeatureDetector]:
     """The class of a method name of :data:`METHODS` (e.g. ``"patchcore"``).
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose from {sorted(METHODS)}.")
-    module, name = METHODS[method].split(":")
+    module, name = METHODS[method][0].split(":")
     return getattr(importlib.import_module(module), name)
 
 
 def make_detector(method: str, **options: Any) -> FeatureDetector:
     """A new detector of ``method`` with ``options`` (its ``__init__`` arguments; a misspelt one is an error).
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
     """
     return detector_class(method)(**options)
 
@@ -46,7 +58,7 @@ def run_options(method: str, category: str, backbone: str, options: dict[str, An
     """The options ``method`` runs with on ``category``: ``backbone`` if the method takes one, ``object_name`` =
     the category if it names the object it inspects (the zero-shot CLIP detector), then ``options`` (which win).
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.cli.run_category``, ``adlib.bench.benchmark.run_one``.
     """
     params = inspect.signature(detector_class(method)).parameters
     return (({"backbone": backbone} if "backbone" in params else {})
@@ -56,8 +68,12 @@ def run_options(method: str, category: str, backbone: str, options: dict[str, An
 def load_detector(path: str | Path, device: str = "cpu") -> tuple[FeatureDetector, dict]:
     """A detector saved by :meth:`FeatureDetector.save`, on ``device``, and the ``meta`` saved with it.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.cli.predict``.
     """
+    import torch
+
+    from adlib.methods.base import FORMAT
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No saved detector at {path}; make one with: python -m adlib run METHOD --data "

@@ -33,7 +33,7 @@ def add_coords(x: torch.Tensor) -> torch.Tensor:
     CoordConv's trick: a 1x1 conv that sees where a patch is can treat a corner differently from the
     centre (objects in MVTec AD are roughly aligned).
 
-    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
+    Used by: ``adlib.methods.cfa.PatchDescriptor``.
     """
     n, _, h, w = x.shape
     rows = torch.linspace(-1, 1, h, dtype=x.dtype, device=x.device).view(1, 1, h, 1).expand(n, 1, h, w)
@@ -97,7 +97,7 @@ def memory_bank(descriptors: torch.Tensor, gamma_c: int = 1, beta: float | None 
 def squared_distances(descriptors: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances (N, h * w, M) between descriptors (N, D, h, w) and a bank (M, D).
 
-    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
+    Used by: ``adlib.methods.cfa.CFA``.
     """
     if descriptors.shape[1] != bank.shape[1]:
         raise ValueError(f"descriptors have {descriptors.shape[1]} channels, the bank has {bank.shape[1]}.")
@@ -222,10 +222,9 @@ class CFADetector(FeatureDetector):
     ``alpha = 0.1``, ``nu = 1e-3``, ``radius = 1e-5``, 30 epochs, AdamW lr 1e-3, weight decay 5e-4, batch 4);
     the number of epochs is fixed in advance, never chosen on test images. ``stride`` 8 px by default.
 
-    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
+    Used by: ``adlib.methods.catalog.METHODS``.
     """
 
-    summary = "CFA (Lee et al. 2022): patch descriptor + memory bank trained with hypersphere losses"
     method = "cfa"
 
     def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None, stride: int | None = 8,

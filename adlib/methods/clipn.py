@@ -87,7 +87,7 @@ def itbo_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, no_emb: torch.Ten
     mean of -log p_no over non-matches. ``positives`` (N, N) bool marks matches (default: the diagonal,
     as in the paper, where captions of other images are assumed not to describe image i).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     n = image_emb.shape[0]
     pos = torch.eye(n, dtype=torch.bool, device=image_emb.device) if positives is None else positives.bool()
@@ -105,7 +105,7 @@ def tso_loss(text_emb: torch.Tensor, no_emb: torch.Tensor, eps: float = 1e-4) ->
     Pushes each caption's "no" embedding away from its standard one (distance at most 2 on the unit
     sphere). ``eps`` under the square root avoids an infinite gradient at zero distance (official code).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     dist = torch.sqrt(2 - 2 * (text_emb * no_emb).sum(-1) + eps)
     return (2 - dist).mean()
@@ -115,7 +115,7 @@ def clipn_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, no_emb: torch.Te
                positives: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """CLIPN's training loss 0.5 * (ITBO yes + ITBO no + TSO) (the official weighting), with its parts.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.methods.clipn.train_no_encoder``.
     """
     loss_yes, loss_no = itbo_loss(image_emb, text_emb, no_emb, logit_scale, positives)
     loss_tso = tso_loss(text_emb, no_emb)
@@ -191,7 +191,7 @@ def yes_no_logits(model: open_clip.CLIP, no_encoder: NoTextEncoder, image_emb: t
     Class embeddings average the templates for both encoders (as the official ``merge_yes_no_feature``);
     ``scale`` defaults to the model's temperature (the official ViT-B-16 evaluation uses 100).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     scale = model.logit_scale.exp().item() if scale is None else scale
     yes = class_embeddings(model, classnames, templates)
@@ -207,7 +207,7 @@ def msp_score(logits_yes: torch.Tensor) -> np.ndarray:
     the largest, in float64: a monotone transform of 1 - max softmax that does not round to ties (at CLIP's logit
     scale, ~100, a float32 softmax is often exactly 1).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     logits = logits_yes.double()
     top = logits.argmax(-1, keepdim=True)
@@ -222,7 +222,7 @@ def ctw_score(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> np.ndarray:
     Returned as the logit difference no - yes of that class, float64: p_no = sigmoid(difference), so the ranking
     is that of p_no without its saturation; the paper's rule (OOD when p_no > 0.5) is difference > 0.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     pred = logits_yes.argmax(-1, keepdim=True)
     return (logits_no.double() - logits_yes.double()).gather(1, pred)[:, 0].numpy()
@@ -235,7 +235,7 @@ def atd_score(logits_yes: torch.Tensor, logits_no: torch.Tensor) -> np.ndarray:
     log p_no_c) in float64, which keeps the ranking of images whose p_OOD is far below float precision. The
     paper's rule calls an image OOD when p_OOD exceeds every p_c * (1 - p_no_c).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     yes, no = logits_yes.double(), logits_no.double()
     return (yes.log_softmax(-1) + F.logsigmoid(no - yes)).logsumexp(-1).numpy()
@@ -246,7 +246,7 @@ def handcrafted_no_logits(model: open_clip.CLIP, image_emb: torch.Tensor, classn
     """(N, C) "no" logits from negated prompts read by CLIP's own text encoder, no training: the paper's
     hand-crafted baseline ("a photo without {}.", ...), to compare with the learned "no" encoder.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     return zero_shot_logits(model, image_emb, class_embeddings(model, classnames, templates))
 
@@ -257,7 +257,7 @@ def ood_metrics(is_ood: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     ``is_ood`` (N,) 1 for OOD; ``scores`` (N,) higher = more OOD. FPR95 is the fraction of OOD images
     accepted as ID at the threshold that keeps 95 % of ID images (ID is the positive class there).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     y, s = metrics.check_labels_scores(is_ood, scores)
     return {"AUROC": 100 * metrics.image_auroc(y, s), "FPR95": 100 * metrics.fpr_at_tpr(1 - y, -s, 0.95)}

@@ -10,7 +10,7 @@ from torch import nn
 def n_stages(image_size: int) -> int:
     """Number of stride-2 stages that take ``image_size`` down to ``4x4``.
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Used by: ``adlib.methods.dcgan.DCGANDecoder``, ``adlib.methods.dcgan.DCGANEncoder``.
     """
     if image_size < 8 or image_size & (image_size - 1):
         raise ValueError(
@@ -23,7 +23,7 @@ def n_stages(image_size: int) -> int:
 def check_images(x: torch.Tensor, in_channels: int, image_size: int) -> None:
     """Refuse images that are not (N, ``in_channels``, ``image_size``, ``image_size``), with the shape expected.
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Used by: ``adlib.methods.autoencoder.ConvAutoencoder``, ``adlib.methods.ganomaly.GanomalyDiscriminator``.
     """
     if x.ndim != 4 or tuple(x.shape[1:]) != (in_channels, image_size, image_size):
         raise ValueError(
@@ -37,7 +37,7 @@ def dcgan_init(module: nn.Module) -> None:
 
     (Transposed) convolution weights ~ N(0, 0.02) and biases 0; BatchNorm weights ~ N(1, 0.02), biases 0.
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Used by: ``adlib.methods.autoencoder.ConvAutoencoder``, ``adlib.methods.ganomaly.GanomalyDiscriminator``.
     """
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
@@ -53,7 +53,7 @@ class DCGANEncoder(nn.Module):
 
     ``C' = base_channels * 2 ** (log2(S) - 3)``. The first convolution has no BatchNorm (DCGAN).
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Used by: ``adlib.methods.autoencoder.ConvAutoencoder``, ``adlib.methods.ganomaly.GanomalyDiscriminator``.
     """
 
     def __init__(self, in_channels: int, image_size: int, latent_dim: int, base_channels: int) -> None:
@@ -81,7 +81,7 @@ class DCGANDecoder(nn.Module):
     Unlike DCGAN, the last layer has a bias: with a sigmoid on [0, 1] data (rather than tanh on [-1, 1]),
     the output needs its own offset, or dark images stay stuck near 0.5 early in training.
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Used by: ``adlib.methods.autoencoder.ConvAutoencoder``, ``adlib.methods.ganomaly.GanomalyGenerator``.
     """
 
     def __init__(self, out_channels: int, image_size: int, latent_dim: int, base_channels: int) -> None:

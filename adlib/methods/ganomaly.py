@@ -93,7 +93,7 @@ def ganomaly_discriminator_loss(logit_real: torch.Tensor, logit_fake: torch.Tens
     computed from logits. ``logit_*``: (N,). Returns ``{"total", "real", "fake"}``. The official
     re-initialisation of D when ``total < 1e-5`` happens in :func:`ganomaly_step`, after D's update.
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Used by: ``adlib.methods.ganomaly.ganomaly_step``.
     """
     real = F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
     fake = F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))

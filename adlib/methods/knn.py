@@ -16,7 +16,7 @@ import torch
 
 from adlib.core.arrays import to_numpy
 from adlib.features.cnn import aggregate_patches
-from adlib.methods.base import FeatureDetector, to_pixel_maps  # noqa: F401  (to_pixel_maps: used by chapters 6-8)
+from adlib.methods.base import FeatureDetector
 
 
 def _as_rows(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -34,7 +34,7 @@ class PatchKNN:
 
     ``k``: neighbours averaged (1 = nearest only). Search is exact (``faiss.IndexFlatL2``).
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``)
+    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
     """
 
     def __init__(self, k: int = 1):
@@ -89,9 +89,9 @@ class SPADE:
     (N, D), test_patches (N, C, h, w))`` returns image scores (N,) = mean distance to the ``k`` nearest
     training images, and patch maps (N, h, w) = mean distance of each test patch to its ``kappa`` nearest
     patches among *all* positions of those k images (the gallery). Paper: k = 50, kappa = 1; upsample and
-    blur the maps with :func:`to_pixel_maps` (sigma 4).
+    blur the maps with :func:`adlib.methods.base.to_pixel_maps` (sigma 4).
 
-    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    Used by: ``adlib.methods.knn.SPADEDetector``.
     """
 
     def __init__(self, k: int = 50, kappa: int = 1):
@@ -140,7 +140,6 @@ class PatchKNNDetector(FeatureDetector):
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
 
-    summary = "nearest training patch of every training image (full bank); image score = max of the map"
     method = "patchknn"
     fitted = ("bank",)
 
@@ -172,10 +171,9 @@ class SPADEDetector(FeatureDetector):
     network's last stage, which the shallow backbones here do not compute). ``backbone`` may be a module (e.g. a
     ViT's :class:`adlib.features.vit.ViTStages`, with ``stride`` = its patch size): its last map gives the global one.
 
-    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    Used by: ``adlib.methods.catalog.METHODS``.
     """
 
-    summary = "SPADE (Cohen & Hoshen 2020): k nearest images by global feature, then their patches"
     method = "spade"
     fitted = ("train_global", "train_patches")
 

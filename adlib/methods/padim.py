@@ -53,7 +53,6 @@ class PaDiM(FeatureDetector):
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
 
-    summary = "PaDiM (Defard et al. 2021): a Gaussian per patch position, Mahalanobis distance"
     method = "padim"
     fitted = ("channels", "mean", "inv_cov")
 

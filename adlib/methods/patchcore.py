@@ -120,7 +120,6 @@ class PatchCore(FeatureDetector):
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
 
-    summary = "PatchCore (Roth et al. 2022): locally aware patches, greedy coreset, reweighted NN score"
     method = "patchcore"
     fitted = ("bank",)
 

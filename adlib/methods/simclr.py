@@ -365,7 +365,7 @@ def simclr_step(
 def rotate(x: Tensor, k: Tensor) -> Tensor:
     """Rotate each image of ``x`` (N, C, H, W) by ``k[i]`` x 90 degrees counter-clockwise; H must equal W.
 
-    Defined in: "SSL-OCC: self-supervised one-class classification" (``notebooks/05_ssl_occ.ipynb``).
+    Used by: ``adlib.methods.simclr.simclr_step``, ``adlib.methods.ssl_occ.rotation_step``.
     """
     if x.ndim != 4 or x.shape[2] != x.shape[3]:
         raise ValueError(f"Expected square images (N, C, S, S), got shape {tuple(x.shape)}.")

@@ -69,7 +69,7 @@ def vae_loss(
     = mean_n sum_j -0.5 (1 + logvar - mu^2 - exp(logvar))``; ``total = recon_term + beta * kl_term``.
     ``x``, ``recon``: (N, C, H, W); ``mu``, ``logvar``: (N, latent_dim).
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Used by: ``adlib.methods.vae.vae_step``.
     """
     if x.shape != recon.shape or mu.shape != logvar.shape:
         raise ValueError(

@@ -37,7 +37,7 @@ WINCLIP_TEMPLATES: tuple[str, ...] = (
 def prompt_ensemble(object_name: str) -> tuple[list[str], list[str]]:
     """WinCLIP's (normal prompts, anomalous prompts) for one object name: 7 x 21 and 4 x 21 strings.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.methods.winclip.text_anchors``.
     """
     normal = [t.format(s.format(object_name)) for s in NORMAL_STATES for t in WINCLIP_TEMPLATES]
     anomalous = [t.format(s.format(object_name)) for s in ANOMALOUS_STATES for t in WINCLIP_TEMPLATES]
@@ -47,7 +47,7 @@ def prompt_ensemble(object_name: str) -> tuple[list[str], list[str]]:
 def text_anchors(model: open_clip.CLIP, object_name: str) -> torch.Tensor:
     """(2, D) unit text anchors [normal, anomalous]: the normalised mean of each ensemble's embeddings.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``adlib.methods.winclip.winclip_scores``.
     """
     normal, anomalous = prompt_ensemble(object_name)
     anchors = [F.normalize(encode_texts(model, p).mean(0), dim=-1) for p in (normal, anomalous)]
@@ -84,11 +84,10 @@ class WinCLIPDetector(FeatureDetector):
     profile, e.g. ``"ViT-B-16:openai"``; :func:`adlib.features.clip.load_open_clip`). The image score is the image-level
     P(anomalous).
 
-    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
+    Used by: ``adlib.methods.catalog.METHODS``.
     """
 
     method = "winclip"
-    summary = "WinCLIP-style zero-shot (Jeong et al. 2023): prompt-ensemble anchors vs CLIP tokens; no training"
 
     def __init__(self, object_name: str = "object", clip: str = "tiny", sigma: float = 4.0, device: str = "cpu",
                  seed: int = 0, batch_size: int = 32):

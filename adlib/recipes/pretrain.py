@@ -13,18 +13,15 @@ Recipes are chosen by patch-kNN AUROC on :func:`adlib.data.heldout.validation_se
 neither SynthTex categories nor training data), never on SynthTex. A run is a fixed number of steps with fixed
 seeds and thread count, so it repeats bit for bit on the same machine and library versions::
 
-    python -m adlib.recipes.pretrain fractal --out adlib/weights/book-resnet18.safetensors
+    python -m adlib pretrain fractal --out adlib/weights/book-resnet18.safetensors
 
 Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +37,7 @@ from adlib.data.heldout import bundled_image, validation_set
 from adlib.features.cnn import Backbone, feature_extractor
 from adlib.features.vit import ViTStages, vit_backbone
 from adlib.methods.simclr import nt_xent
+from adlib.recipes.pretrain_recipes import KINDS, Recipe
 from adlib.training.loop import RandomSteps, fit, steps_per_epoch
 from adlib.weights import registry
 
@@ -47,43 +45,10 @@ NATURAL_IMAGES = ("astronaut", "coffee", "chelsea", "camera", "coins", "retina",
                   "clock", "colorwheel", "china", "flower")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """One pretraining run. ``arch``: timm name; ``stages``: the trunk stages (a ViT: blocks) trained and shipped.
-
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
-    """
-
-    kind: str  # one of KINDS
-    arch: str = "resnet18"
-    stages: int = 2
-    patch_size: int = 8  # ViTs only
-    optimizer: str = "sgd"  # "sgd" (Nesterov, wd 5e-4) or "adamw" (wd 0.05, as ViTs are usually trained)
-    steps: int = 1500
-    batch_size: int = 64
-    crop: int = 32
-    n_classes: int = 256
-    per_class: int = 32
-    lr: float = 0.05
-    temperature: float = 0.2
-    seed: int = 0
-    threads: int = 1
-
-
-KINDS = ("fractal", "simclr", "fractal_simclr", "random")
-# The candidates compared in MODEL_CARD.md; "fractal" is the shipped book-resnet18, "fractal_vit" book-vit-tiny.
-RECIPES = {"fractal": Recipe("fractal", steps=3000, n_classes=256, per_class=16, lr=0.1),
-           "fractal_vit": Recipe("fractal", arch="vit_tiny_patch16_224", stages=4, crop=64, steps=3000,
-                                 n_classes=256, per_class=16, lr=1e-3, optimizer="adamw"),
-           "simclr": Recipe("simclr", steps=600),
-           "fractal_simclr": Recipe("fractal_simclr", steps=600, per_class=16),
-           "random": Recipe("random", steps=0)}
-
-
 def natural_images() -> list[torch.Tensor]:
     """The SimCLR training photographs, each (3, H, W) float32; none is a SynthTex or validation source.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    Used by: ``adlib.recipes.pretrain._train``.
     """
     out = []
     for name in NATURAL_IMAGES:
@@ -114,7 +79,7 @@ def augment(x: torch.Tensor, gen: torch.Generator, strength: float = 0.5) -> tor
 
     ``x``: (N, 3, H, W) in [0, 1] -> same shape.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    Used by: ``adlib.recipes.pretrain._train``.
     """
     n = len(x)
     u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
@@ -142,7 +107,7 @@ def trunk(recipe: Recipe) -> nn.Module:
     :class:`adlib.features.vit.ViTStages` (the last block's patch tokens; the ViT's final ``norm`` is not used,
     so it stays at its initial values in the saved weights).
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    Used by: ``adlib.recipes.pretrain._train``.
     """
     if recipe.arch.startswith("vit"):
         vit = vit_backbone(recipe.arch, recipe.crop, patch_size=recipe.patch_size, depth=recipe.stages,
@@ -154,7 +119,7 @@ def trunk(recipe: Recipe) -> nn.Module:
 def shipped_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict that is saved: the trunk's, under the names ``adlib.features.cnn`` loads (a ViT: timm's).
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    Used by: ``adlib.recipes.pretrain._train``.
     """
     net = model.net if isinstance(model, Backbone) else model
     return (net.vit if isinstance(net, ViTStages) else net).state_dict()
@@ -168,7 +133,7 @@ def train(recipe: Recipe, log_every: int = 100, checkpoint: str | Path | None = 
     ``log_every``: print about every that many steps (0: silent); ``checkpoint``: a file to save to after every
     epoch and resume from after an interruption.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    Used by: ``adlib.recipes.pretrain.pretrain_weights``.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)  # float sums depend on the thread count: fixed for repeatability
@@ -240,7 +205,7 @@ def _train(recipe: Recipe, log_every: int, checkpoint: str | Path | None) -> tup
 def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> str:
     """Write ``state`` as fp16 safetensors (integer buffers unchanged); returns the file's sha256.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``)
+    Used by: ``adlib.recipes.pretrain.pretrain_weights``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +215,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> str:
 
 def candidates() -> list[dict]:
     """Every pretraining candidate measured when the shipped weights were made (``weights/candidates.json``,
-    the table of ``weights/MODEL_CARD.md``): name, arch, recipe (the arguments of this module's command),
+    the table of ``weights/MODEL_CARD.md``): name, arch, recipe (the arguments of ``python -m adlib pretrain``),
     training seconds, final loss, validation and SynthTex patch-kNN AUROC / AUPRO, and ``shipped_as``.
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
@@ -274,35 +239,21 @@ def validation_model(recipe: Recipe, weights: str | Path | None, image_size: int
     return feature_extractor(recipe.arch, (1, 2), weights=weights, seed=recipe.seed)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m adlib.recipes.pretrain RECIPE --out FILE``: train a recipe and write its weights and a JSON summary.
+def pretrain_weights(recipe: Recipe, out: str | Path, checkpoint: str | Path | None = None,
+                     validate: bool = False) -> dict:
+    """Train ``recipe`` (:func:`train`), write its weights to ``out`` (:func:`save_weights`) and return the run's
+    summary: the recipe, training seconds, the file's sha256, the last epoch's mean loss and, with ``validate``,
+    the patch-kNN AUROC (image and pixel) on :func:`adlib.data.heldout.validation_set`.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Used by: ``python -m adlib pretrain``.
     """
-    parser = argparse.ArgumentParser(prog="python -m adlib.pretrain", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", choices=sorted(RECIPES))
-    parser.add_argument("--out", required=True, help="weights file to write (.safetensors)")
-    parser.add_argument("--steps", type=int, help="override the recipe's number of steps (e.g. a smoke run)")
-    parser.add_argument("--n-classes", type=int, help="override the number of fractal classes")
-    parser.add_argument("--per-class", type=int, help="override the images rendered per fractal class")
-    parser.add_argument("--batch-size", type=int, help="override the batch size")
-    parser.add_argument("--lr", type=float, help="override the peak learning rate")
-    parser.add_argument("--crop", type=int, help="override the training crop size in pixels")
-    parser.add_argument("--validate", action="store_true", help="print patch-kNN AUROC on the validation set")
-    parser.add_argument("--checkpoint", help="save here after every epoch; rerun with it to resume")
-    args = parser.parse_args(argv)
-    recipe = RECIPES[args.recipe]
-    overrides = {"steps": args.steps, "n_classes": args.n_classes, "per_class": args.per_class,
-                 "batch_size": args.batch_size, "lr": args.lr, "crop": args.crop}
-    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
-    with contextlib.redirect_stdout(sys.stderr):  # progress on stderr: stdout is the JSON summary
-        state, log = train(recipe, checkpoint=args.checkpoint)
-    sha = save_weights(state, args.out)
+    state, log = train(recipe, checkpoint=checkpoint)
+    sha = save_weights(state, out)
     summary = {"recipe": asdict(recipe), "seconds": round(log["seconds"], 1), "sha256": sha,
                "final_loss": log["loss"][-1] if log["loss"] else None}  # the last epoch's mean
-    if args.validate:
-        model = validation_model(recipe, args.out)
+    if validate:
+        model = validation_model(recipe, out)
         scores = patch_knn_scores(model, validation_set())
         summary["validation"] = {k: float(np.mean([s[k] for s in scores.values()]))
                                  for k in ("image_auroc", "pixel_auroc")}
-    print(json.dumps(summary, indent=1))
+    return summary

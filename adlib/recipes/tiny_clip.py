@@ -1,20 +1,15 @@
 """Training the book's tiny CLIP on the toy world:
-``python -m adlib.recipes.tiny_clip --out adlib/weights/tiny-clip.safetensors``.
+``python -m adlib train-clip --out adlib/weights/tiny-clip.safetensors``.
 
 Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
-import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 import open_clip
 import torch
@@ -64,7 +59,7 @@ def train_tiny_clip(
     ``n_eval`` held-out scenes (seed + 1) and written, with the training settings, into the file's metadata
     (:func:`adlib.features.clip.save_clip`). Returns that metadata with the file's sha256: the registry entry's fields.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
+    Used by: ``python -m adlib train-clip``.
     """
     if Path(out).exists():  # before the training, not after it
         raise FileExistsError(f"{out} exists; choose another file or delete it first.")
@@ -126,46 +121,3 @@ def train_tiny_clip(
         print(f"zero-shot shape accuracy on {n_eval} held-out scenes: {acc:.3f}; saved {out} "
               f"(sha256 {meta['sha256'][:12]}...)")
     return meta
-
-
-def _command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """The canonical command of these settings: :data:`TRAIN_COMMAND` plus every setting that is not the default.
-
-    ``--out``, ``--checkpoint`` and ``--threads`` do not change the weights, so they stay out of it."""
-    changed = [f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items()
-               if name not in ("out", "checkpoint", "threads") and value != parser.get_default(name)]
-    return " ".join([TRAIN_COMMAND, *changed])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m adlib.recipes.tiny_clip --out PATH [--steps N ...]``: (re)train the tiny CLIP.
-
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``)
-    """
-    p = argparse.ArgumentParser(prog="python -m adlib.clip_train", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="file to write (.safetensors); refused if it exists")
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--pairs", type=int, default=20_000)
-    p.add_argument("--eval", type=int, default=1000, help="held-out scenes for the zero-shot accuracy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--defect-rate", type=float, default=TINY_WORLD["defect_rate"],
-                   help="share of training scenes with a defect")
-    p.add_argument("--name-defect-rate", type=float, default=TINY_WORLD["name_defect_rate"],
-                   help="share of the defective scenes whose caption names the defect")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; 1 was fastest on the shared 2-core build machine (2 threads oversubscribe)")
-    p.add_argument("--checkpoint", help="save here after every epoch; rerun with it to resume")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # progress on stderr: stdout is the registry entry
-            meta = train_tiny_clip(args.out, steps=args.steps, batch_size=args.batch_size, n_pairs=args.pairs,
-                                   seed=args.seed, n_eval=args.eval, checkpoint=args.checkpoint,
-                                   world={"defect_rate": args.defect_rate, "name_defect_rate": args.name_defect_rate},
-                                   command=_command(p, args))
-    except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(meta, indent=1))  # the fields of the file's entry in adlib/weights/registry.json
-    return 0

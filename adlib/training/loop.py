@@ -28,7 +28,7 @@ StepFn = Callable[[Any], dict[str, float]]
 def batch_images(batch: Any) -> torch.Tensor:
     """The image tensor of a batch: a tensor, the first item of a tuple/list, or ``batch["image"]``.
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Used by: ``adlib.methods.autoencoder.ae_step``, ``adlib.methods.ganomaly.ganomaly_step``.
     """
     if isinstance(batch, torch.Tensor):
         return batch
@@ -45,7 +45,7 @@ def batch_images(batch: Any) -> torch.Tensor:
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of a model's parameters (where its step functions move each batch).
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Used by: ``adlib.methods.autoencoder.ae_step``, ``adlib.methods.ganomaly.ganomaly_step``.
     """
     return next(model.parameters()).device
 
@@ -172,7 +172,7 @@ class IndexBatches:
     ``batch_size`` (the last one shorter). :func:`fit` saves and restores ``generator``, so a resumed run draws
     the same batches as an uninterrupted one.
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Used by: ``adlib.methods.aaclip.training._train_epochs``.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int = 0):
@@ -195,7 +195,7 @@ class RandomSteps:
     is ``steps`` steps, and each step receives the loader's seeded ``generator`` to draw from. :func:`fit` saves and
     restores it, so a resumed run draws what an uninterrupted one would.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    Used by: ``adlib.methods.clipn.train_no_encoder``, ``adlib.recipes.tiny_clip.train_tiny_clip``.
     """
 
     def __init__(self, steps: int, seed: int = 0):
@@ -215,7 +215,7 @@ def steps_per_epoch(steps: int, at_most: int = 100) -> int:
     """The largest divisor of ``steps`` up to ``at_most``: how many steps a step-counted training puts in one
     :func:`fit` epoch (one checkpoint and one history row per epoch).
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    Used by: ``adlib.recipes.tiny_clip.train_tiny_clip``.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
@@ -352,7 +352,7 @@ def loss_change(history: list[Mapping[str, float]], key: str = "loss") -> float:
 
     ``history`` is what :func:`fit` returns; a plateau check that needs no test data.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Used by: ``adlib.eval.claims.TrainingRecord``, ``adlib.recipes.teachers.distill_teacher``.
     """
     loss = [row[key] for row in history]
     if len(loss) < 2:

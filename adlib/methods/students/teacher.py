@@ -15,7 +15,7 @@ from adlib.training.loop import fit
 def patch_net_depth(patch_size: int, stride: int) -> int:
     """The number L of dilated 3x3 layers that gives receptive field ``patch_size = 2 * stride * 2**L + 1``.
 
-    Defined in: "Uninformed Students" (``notebooks/06_uninformed_students.ipynb``).
+    Used by: ``adlib.methods.students.teacher.PatchNet``.
     """
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}.")
@@ -81,7 +81,7 @@ def compactness_loss(d: torch.Tensor) -> torch.Tensor:
     dimension. The paper sums the entries themselves; that sum is minimised (at -dim) by anti-correlated
     channels, not by decorrelated ones, so we sum squares, as common reimplementations do.
 
-    Defined in: "Uninformed Students" (``notebooks/06_uninformed_students.ipynb``).
+    Used by: ``adlib.methods.students.teacher.train_teacher``.
     """
     z = (d - d.mean(0)) / (d.std(0) + 1e-8)
     corr = z.T @ z / (len(d) - 1)
@@ -108,7 +108,7 @@ def pretrained_descriptors(extractor: nn.Module, patches: torch.Tensor, size: in
 def random_patches(images: torch.Tensor, patch_size: int, n: int, seed: int = 0) -> torch.Tensor:
     """``n`` patches (n, 3, p, p) cropped at uniformly random positions of images (N, 3, H, W).
 
-    Defined in: "Uninformed Students" (``notebooks/06_uninformed_students.ipynb``)
+    Defined in: "Uninformed Students" (``notebooks/06_uninformed_students.ipynb``).
     """
     g = torch.Generator().manual_seed(seed)
     n_img, _, h, w = images.shape
