@@ -42,35 +42,26 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_category(method: str, root: Path, category: str, options: dict[str, Any], image_size: int,
-                 save_maps: Path | None = None, save_model: Path | None = None,
-                 backbone: str = DEFAULT_BACKBONE) -> dict[str, float | None]:
-    """Fit ``method`` on one category's train/good images and evaluate it on its test split; returns the row
-    of :func:`adlib.eval.protocol.evaluate` (pixel metrics None when the folder has no masks). ``options`` as
-    :func:`adlib.methods.catalog.run_options`.
-
-    Used by: ``adlib.cli.run``.
-    """
+def _run_one_category(method: str, root: Path, category: str, *, image_size: int, backbone: str, device: str,
+                      seed: int, options: dict[str, Any], save_maps: Path | None,
+                      save_model: Path | None) -> dict[str, float | None]:
+    """:func:`adlib.bench.runs.run_category` with the command's messages, overlays and saved model; the row."""
     from adlib import viz
-    from adlib.data import mvtec
-    from adlib.eval import protocol
-    from adlib.methods import catalog
+    from adlib.bench import runs
 
-    x_train, *_ = mvtec.load_arrays(root, category, "train", image_size)
-    test = mvtec.MVTecDataset(root, category, "test", image_size=image_size)
-    x_test, labels, masks, paths, defects = mvtec.load_arrays(root, category, "test", image_size)
-    note = "" if test.has_masks else " (no ground-truth masks: image-level metrics only)"
-    _say(f"[{category}] {len(x_train)} train / {len(x_test)} test images at {image_size} px{note}")
-    det = catalog.make_detector(method, **catalog.run_options(method, category, backbone, options))
-    row, scores, maps = protocol.evaluate(det, x_train, x_test, labels, masks if test.has_masks else None)
+    run = runs.run_category(method, root, category, image_size=image_size, backbone=backbone, device=device,
+                            seed=seed, options=options)
+    note = "" if run.masks is not None else " (no ground-truth masks: image-level metrics only)"
+    _say(f"[{category}] {run.n_train} train / {len(run.labels)} test images at {image_size} px{note}")
+    row = {k: run.row[k] for k in COLUMNS}
     _say(f"[{category}] fit {row['fit_s']:.1f} s, predict {row['predict_s']:.1f} s, image AUROC "
          f"{row['image_auroc']:.3f}")
     if save_maps is not None:
-        names = [f"{d}_{Path(p).stem}" for d, p in zip(defects, paths)]
-        viz.save_overlays(save_maps / category, x_test, maps, names)
+        names = [f"{d}_{Path(p).stem}" for d, p in zip(run.defects, run.paths)]
+        viz.save_overlays(save_maps / category, run.images, run.maps, names)
         _say(f"[{category}] {len(names)} overlays in {save_maps / category}")
     if save_model is not None:
-        det.save(save_model, image_size=image_size, category=category, data=str(root))
+        run.detector.save(save_model, image_size=image_size, category=category, data=str(root))
         _say(f"[{category}] detector saved to {save_model}")
     return row
 
@@ -99,24 +90,21 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
 
     import numpy as np
 
-    from adlib import viz  # noqa: F401 - run_category's modules, imported before the seed is set
-    from adlib.core.runtime import choose_device, seed_everything
+    from adlib.core.runtime import choose_device
     from adlib.data import mvtec
-    from adlib.eval import protocol  # noqa: F401
     from adlib.methods import catalog
 
     root = Path(root)
     catalog.detector_class(method)  # an unknown method fails before any data is read
     cats = mvtec.select_categories(root, categories)
     device = str(choose_device(device))
-    seed_everything(seed)
     uses_backbone = "backbone" in inspect.signature(catalog.detector_class(method)).parameters
-    opts = {"device": device, "seed": seed} | (options or {})
     model_paths = _model_paths(None if save_model is None else Path(save_model), cats)
-    rows = {}
-    for cat in cats:
-        rows[cat] = run_category(method, root, cat, opts, image_size, None if save_maps is None else Path(save_maps),
-                                 model_paths[cat], backbone)
+    rows = {cat: _run_one_category(method, root, cat, image_size=image_size, backbone=backbone, device=device,
+                                   seed=seed, options=options or {},
+                                   save_maps=None if save_maps is None else Path(save_maps),
+                                   save_model=model_paths[cat])
+            for cat in cats}
     mean = {k: (None if any(r[k] is None for r in rows.values()) else float(np.mean([r[k] for r in rows.values()])))
             for k in COLUMNS}
     return {"method": method, "backbone": backbone if uses_backbone else None, "image_size": image_size,

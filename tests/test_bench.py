@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from adlib import cli
 from adlib.bench import benchmark
 from adlib.eval import metrics
-from test_detectors import make_folder
+from test_detectors import _image, make_folder
 
 
 def _maps_and_masks(seed: int = 0, n: int = 8, size: int = 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -97,3 +97,19 @@ def test_bench_cli_writes_the_report_and_refuses_to_overwrite(tmp_path: Path, ca
     assert "Expected" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Unknown bench method"):
         benchmark.sweep(root, ["patchkn"])
+
+
+def test_run_and_bench_share_one_run_path_and_refuse_partial_masks(tmp_path: Path) -> None:
+    """A folder where one defect type has masks and another has none gives image metrics only, in `run` and in
+    `bench` alike: all-zero masks for the unmasked type would count its defect pixels as normal."""
+    root = make_folder(tmp_path / "data", masks=True)  # "dent" has masks
+    for i in range(2):
+        _image(root / f"widget/test/scratch/{i}.png", 30 + i, defect=True)  # "scratch" has none
+    small = dict(image_size=32, backbone="random-resnet18", device="cpu")
+    record = benchmark.run_one("patchcore", root, "widget", seed=0, **small)
+    assert record["row"]["pixel_auroc"] is None and record["row"]["aupro"] is None and record["counts"] is None
+    assert {k: v["aupro"] for k, v in record["by_defect"].items()} == {"dent": None, "scratch": None}
+    result = cli.run("patchcore", root, seed=0, **small)["categories"]["widget"]
+    # one path: the same seed gives the same image AUROC from both commands
+    assert result["aupro"] is None and result["image_auroc"] == record["row"]["image_auroc"]
+    assert result["image_auroc"] == roc_auc_score(record["labels"], record["scores"])

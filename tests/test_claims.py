@@ -177,3 +177,9 @@ def test_the_record_keeps_what_the_guard_checks() -> None:
     rec = scorecard.record([a], {"A / AUROC": 0.9})
     assert rec["claims"]["A beats B."]["verdict"] == "holds" and rec["numbers"] == {"A / AUROC": 0.9}
     assert {"cpu", "packages", "threads", "python"} <= set(rec["environment"])
+
+
+def test_mean_interval_formats_the_spread_interval():
+    # 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.302653: half-width 4.302653 / sqrt(3) = 2.484138
+    assert claims.mean_interval([1.0, 2.0, 3.0]) == "2.000 [-0.484, 4.484]"
+    assert claims.mean_interval([1.0, 2.0, 3.0], digits=1) == "2.0 [-0.5, 4.5]"

@@ -300,10 +300,12 @@ def test_no_encoder_starts_as_the_text_encoder_and_trains(model):
     data = toyworld.sample(24, seed=0, image_size=32)
     image_emb, _ = clip.encode_images(model, data.images)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
     hist = clipn.train_no_encoder(model, no_enc, image_emb, data.captions, steps=15, batch_size=12, lr=3e-3)
     assert len(hist) == 15 and hist[-1]["tso"] < hist[0]["tso"]
     for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k  # CLIP stays frozen
+        assert torch.equal(v, before[k]), k  # CLIP is not trained
+    assert [p.requires_grad for p in model.parameters()] == flags  # ... and the caller's model is left as it was
     assert no_enc.prompts.abs().sum() > 0  # the no-prompts learned
     yes, no = clipn.yes_no_logits(model, no_enc, image_emb, ["star", "ring"])
     assert yes.shape == no.shape == (24, 2)

@@ -22,12 +22,10 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from adlib.bench import runs
 from adlib.bench.lineup import SWEEP
-from adlib.core import runtime
-from adlib.core.runtime import seed_everything
 from adlib.data import mvtec
-from adlib.eval import claims, metrics, protocol
-from adlib.methods import catalog
+from adlib.eval import claims, metrics
 
 QUALITY = ("image_auroc", "pixel_auroc", "aupro")
 #: False-positive rates at which :class:`PixelCounts` puts its thresholds: dense below AUPRO's limit of 0.3.
@@ -140,25 +138,18 @@ def run_one(name: str, root: str | Path, category: str, *, seed: int = 0, image_
     Used by: ``adlib.bench.benchmark.sweep``.
     """
     method, defaults = SWEEP[name]
-    options = defaults | (options or {})
-    seed_everything(seed)
-    x_train, *_ = mvtec.load_arrays(root, category, "train", image_size)
-    x_test, labels, masks, _, defects = mvtec.load_arrays(root, category, "test", image_size)
-    has_masks = bool(masks.any())
-    before = 0.0 if str(device).startswith("cuda") else runtime.PeakMemory.rss_mb()  # CUDA peaks start at 0
-    det = catalog.make_detector(method, **catalog.run_options(method, category, backbone, options),
-                                  device=device, seed=seed)
-    row, scores, maps = protocol.evaluate(det, x_train, x_test, labels, masks if has_masks else None)
-    row["added_mb"] = row["peak_mb"] - before
+    run = runs.run_category(method, root, category, image_size=image_size, backbone=backbone, device=device,
+                            seed=seed, options=defaults | (options or {}))
+    labels, scores, maps, masks, defects = run.labels, run.scores, run.maps, run.masks, run.defects
     by_defect = {}
     for kind in sorted(set(defects) - {"good"}):
         idx = np.array([d in ("good", kind) for d in defects])
         by_defect[kind] = {"image_auroc": metrics.image_auroc(labels[idx], scores[idx]),
-                           "aupro": metrics.aupro(masks[idx], maps[idx]) if has_masks else None}
-    return {"name": name, "category": category, "seed": seed, "row": row, "labels": labels, "scores": scores,
-            "defects": list(defects), "counts": PixelCounts.from_maps(masks, maps) if has_masks else None,
-            "by_defect": by_defect, "maps": maps[list(keep)].astype(np.float32), "n_train": len(x_train),
-            "history": list(getattr(det, "history", None) or [])}
+                           "aupro": None if masks is None else metrics.aupro(masks[idx], maps[idx])}
+    return {"name": name, "category": category, "seed": seed, "row": run.row, "labels": labels, "scores": scores,
+            "defects": defects, "counts": None if masks is None else PixelCounts.from_maps(masks, maps),
+            "by_defect": by_defect, "maps": maps[list(keep)].astype(np.float32), "n_train": run.n_train,
+            "history": list(getattr(run.detector, "history", None) or [])}
 
 
 def sweep(root: str | Path, names: Sequence[str] = tuple(SWEEP), categories: Sequence[str] | None = None, *,

@@ -1,11 +1,12 @@
 """Seeding, device choice and peak-memory measurement."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -39,12 +40,31 @@ def choose_device(prefer: str | None = None) -> torch.device:
 
 
 
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Run the ``with`` block, then give the caller back its global random state (Python, NumPy, torch on CPU
+    and CUDA): a function that seeds inside (``training.loop.fit`` does) leaves the caller's draws unchanged.
+
+    Used by: ``adlib.methods.autoencoder.AutoencoderDetector``.
+    """
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 class PeakMemory:
     """Peak memory (MB) while the ``with`` block runs: the process's resident set on CPU (sampled every 5 ms,
     so it includes the Python process itself; where ``/proc`` is missing, e.g. macOS, the process's peak since
     it started), allocated CUDA memory on a GPU.
 
-    Used by: ``adlib.bench.benchmark.run_one``, ``adlib.eval.protocol.evaluate``.
+    Used by: ``adlib.bench.runs.run_category``, ``adlib.eval.protocol.evaluate``.
     """
 
     def __init__(self, device: str = "cpu"):

@@ -91,6 +91,15 @@ def spread_interval(differences: Any, level: float = LEVEL) -> tuple[float, floa
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
+def mean_interval(values: Any, digits: int = 3, level: float = LEVEL) -> str:
+    """``"mean [low, high]"``: :func:`spread_interval` of ``values`` as a table cell, ``digits`` decimals.
+
+    Defined in: "Uninformed Students" (``notebooks/06_uninformed_students.ipynb``).
+    """
+    mean, low, high = spread_interval(values, level)
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def verdict(low: float, high: float, margin: float = 0.0) -> str:
     """The book's one rule for a claim "A beats B by more than ``margin``", from the 95 % interval of A - B:
     ``"holds"`` when the whole interval lies above ``margin``, ``"contradicted"`` when it lies below,

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adlib.core.arrays import as_images
+from adlib.core.runtime import preserved_random_state
 from adlib.methods.base import FeatureDetector
 from adlib.methods.dcgan import DCGANDecoder, DCGANEncoder, check_images, dcgan_init
 from adlib.methods.vae import ConvVAE, vae_step
@@ -138,7 +139,8 @@ class AutoencoderDetector(FeatureDetector):
         step = ae_step(self.model, opt) if self.kind == "ae" else vae_step(self.model, opt, beta=self.beta)
         loader = DataLoader(TensorDataset(images), batch_size=self.train_batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(self.seed))
-        with torch.enable_grad():
+        # fit seeds the global generators with the detector's seed; the caller's random state is given back
+        with torch.enable_grad(), preserved_random_state():
             self.history = fit(step, loader, epochs=self.epochs, seed=self.seed, progress=False)
         self.model.eval()
 

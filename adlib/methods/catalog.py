@@ -58,7 +58,7 @@ def run_options(method: str, category: str, backbone: str, options: dict[str, An
     """The options ``method`` runs with on ``category``: ``backbone`` if the method takes one, ``object_name`` =
     the category if it names the object it inspects (the zero-shot CLIP detector), then ``options`` (which win).
 
-    Used by: ``adlib.cli.run_category``, ``adlib.bench.benchmark.run_one``.
+    Used by: ``adlib.bench.runs.run_category``.
     """
     params = inspect.signature(detector_class(method)).parameters
     return (({"backbone": backbone} if "backbone" in params else {})

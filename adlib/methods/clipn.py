@@ -137,7 +137,8 @@ def train_no_encoder(
     log_every: int = 0,
     checkpoint: str | os.PathLike | None = None,
 ) -> list[dict[str, float]]:
-    """Train the "no" encoder (and its prompts) with :func:`clipn_loss`; CLIP itself stays frozen.
+    """Train the "no" encoder (and its prompts) with :func:`clipn_loss`; CLIP itself is not trained (its text
+    embeddings are computed without gradients) and is left as it came: its ``requires_grad`` flags are not touched.
 
     ``image_emb`` (N, D): the frozen CLIP's unit image embeddings of the N captioned images (computed
     once, since the image encoder is frozen); ``captions``: N strings. ``positives(batch_indices)``
@@ -151,8 +152,6 @@ def train_no_encoder(
     """
     if len(image_emb) != len(captions):
         raise ValueError(f"{len(image_emb)} image embeddings but {len(captions)} captions: give one caption per image.")
-    for p in model.parameters():
-        p.requires_grad_(False)
     tokens = tokenize(list(captions), model)
     with torch.no_grad():
         text_emb = torch.cat([model.encode_text(tokens[i:i + 512], normalize=True) for i in range(0, len(tokens), 512)])
