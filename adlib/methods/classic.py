@@ -30,7 +30,7 @@ def gaussian(x_train: np.ndarray) -> Scorer:
     return lambda x: np.sqrt(cov.mahalanobis(np.asarray(x, dtype=np.float64)))
 
 
-def knn(x_train: np.ndarray, k: int = 5) -> Scorer:
+def knn_distance(x_train: np.ndarray, k: int = 5) -> Scorer:
     """Mean Euclidean distance from each sample to its ``k`` nearest training samples.
 
     Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
@@ -68,7 +68,7 @@ def lof(x_train: np.ndarray, k: int = 20) -> Scorer:
 
 DETECTORS: dict[str, Callable[..., Scorer]] = {
     "Gaussian": gaussian,
-    "kNN": knn,
+    "kNN": knn_distance,
     "OC-SVM": ocsvm,
     "Isolation Forest": isolation_forest,
     "LOF": lof,
