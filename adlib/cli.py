@@ -51,14 +51,14 @@ def _run_one_category(method: str, root: Path, category: str, *, image_size: int
 
     run = runs.run_category(method, root, category, image_size=image_size, backbone=backbone, device=device,
                             seed=seed, options=options)
-    note = "" if run.masks is not None else " (no ground-truth masks: image-level metrics only)"
-    _say(f"[{category}] {run.n_train} train / {len(run.labels)} test images at {image_size} px{note}")
+    note = "" if run.test.masks is not None else " (no ground-truth masks: image-level metrics only)"
+    _say(f"[{category}] {run.n_train} train / {len(run.test)} test images at {image_size} px{note}")
     row = {k: run.row[k] for k in COLUMNS}
     _say(f"[{category}] fit {row['fit_s']:.1f} s, predict {row['predict_s']:.1f} s, image AUROC "
          f"{row['image_auroc']:.3f}")
     if save_maps is not None:
-        names = [f"{d}_{Path(p).stem}" for d, p in zip(run.defects, run.paths)]
-        viz.save_overlays(save_maps / category, run.images, run.maps, names)
+        names = [f"{d}_{Path(p).stem}" for d, p in zip(run.test.defects, run.test.files)]
+        viz.save_overlays(save_maps / category, run.test.images, run.scores.maps, names)
         _say(f"[{category}] {len(names)} overlays in {save_maps / category}")
     if save_model is not None:
         run.detector.save(save_model, image_size=image_size, category=category, data=str(root))
@@ -151,10 +151,10 @@ def predict(model: str | Path, inputs: Sequence[str | Path], device: str | None 
     if not paths:
         raise FileNotFoundError(f"No images ({', '.join(mvtec.IMAGE_EXTENSIONS)}) in {list(map(str, inputs))}.")
     images = mvtec.read_images(paths, tuple(det.image_shape))
-    scores, maps = det.predict(images)
+    scores = det.predict(images)
     if save_maps is not None:
-        viz.save_overlays(save_maps, images, maps, [p.stem for p in paths])
-    return [(str(p), float(s)) for p, s in zip(paths, scores)]
+        viz.save_overlays(save_maps, images.images, scores.maps, [p.stem for p in paths])
+    return [(str(p), float(s)) for p, s in zip(paths, scores.image)]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from adlib.data.imageset import ImageSet
 from adlib.features import clip
 from adlib.methods.aaclip import adapters, losses, scoring, training
 
@@ -38,13 +39,14 @@ def make_model(tiny, **kw) -> adapters.AACLIP:
     return adapters.AACLIP(tiny, **args)
 
 
-def toy_batch(n: int = 4, size: int = 32):
+def toy_batch(n: int = 4, size: int = 32) -> ImageSet:
+    """``n`` random images in [0, 1] of a "star", the second half anomalous with a rectangular defect."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(n, 3, size, size, generator=g)
-    masks = torch.zeros(n, size, size)
-    masks[n // 2:, 8:16, 8:20] = 1.0
-    labels = torch.tensor([0] * (n // 2) + [1] * (n - n // 2))
-    return images, masks, labels, ["star"] * n
+    images = torch.rand(n, 3, size, size, generator=g)
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    masks[n // 2:, 8:16, 8:20] = True
+    labels = [0] * (n // 2) + [1] * (n - n // 2)
+    return ImageSet(images, labels, masks, objects=["star"] * n)
 
 
 # --------------------------------------------------------------------------- residual adapter
@@ -149,9 +151,9 @@ def test_unadapted_paths_equal_clip(tiny):
     torch.testing.assert_close(model.encode_text(tokens, adapt=False), tiny.encode_text(tokens, normalize=True))
     # no adapters + projection copied from CLIP = CLIP's own text embedding
     torch.testing.assert_close(model.encode_text(tokens), tiny.encode_text(tokens, normalize=True))
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, 3, 32, 32)  # as if normalised by clip.to_tensor
     patches, _ = model.encode_image(images)
-    torch.testing.assert_close(patches[0], clip.encode_images(tiny, images)[1])
+    torch.testing.assert_close(patches[0], clip.encode_normalised(tiny, images)[1])
 
 
 def test_shapes_and_scores(tiny):
@@ -161,11 +163,16 @@ def test_shapes_and_scores(tiny):
     torch.testing.assert_close(anchors.norm(dim=-1), torch.ones(2))
     patches, image = model.encode_image(torch.randn(3, 3, 32, 32))
     assert [p.shape for p in patches] == [(3, 16, 32)] * 2 and image.shape == (3, 32)
-    images = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    images = ImageSet(np.random.default_rng(0).random((3, 3, 40, 40), dtype=np.float32))
     for stage in (1, 2):
         scores, maps = scoring.anomaly_scores(model, images, "star", stage)
         assert scores.shape == (3,) and maps.shape == (3, 40, 40)
         assert np.isfinite(maps).all() and np.all((scores >= 0) & (scores <= 1))
+        # batch by batch (each batch through CLIP's preprocessing) as all at once; a bare float array as the set
+        for again in (scoring.anomaly_scores(model, images, "star", stage, batch_size=2),
+                      scoring.anomaly_scores(model, images.images, "star", stage)):
+            np.testing.assert_array_equal(again[0], scores)
+            np.testing.assert_array_equal(again[1], maps)
     # the official scores by hand, without blur: summed per-level logit differences, (cos(image, t_a) + 1) / 2
     scores, maps = scoring.anomaly_scores(model, images, "star", 2, sigma=0)
     with torch.no_grad():
@@ -195,16 +202,16 @@ def test_training_keeps_backbone_frozen(tiny):
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     text_before = [p.clone() for p in model.text_parameters()]
     image_before = [p.clone() for p in model.image_parameters()]
-    images, masks, labels, names = toy_batch()
-    # stage 1 from uint8 arrays (converted per batch), stage 2 from normalised tensors
+    train = toy_batch()
+    # stage 1 from 8-bit photos (through CLIP's preprocessing per batch), stage 2 from float images
     raw = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    h1 = training.train_text_adapters(model, raw, masks.numpy() > 0, labels.numpy(), names, epochs=1, lr=1e-2,
-                                    batch_size=4)
+    photos = ImageSet.from_uint8(raw, labels=train.labels, masks=train.masks, objects=train.objects)
+    h1 = training.train_text_adapters(model, photos, epochs=1, lr=1e-2, batch_size=4)
     assert len(h1) == 1 and h1[0]["epoch"] == 1 and np.isfinite(h1[0]["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(text_before, model.text_parameters()))
     assert all(torch.equal(a, b) for a, b in zip(image_before, model.image_parameters()))
     text_after = [p.clone() for p in model.text_parameters()]
-    h2 = training.train_image_adapters(model, images, masks, labels, names, epochs=1, lr=1e-2, batch_size=2)
+    h2 = training.train_image_adapters(model, train, epochs=1, lr=1e-2, batch_size=2)
     assert len(h2) == 1 and np.isfinite(h2[0]["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(image_before, model.image_parameters()))
     assert all(torch.equal(a, b) for a, b in zip(text_after, model.text_parameters()))
@@ -219,49 +226,55 @@ def test_training_resumes_bit_exactly_from_a_checkpoint(tiny, tmp_path, stage):
     from the checkpoint: the same parameters and the same history."""
     train = training.train_text_adapters if stage == "text" else training.train_image_adapters
     params = adapters.AACLIP.text_parameters if stage == "text" else adapters.AACLIP.image_parameters
-    images, masks, labels, names = toy_batch(n=6)
+    data = toy_batch(n=6)
     args = dict(lr=1e-2, batch_size=4, seed=3)
     whole = make_model(tiny)
-    h_whole = train(whole, images, masks, labels, names, epochs=3, **args)
+    h_whole = train(whole, data, epochs=3, **args)
     ckpt = tmp_path / f"{stage}.pt"
-    train(make_model(tiny), images, masks, labels, names, epochs=2, checkpoint=ckpt, **args)
+    train(make_model(tiny), data, epochs=2, checkpoint=ckpt, **args)
     torch.manual_seed(123)  # the interruption: other global random state, a freshly built model
     resumed = make_model(tiny)
-    h_resumed = train(resumed, images, masks, labels, names, epochs=3, checkpoint=ckpt, **args)
+    h_resumed = train(resumed, data, epochs=3, checkpoint=ckpt, **args)
     assert h_resumed == h_whole
     for a, b in zip(params(whole), params(resumed)):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="different settings"):  # a stage-1 checkpoint is not a stage-2 one
         other = training.train_image_adapters if stage == "text" else training.train_text_adapters
-        other(make_model(tiny), images, masks, labels, names, epochs=3, checkpoint=ckpt, **args)
+        other(make_model(tiny), data, epochs=3, checkpoint=ckpt, **args)
 
 
 def test_stage1_loss_is_the_official_one_unless_the_image_term_is_asked_for(tiny):
     """With a vanishing learning rate the two runs see the same model, so the difference of their losses is the
     image-level cross-entropy, which is positive."""
-    images, masks, labels, names = toy_batch()
+    data = toy_batch()
     args = dict(epochs=1, lr=1e-12, batch_size=4)
-    official = training.train_text_adapters(make_model(tiny), images, masks, labels, names, **args)[0]["loss"]
-    with_ce = training.train_text_adapters(make_model(tiny), images, masks, labels, names, image_loss=True, **args)
+    official = training.train_text_adapters(make_model(tiny), data, **args)[0]["loss"]
+    with_ce = training.train_text_adapters(make_model(tiny), data, image_loss=True, **args)
     assert with_ce[0]["loss"] > official > 0
 
 
 def test_stage1_with_features_computed_once_equals_per_batch(tiny):
     """The frozen image tower gives every image the same features in every batch, so caching them changes nothing."""
-    images, masks, labels, names = toy_batch(n=6)
+    data = toy_batch(n=6)
     args = dict(epochs=2, lr=1e-2, batch_size=4)
     cached, per_batch = make_model(tiny), make_model(tiny)
-    h_cached = training.train_text_adapters(cached, images, masks, labels, names, **args)
-    h_batch = training.train_text_adapters(per_batch, images, masks, labels, names, feature_cache_bytes=0, **args)
+    h_cached = training.train_text_adapters(cached, data, **args)
+    h_batch = training.train_text_adapters(per_batch, data, feature_cache_bytes=0, **args)
     assert [h["loss"] for h in h_cached] == pytest.approx([h["loss"] for h in h_batch], rel=1e-5)
     for a, b in zip(cached.text_parameters(), per_batch.text_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_training_checks_inputs(tiny):
-    images, masks, labels, names = toy_batch()
-    with pytest.raises(ValueError, match="one entry per sample"):
-        training.train_text_adapters(make_model(tiny), images, masks, labels, names[:2], epochs=1)
+    data = toy_batch()
+    for stage in (training.train_text_adapters, training.train_image_adapters):
+        with pytest.raises(TypeError, match="ImageSet"):
+            stage(make_model(tiny), data.images, epochs=1)
+        for incomplete in (ImageSet(data.images, data.labels, objects=data.objects),  # no masks
+                           ImageSet(data.images, None, data.masks, objects=data.objects),  # no labels
+                           ImageSet(data.images, data.labels, data.masks)):  # no object names
+            with pytest.raises(ValueError, match="needs images, and labels, masks and an object name"):
+                stage(make_model(tiny), incomplete, epochs=1)
 
 
 # --------------------------------------------------------------------------- data, paper model
@@ -270,15 +283,30 @@ def test_training_checks_inputs(tiny):
 def test_few_shot_indices():
     labels = np.array([0, 0, 0, 1, 1, 0, 0, 1, 1, 1])
     groups = np.array(["a"] * 5 + ["b"] * 5)
-    idx = few = training.few_shot_indices(labels, groups, 2, seed=0)
+    images = ImageSet(np.zeros((10, 3, 2, 2), np.float32), labels, objects=groups)
+    idx = few = training.few_shot_indices(images, 2, seed=0)
     assert len(idx) == 8 and len(set(idx)) == 8
     for g in "ab":
         for label in (0, 1):
             assert np.sum((groups[few] == g) & (labels[few] == label)) == 2
-    np.testing.assert_array_equal(idx, training.few_shot_indices(labels, groups, 2, seed=0))
-    np.testing.assert_array_equal(training.few_shot_indices(labels, groups, None), np.arange(10))
+    np.testing.assert_array_equal(idx, training.few_shot_indices(images, 2, seed=0))
+    np.testing.assert_array_equal(training.few_shot_indices(images, None), np.arange(10))
+    assert len(images[idx]) == 8
     with pytest.raises(ValueError, match="fewer than k=3"):
-        training.few_shot_indices(labels, groups, 3)
+        training.few_shot_indices(images, 3)
+    with pytest.raises(ValueError, match="labelled"):
+        training.few_shot_indices(ImageSet(images.images), 1)
+
+
+def test_anchor_statistics_hand_case():
+    # two objects: (normal, anomalous) cosines 0.9 and 0.7; normal-normal cosine 0.2
+    sim = np.array([[1.0, 0.9, 0.2, 0.0],
+                    [0.9, 1.0, 0.1, 0.3],
+                    [0.2, 0.1, 1.0, 0.7],
+                    [0.0, 0.3, 0.7, 1.0]])
+    np.testing.assert_allclose(scoring.same_object_cosine(sim), [0.9, 0.7])
+    assert scoring.anchor_stats(sim) == pytest.approx({"cos(normal, anomalous), same object": 0.8,
+                                                       "cos(normal, normal), different objects": 0.2})
 
 
 def test_resize_input():
@@ -288,7 +316,7 @@ def test_resize_input():
     adapters.resize_input(model, 48)
     assert model.visual.positional_embedding.shape == (1 + 36, 32)
     torch.testing.assert_close(model.visual.positional_embedding[0], pos[0])  # class token kept
-    assert clip.encode_images(model, torch.randn(1, 3, 48, 48))[1].shape == (1, 36, 32)
+    assert clip.encode_images(model, torch.rand(1, 3, 48, 48))[1].shape == (1, 36, 32)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         adapters.resize_input(model, 50)
 

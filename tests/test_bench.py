@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from adlib import cli
-from adlib.bench import benchmark
+from adlib.bench import benchmark, runs
 from adlib.eval import metrics
 from test_detectors import _image, make_folder
 
@@ -106,6 +106,9 @@ def test_run_and_bench_share_one_run_path_and_refuse_partial_masks(tmp_path: Pat
     for i in range(2):
         _image(root / f"widget/test/scratch/{i}.png", 30 + i, defect=True)  # "scratch" has none
     small = dict(image_size=32, backbone="random-resnet18", device="cpu")
+    run = runs.run_category("patchcore", root, "widget", seed=0, **small)
+    assert run.test.masks is None and run.test.labels.tolist() == [1, 1, 0, 0, 1, 1]  # dent, good, scratch
+    assert run.row["pixel_auroc"] is None and run.scores.maps.shape == (6, 32, 32)
     record = benchmark.run_one("patchcore", root, "widget", seed=0, **small)
     assert record["row"]["pixel_auroc"] is None and record["row"]["aupro"] is None and record["counts"] is None
     assert {k: v["aupro"] for k, v in record["by_defect"].items()} == {"dent": None, "scratch": None}

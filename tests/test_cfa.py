@@ -1,4 +1,5 @@
-"""CFA: losses against a hand computation, the memory bank, scores against brute-force loops."""
+"""CFA: losses against a hand computation, the memory bank, scores against brute-force loops, the ablation without
+the descriptor."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from adlib.methods import cfa
+from adlib.data.imageset import ImageSet
+from adlib.methods import base, catalog, cfa
 
 
 def test_loss_matches_a_hand_computation():
@@ -154,3 +156,49 @@ def test_training_is_deterministic():
 
     np.testing.assert_array_equal(run(), run())
 
+
+
+# ----------------------------------------------------------------------------- the ablation without the descriptor
+SMALL = {"backbone": "random-resnet18", "epochs": 2, "train_batch_size": 2}
+
+
+def _sets() -> tuple[ImageSet, ImageSet]:
+    g = torch.Generator().manual_seed(0)
+    return ImageSet(torch.rand(4, 3, 32, 32, generator=g)), ImageSet(torch.rand(3, 3, 32, 32, generator=g))
+
+
+def test_without_descriptor_is_a_new_detector_and_leaves_the_fitted_one_as_it_was():
+    train, test = _sets()
+    det = cfa.CFADetector(**SMALL).fit(train)
+    before, model = det.predict(test), det.model
+    weights = {key: value.clone() for key, value in model.state_dict().items()}
+    raw = det.without_descriptor()
+    assert raw is not det and raw.model is None and raw.image_shape is None  # new and unfitted
+    assert raw.hparams() == det.hparams() | {"adapt": False} and det.adapt and not raw.adapt
+    raw.fit(train)
+    assert isinstance(raw.model.descriptor, torch.nn.Identity) and raw.history == []  # nothing trained
+    assert det.model is model and isinstance(model.descriptor, cfa.PatchDescriptor)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    np.testing.assert_array_equal(det.predict(test).maps, before.maps)
+
+
+def test_without_descriptor_scores_the_frozen_features_with_the_compact_bank():
+    train, test = _sets()
+    raw = cfa.CFADetector(**SMALL).without_descriptor().fit(train)
+    f_train, f_test = raw.inputs(train.tensor()), raw.inputs(test.tensor())
+    torch.testing.assert_close(raw.model.bank, cfa.memory_bank(f_train))  # the bank of the raw features
+    by_hand = cfa.softmin_scores(cfa.squared_distances(f_test, cfa.memory_bank(f_train)), k=3)
+    patch_maps = by_hand.reshape(len(test), *f_test.shape[-2:]).double().numpy()
+    expected = base.postprocess(base.PatchScores(patch_maps), test.size, raw.sigma)
+    scores = raw.predict(test)
+    np.testing.assert_allclose(scores.maps, expected.maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores.image, expected.image, rtol=1e-5, atol=1e-6)
+
+
+def test_a_detector_without_descriptor_saves_and_loads(tmp_path):
+    train, test = _sets()
+    raw = cfa.CFADetector(**SMALL).without_descriptor().fit(train)
+    loaded, _ = catalog.load_detector(raw.save(tmp_path / "raw.pt"))
+    assert not loaded.adapt and isinstance(loaded.model.descriptor, torch.nn.Identity)
+    np.testing.assert_allclose(loaded.predict(test).maps, raw.predict(test).maps)

@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from adlib import cli
 from adlib.core.checksum import sha256sum
 from adlib.data import image_folders, toyworld
+from adlib.data.imageset import ImageSet
 from adlib.features import clip
 from adlib.methods import clipn, winclip
 from adlib.recipes import tiny_clip
@@ -53,12 +54,35 @@ def test_encode_images_matches_open_clip_and_gives_patch_tokens(model, images):
     assert model.visual.output_tokens is False  # restored
 
 
-def test_to_tensor_normalises_and_rejects_floats():
-    x = clip.to_tensor(np.full((1, 4, 4, 3), 255, np.uint8))
+def test_to_tensor_normalises_an_image_set_and_rejects_other_input():
+    x = clip.to_tensor(ImageSet(np.ones((1, 3, 4, 4), np.float32)))
     expected = (1 - torch.tensor(open_clip.OPENAI_DATASET_MEAN)) / torch.tensor(open_clip.OPENAI_DATASET_STD)
     torch.testing.assert_close(x[0, :, 0, 0], expected)
-    with pytest.raises(ValueError, match="uint8"):
-        clip.to_tensor(np.zeros((1, 4, 4, 3), np.float32))
+    torch.testing.assert_close(clip.to_tensor(torch.ones(1, 3, 4, 4)), x)  # a float tensor in [0, 1] too
+    assert clip.to_tensor(np.ones((2, 3, 4, 4), np.float32), size=8).shape == (2, 3, 8, 8)
+    for wrong, says in [(np.zeros((1, 4, 4, 3), np.uint8), "ImageSet.from_uint8"),
+                        (torch.zeros(1, 3, 4, 4, dtype=torch.uint8), "ImageSet.from_uint8"),
+                        (np.zeros((1, 4, 4, 3), np.float32), r"\(N, 3, H, W\)"),
+                        (torch.randn(1, 3, 4, 4), "before any normalisation")]:
+        with pytest.raises(ValueError, match=says):
+            clip.to_tensor(wrong)
+
+
+def test_to_tensor_of_an_image_set_equals_the_old_uint8_preprocessing_bit_for_bit():
+    """CLIP's preprocessing used to read (N, H, W, 3) uint8; an ImageSet.from_uint8 of the same photos gives the same
+    bits, memory layout included (so the convolutions that follow run the same kernels)."""
+    photos = np.random.default_rng(0).integers(0, 256, (5, 20, 20, 3), dtype=np.uint8)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    old = torch.from_numpy(photos).permute(0, 3, 1, 2).float() / 255.0
+    for size in (None, 20, 32):
+        ref = old if size in (None, 20) else F.interpolate(old, size=(size, size), mode="bicubic",
+                                                           align_corners=False).clamp(0, 1)
+        ref = (ref - mean) / std
+        for images in (ImageSet.from_uint8(photos), ImageSet.from_uint8(photos)[[0, 2, 4, 1, 3]][[0, 3, 1, 4, 2]],
+                       np.ascontiguousarray(ImageSet.from_uint8(photos).images)):
+            new = clip.to_tensor(images, size)
+            assert torch.equal(new, ref) and new.stride() == ref.stride()
 
 
 def test_zero_shot_accuracy_equals_brute_force(model, images):
@@ -131,7 +155,7 @@ def test_shipped_tiny_clip_loads_is_small_and_knows_shapes():
     assert clip.image_size(m) == card["config"]["vision_cfg"]["image_size"]
     # Recomputed here on fresh held-out scenes: far above chance (0.1) for shapes, the classes of chapter 9.
     held = toyworld.sample(200, seed=card["eval"]["seed"] + 100, **clip.TINY_WORLD)
-    assert clip.zero_shot_accuracy(m, held.images, held.labels, toyworld.SHAPES) > 0.5
+    assert clip.zero_shot_accuracy(m, held.images, held.classes, toyworld.SHAPES) > 0.5
 
 
 def test_train_tiny_command_smoke(tmp_path, monkeypatch):
@@ -212,6 +236,13 @@ def test_winclip_scores_match_manual_computation(model, images):
     # the map's mean equals the mean patch probability (bilinear upsampling by an integer factor, edges clamped)
     p = (s * patches @ anchors.T).softmax(-1)[..., 1]
     assert maps[0].max() <= p[0].max().item() + 1e-6 and maps[0].min() >= p[0].min().item() - 1e-6
+    # the same images as a float tensor or array give the same scores; uint8 photos are refused
+    for same in (images.tensor(), images.images):
+        again = winclip.winclip_scores(model, same, "star")
+        np.testing.assert_array_equal(again[0], scores)
+        np.testing.assert_array_equal(again[1], maps)
+    with pytest.raises(ValueError, match="from_uint8"):
+        winclip.winclip_scores(model, np.zeros((1, 32, 32, 3), np.uint8), "star")
 
 
 # --------------------------------------------------------------------------- CLIPN losses and scores

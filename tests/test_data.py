@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from adlib.data.mvtec import MVTecDataset, categories, load_arrays
+from adlib.data.imageset import ImageSet
+from adlib.data.mvtec import MVTecDataset, categories, load_split
 from adlib.data.oneclass import one_class_cifar10
 from adlib.data.visa import visa_to_mvtec
 
@@ -147,17 +148,41 @@ def test_btad_layout_ok_folders_and_plain_mask_names(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds[0]["mask"][0].numpy(), mask)
 
 
-def test_load_arrays_matches_dataset(tree) -> None:
+def test_load_split_matches_dataset_item_by_item(tree) -> None:
     root, _ = tree
-    images, labels, masks, paths, defects = load_arrays(root, "widget", "test", image_size=12)
+    test = load_split(root, "widget", "test", image_size=12)
     ds = MVTecDataset(root, "widget", "test", image_size=12)
-    assert images.shape == (3, 3, 12, 12) and images.dtype == np.float32
-    assert labels.dtype == np.int64 and masks.shape == (3, 12, 12) and masks.dtype == np.uint8
+    assert isinstance(test, ImageSet) and len(test) == len(ds) == 3
+    assert test.images.shape == (3, 3, 12, 12) and test.images.dtype == np.float32 and test.size == (12, 12)
+    assert test.labels.dtype == np.int64 and test.masks.shape == (3, 12, 12) and test.masks.dtype == bool
     for i, item in enumerate(ds):
-        np.testing.assert_array_equal(images[i], item["image"].numpy())
-        np.testing.assert_array_equal(masks[i], item["mask"][0].numpy().astype(np.uint8))
-        assert (labels[i], paths[i], defects[i]) == (item["label"], item["path"], item["defect"])
-    assert labels.tolist() == [0, 1, 1] and set(np.unique(masks)) == {0, 1}
+        np.testing.assert_array_equal(test.images[i], item["image"].numpy())
+        np.testing.assert_array_equal(test.masks[i], item["mask"][0].numpy() > 0)
+        assert (test.labels[i], test.files[i], test.defects[i]) == (item["label"], item["path"], item["defect"])
+    assert test.labels.tolist() == [0, 1, 1] and test.masks[0].sum() == 0 and test.masks[1:].any(axis=(1, 2)).all()
+    assert test.objects == ("widget",) * 3
+    assert test.files == tuple(str(root / "widget" / f) for f in ("test/good/000.png", "test/scratch/000.png",
+                                                                   "test/scratch/001.png"))
+
+
+def test_load_split_train_and_crop(tree) -> None:
+    root, arrays = tree
+    train = load_split(root, "widget", "train", image_size=(H, W))
+    assert train.labels.tolist() == [0, 0, 0] and train.defects == ("good",) * 3
+    assert train.masks is not None and not train.masks.any()  # normal images: all-False masks
+    np.testing.assert_allclose(train.images[1], arrays["train/good/001.png"].transpose(2, 0, 1) / 255.0, atol=1e-6)
+    crop = load_split(root, "widget", "test", image_size=16, crop_size=(8, 10))
+    full = MVTecDataset(root, "widget", "test", image_size=16, crop_size=(8, 10))
+    assert crop.size == (8, 10) and crop.masks.shape == (3, 8, 10)
+    np.testing.assert_array_equal(crop.images[2], full[2]["image"].numpy())
+
+
+def test_load_split_without_masks_for_a_defect_folder(tree) -> None:
+    root, _ = tree
+    save_image(root / "widget/test/dent/000.png", 30)  # a defect type with no ground_truth/dent masks
+    test = load_split(root, "widget", "test", image_size=12)
+    assert test.masks is None  # image-level labels only: pixel metrics cannot be computed
+    assert test.defects == ("dent", "good", "scratch", "scratch") and test.labels.tolist() == [1, 0, 1, 1]
 
 
 def test_dataloader_batches(tree) -> None:

@@ -1,6 +1,7 @@
 """The detector protocol, PatchCore, PaDiM, the EfficientNet-Lite0 backbone and the ``python -m adlib`` CLI."""
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from PIL import Image
 from scipy.spatial.distance import mahalanobis
 
 from adlib import cli
-from adlib.core import arrays, runtime
+from adlib.core import runtime
+from adlib.data.imageset import ImageSet
 from adlib.eval import metrics, protocol
 from adlib.features import cnn
-from adlib.methods import catalog, padim, patchcore
+from adlib.methods import base, catalog, padim, patchcore
 from adlib.weights import registry
 
 
@@ -80,15 +82,6 @@ def test_backbone_owns_its_normalisation_and_device() -> None:
         ext(torch.rand(3, 32, 32))
 
 
-def test_as_images_refuses_normalised_or_uint8_input() -> None:
-    with pytest.raises(ValueError, match="divide uint8 images by 255"):
-        arrays.as_images(np.full((1, 3, 8, 8), 255, np.uint8))
-    with pytest.raises(ValueError, match="do not normalise"):
-        arrays.as_images(torch.randn(1, 3, 8, 8) * 3)
-    with pytest.raises(ValueError, match="no images"):
-        arrays.as_images(np.zeros((0, 3, 8, 8)))
-
-
 # ----------------------------------------------------------------------------- PatchCore
 def brute_force_coreset(x: np.ndarray, n_select: int, starts: np.ndarray) -> list[int]:
     """Greedy k-centre by explicit loops: the first pick is farthest (mean distance) from the starts."""
@@ -144,8 +137,8 @@ def test_patchcore_scores_match_brute_force() -> None:
     train, test = torch.rand(4, 3, 32, 32, generator=gen), torch.rand(3, 3, 32, 32, generator=gen)
     det = patchcore.PatchCore(backbone="random-resnet18", coreset_ratio=1.0, b=3).fit(train)
     bank = det.bank.double().numpy()
-    feats = det.features(test)
-    patch_maps, scores = det.score_features(feats)
+    feats = det.features(test).patches
+    patch_maps, scores, _ = det.score_features(base.PatchFeatures(feats))
     rows = feats.permute(0, 2, 3, 1).reshape(3, -1, feats.shape[1]).double().numpy()
     for i in range(3):
         dists = np.linalg.norm(rows[i][:, None] - bank[None], axis=2)   # (patches, bank)
@@ -200,23 +193,60 @@ def test_every_method_follows_the_protocol(method: str, tmp_path: Path) -> None:
     train, test = torch.rand(4, 3, 32, 32, generator=gen), torch.rand(3, 3, 32, 32, generator=gen)
     det = catalog.make_detector(method, **SMALL[method])
     with pytest.raises(RuntimeError, match="Call fit"):
-        det.predict(test)
-    scores, maps = det.fit(train).predict(test)
-    assert scores.shape == (3,) and maps.shape == (3, 32, 32)
-    assert scores.dtype == np.float64 and np.isfinite(maps).all()
-    np_scores, np_maps = det.predict(test.numpy())
-    assert np.array_equal(np_scores, scores) and np.array_equal(np_maps, maps)
+        det.predict(ImageSet(test))
+    out = det.fit(ImageSet(train)).predict(ImageSet(test))
+    assert out.image.shape == (3,) and out.maps.shape == (3, 32, 32)
+    assert out.image.dtype == np.float64 and np.isfinite(out.maps).all()
+    from_array = det.predict(test.numpy())  # a plain float array is wrapped as an unlabelled ImageSet
+    assert np.array_equal(from_array.image, out.image) and np.array_equal(from_array.maps, out.maps)
     again = catalog.make_detector(method, **SMALL[method]).fit(train.numpy())
-    assert np.array_equal(again.predict(test)[0], scores)  # seeded: the same fit gives the same scores
+    assert np.array_equal(again.predict(test).image, out.image)  # seeded: the same fit gives the same scores
     with pytest.raises(ValueError, match="fitted on"):
         det.predict(torch.rand(1, 3, 64, 64))
     path = det.save(tmp_path / "det.pt", image_size=32)
     loaded, meta = catalog.load_detector(path)
-    assert meta == {"image_size": 32} and loaded.config() == det.config()
-    l_scores, l_maps = loaded.predict(test)
-    assert np.allclose(l_scores, scores) and np.allclose(l_maps, maps)
+    assert meta == {"image_size": 32} and loaded.hparams() == det.hparams()
+    reloaded = loaded.predict(test)
+    assert np.allclose(reloaded.image, out.image) and np.allclose(reloaded.maps, out.maps)
     with pytest.raises(FileExistsError, match="det.pt exists"):
         det.save(path)
+
+
+@pytest.mark.parametrize("method", sorted(catalog.METHODS))
+def test_every_method_is_one_kind_and_lists_every_hyperparameter(method: str) -> None:
+    cls = catalog.detector_class(method)
+    kinds = [k for k in (base.MemoryBankDetector, base.TrainedDetector, base.ZeroShotDetector) if issubclass(cls, k)]
+    assert len(kinds) == 1
+    det = catalog.make_detector(method, **SMALL[method])
+    init = set(inspect.signature(cls).parameters) - {"device"}
+    assert set(det.hparams()) == init  # saved explicitly, each one: nothing read back through the signature
+    assert type(det)(**det.hparams()).hparams() == det.hparams()
+
+
+def test_no_method_overrides_the_protocol() -> None:
+    for method in catalog.METHODS:
+        cls = catalog.detector_class(method)
+        for hook in ("fit", "predict", "learn", "score", "save"):
+            assert getattr(cls, hook) is getattr(base.Detector, hook) or cls.__dict__.get(hook) is None, (method, hook)
+        assert "features" not in cls.__dict__ and "inputs" not in cls.__dict__ or method == "students"
+
+
+def test_students_load_no_backbone_they_do_not_use() -> None:
+    det = catalog.make_detector("students")  # the shipped teacher: the backbone would only teach a new one
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(det).values())
+
+
+def test_a_saved_detector_of_another_format_version_is_refused(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    det = catalog.make_detector("patchknn", **SMALL["patchknn"]).fit(torch.rand(2, 3, 32, 32, generator=gen))
+    blob = torch.load(det.save(tmp_path / "d.pt"), weights_only=True)
+    torch.save(blob | {"version": base.FORMAT_VERSION + 1}, tmp_path / "newer.pt")
+    with pytest.raises(ValueError, match=f"reads format {base.FORMAT_VERSION}.*--save-model"):
+        catalog.load_detector(tmp_path / "newer.pt")
+    old = {k: v for k, v in blob.items() if k not in ("version", "hparams")} | {"format": "adlib-detector/1"}
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="file format 1"):
+        catalog.load_detector(tmp_path / "old.pt")
 
 
 def test_unknown_method_and_misspelt_option() -> None:
@@ -240,12 +270,15 @@ def test_evaluate_matches_the_metrics() -> None:
     labels, masks = np.array([0, 0, 1, 1]), np.zeros((4, 32, 32), np.uint8)
     masks[2:, 8:16, 8:16] = 1
     det = catalog.make_detector("patchknn", backbone="random-resnet18")
-    row, scores, maps = protocol.evaluate(det, train, test, labels, masks)
-    assert row["image_auroc"] == metrics.image_auroc(labels, scores)
-    assert row["pixel_auroc"] == metrics.pixel_auroc(masks, maps) and row["aupro"] == metrics.aupro(masks, maps)
+    row, out = protocol.evaluate(det, ImageSet(train), ImageSet(test, labels, masks))
+    assert row["image_auroc"] == metrics.image_auroc(labels, out.image)
+    assert row["pixel_auroc"] == metrics.pixel_auroc(masks, out.maps)
+    assert row["aupro"] == metrics.aupro(masks, out.maps)
     assert row["fit_s"] > 0 and row["predict_s"] > 0 and row["peak_mb"] > 10
-    image_only, _, _ = protocol.evaluate(det, train, test, labels)
+    image_only, _ = protocol.evaluate(det, ImageSet(train), ImageSet(test, labels))
     assert image_only["pixel_auroc"] is None and image_only["aupro"] is None
+    with pytest.raises(ValueError, match="labelled test set"):
+        protocol.evaluate(det, ImageSet(train), ImageSet(test))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -253,9 +286,9 @@ def test_evaluate_matches_the_metrics() -> None:
 def test_every_method_runs_on_cuda(method: str) -> None:
     train, test = torch.rand(4, 3, 32, 32, device="cuda"), torch.rand(2, 3, 32, 32, device="cuda")
     det = catalog.make_detector(method, device="cuda", **SMALL[method])
-    scores, maps = det.fit(train).predict(test)
+    out = det.fit(train).predict(test)
     cpu = catalog.make_detector(method, **SMALL[method]).fit(train.cpu())
-    assert np.allclose(scores, cpu.predict(test.cpu())[0], rtol=1e-3, atol=1e-3)
+    assert np.allclose(out.image, cpu.predict(test.cpu()).image, rtol=1e-3, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- the CLI

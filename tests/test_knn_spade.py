@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from adlib.data.imageset import ImageSet
 from adlib.features import vit
-from adlib.methods import knn
+from adlib.methods import base, knn
 
 
 def _data(seed: int = 0):
@@ -63,6 +64,20 @@ def test_spade_errors():
     with pytest.raises(ValueError, match="differ"):
         knn.SPADE(k=1).fit(train_g, train_p).predict(test_g, test_p[:, :2])
 
+
+
+def test_spade_detector_carries_the_global_feature_beside_the_patches():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.rand(4, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    det = knn.SPADEDetector(backbone="random-resnet18", k=2)
+    maps, feats = det.extractor(test), det.features(test)
+    torch.testing.assert_close(feats.pooled, maps[-1].mean(dim=(2, 3)))  # the pool step: the last map's mean
+    assert feats.patches.shape[1] == sum(m.shape[1] for m in maps)  # no global channels among the patches
+    scores = det.fit(ImageSet(train)).predict(ImageSet(test))
+    fitted = det.features(train)
+    image, patch_maps = knn.SPADE(k=2).fit(fitted.pooled, fitted.patches).predict(feats.pooled, feats.patches)
+    np.testing.assert_allclose(scores.image, image)
+    np.testing.assert_allclose(scores.maps, base.to_pixel_maps(patch_maps, 32, det.sigma))
 
 @pytest.fixture(scope="module")
 def tiny_vit() -> torch.nn.Module:

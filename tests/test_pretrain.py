@@ -45,9 +45,11 @@ def test_training_data_is_disjoint_from_evaluation():
 def test_validation_set_labels_match_masks():
     val = heldout.validation_set(image_size=64, n_train=2, n_test_good=2, n_per_defect=1)
     assert set(val) == set(heldout.VALIDATION_IMAGES)
-    for c in val.values():
-        assert c["train"].shape == (2, 3, 64, 64) and c["test"].shape == (2 + len(synthtex.DEFECTS), 3, 64, 64)
-        np.testing.assert_array_equal(c["masks"].reshape(len(c["masks"]), -1).any(1), c["labels"] == 1)
+    for name, (train, test) in val.items():
+        assert train.images.shape == (2, 3, 64, 64) and test.images.shape == (2 + len(synthtex.DEFECTS), 3, 64, 64)
+        assert train.labels.tolist() == [0, 0] and train.masks is None
+        np.testing.assert_array_equal(test.masks.reshape(len(test), -1).any(1), test.labels == 1)
+        assert test.defects == ("good", "good", *synthtex.DEFECTS) and set(test.objects) == {name}
 
 
 def test_augment_keeps_range_and_shape():

@@ -1,29 +1,44 @@
-"""Tests of adlib.data.toyworld: determinism, exact defect masks, captions, MVTec export."""
+"""Tests of adlib.data.toyworld: determinism, exact defect masks, captions, image sets, MVTec export."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from adlib.data import mvtec
 from adlib.data import toyworld as tw
+from adlib.data.imageset import ImageSet
 
 
 def test_sample_is_deterministic_and_prefix_stable():
     a = tw.sample(4, seed=3, defect_rate=0.5)
     b = tw.sample(9, seed=3, defect_rate=0.5)
-    np.testing.assert_array_equal(a.images, b.images[:4])
-    np.testing.assert_array_equal(a.masks, b.masks[:4])
+    np.testing.assert_array_equal(a.images.images, b.images.images[:4])
+    np.testing.assert_array_equal(a.images.masks, b.images.masks[:4])
     assert a.captions == b.captions[:4] and a.scenes == b.scenes[:4]
     c = tw.sample(4, seed=4, defect_rate=0.5)
-    assert not np.array_equal(a.images, c.images)
-    assert a.images.shape == (4, 64, 64, 3) and a.images.dtype == np.uint8
-    assert [tw.SHAPES[i] for i in a.labels] == [s.shape for s in a.scenes]
+    assert not np.array_equal(a.images.images, c.images.images)
+    assert [tw.SHAPES[i] for i in a.classes] == [s.shape for s in a.scenes]
 
 
-def test_labels_index_the_requested_shapes():
+def test_sample_gives_an_image_set_of_8_bit_pictures_with_what_each_scene_shows():
+    d = tw.sample(30, seed=1, defect_rate=0.5, image_size=32)
+    images = d.images
+    assert isinstance(images, ImageSet) and images.images.shape == (30, 3, 32, 32)
+    assert images.images.dtype == np.float32 and 0 <= images.images.min() and images.images.max() <= 1
+    # rendered, quantised to 8 bits, then scaled: every value is exactly k / 255
+    np.testing.assert_array_equal(images.images, np.round(images.images * 255).astype(np.uint8) / np.float32(255))
+    assert images.defects == tuple(s.defect for s in d.scenes) and images.objects == tuple(s.shape for s in d.scenes)
+    np.testing.assert_array_equal(images.labels, [s.defect != "good" for s in d.scenes])
+    assert 0 < images.labels.sum() < 30
+    np.testing.assert_array_equal(images.masks.any(axis=(1, 2)), images.labels == 1)  # a defect always has pixels
+    assert d.classes.dtype == np.int64 and len(d.captions) == 30
+
+
+def test_classes_index_the_requested_shapes():
     d = tw.sample(20, seed=0, shapes=("moon", "star"))
-    assert set(d.labels) <= {0, 1}
-    assert all(("moon", "star")[lab] == s.shape for lab, s in zip(d.labels, d.scenes))
+    assert set(d.classes) <= {0, 1}
+    assert all(("moon", "star")[c] == s.shape for c, s in zip(d.classes, d.scenes))
 
 
 @pytest.mark.parametrize("defect", tw.DEFECTS)
@@ -98,16 +113,38 @@ def test_bad_input_is_rejected():
         tw.shape_mask("dragon", 32, np.array([16.0, 16.0]), 8.0, 0.0)
 
 
+def test_scenes_of_and_labelled_set():
+    holes = tw.scenes_of("ring", "hole", 3, seed=5, image_size=32)
+    assert isinstance(holes, ImageSet) and len(holes) == 3 and holes.size == (32, 32)
+    assert holes.defects == ("hole",) * 3 and holes.objects == ("ring",) * 3 and holes.labels.tolist() == [1, 1, 1]
+    assert holes.masks.any(axis=(1, 2)).all()
+    good = tw.scenes_of("ring", "good", 2, seed=5, image_size=32)
+    assert good.labels.tolist() == [0, 0] and not good.masks.any()
+    both = tw.labelled_set(["ring", "star"], 2, 1, seed=5, image_size=32)
+    assert len(both) == 2 * (2 + len(tw.DEFECTS))
+    assert both.objects == ("ring",) * 6 + ("star",) * 6
+    assert both.defects[:6] == ("good", "good", *tw.DEFECTS)
+    np.testing.assert_array_equal(both.labels, [0, 0, 1, 1, 1, 1] * 2)
+    np.testing.assert_array_equal(both.images[:2], good.images)  # the same scenes as scenes_of draws
+    np.testing.assert_array_equal(both.images[3], holes.images[0])
+    np.testing.assert_array_equal(both.masks[3], holes.masks[0])
+    with pytest.raises(ValueError, match="choose from"):
+        tw.labelled_set(["dragon"], 1, 1, seed=0)
+
+
 def test_export_mvtec_reads_back(tmp_path):
     root = tw.export_mvtec(tmp_path, ("star",), n_train=3, n_test_good=2, n_test_per_defect=2, image_size=32)
     ds = mvtec.MVTecDataset(root, "star", split="test", image_size=32)
     assert len(ds) == 2 + 2 * len(tw.DEFECTS)
     assert set(ds.defects) == {"good", *tw.DEFECTS}
-    images, masks = tw.scenes_of("star", "hole", 2, seed=1, image_size=32)  # test split uses seed 2 * 0 + 1
+    scenes = tw.scenes_of("star", "hole", 2, seed=1, image_size=32)  # test split uses seed 2 * 0 + 1
     holes = [ds[i] for i in range(len(ds)) if ds[i]["defect"] == "hole"]
     for k, item in enumerate(holes):
-        np.testing.assert_array_equal(np.asarray(item["mask"]).squeeze() > 0.5, masks[k])
+        np.testing.assert_array_equal(np.asarray(item["mask"]).squeeze() > 0.5, scenes.masks[k])
         assert item["label"] == 1
+        # the PNG holds the very pixels of the set: 8-bit values that the set holds divided by 255
+        png = np.array(Image.open(root / "star" / "test" / "hole" / f"{k:03d}.png"))
+        np.testing.assert_array_equal(ImageSet.from_uint8(png[None]).images, scenes.images[k:k + 1])
     assert len(mvtec.MVTecDataset(root, "star", split="train", image_size=32)) == 3
     with pytest.raises(FileExistsError):
         tw.export_mvtec(tmp_path, ("star",), n_train=1)

@@ -140,7 +140,8 @@ def run_one(name: str, root: str | Path, category: str, *, seed: int = 0, image_
     method, defaults = SWEEP[name]
     run = runs.run_category(method, root, category, image_size=image_size, backbone=backbone, device=device,
                             seed=seed, options=defaults | (options or {}))
-    labels, scores, maps, masks, defects = run.labels, run.scores, run.maps, run.masks, run.defects
+    labels, scores, maps = run.test.labels, run.scores.image, run.scores.maps
+    masks, defects = run.test.masks, list(run.test.defects)
     by_defect = {}
     for kind in sorted(set(defects) - {"good"}):
         idx = np.array([d in ("good", kind) for d in defects])

@@ -1,19 +1,22 @@
 """The validation benchmark: defects on held-out textures, for choosing recipes and defaults without SynthTex.
 
 :func:`validation_set` cuts normal and defective images from photographs that are neither SynthTex sources nor
-pretraining data; :func:`patch_knn_scores` runs chapter 2's patch-kNN detector on it. The book's backbones
-(``adlib.recipes.pretrain``) and the detectors' defaults (``adlib.methods.patchcore``) were chosen on it, never on
-SynthTex.
+pretraining data, as :class:`adlib.data.imageset.ImageSet` s; :func:`adlib.bench.backbone_probe.patch_knn_scores`
+runs chapter 2's patch-kNN detector on it. The book's backbones (``adlib.recipes.pretrain``) and the detectors'
+defaults (``adlib.methods.patchcore``) were chosen on it, never on SynthTex.
 
 Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from adlib.data import defects, synthtex
+from adlib.data.imageset import ImageSet
 
 VALIDATION_IMAGES = ("hubble_deep_field", "immunohistochemistry", "moon", "cell")
 
@@ -37,13 +40,25 @@ def bundled_image(name: str) -> np.ndarray:
     return img[..., :3]
 
 
+class ValidationCategory(NamedTuple):
+    """One category of the validation set: ``train``, an :class:`ImageSet` of normal images (n_train, 3, S, S);
+    ``test``, a labelled one (M, 3, S, S) with masks (M, S, S): the normal test images first, then the defects.
+
+    Used by: ``adlib.data.heldout.validation_set``.
+    """
+
+    train: ImageSet
+    test: ImageSet
+
+
 def validation_set(image_size: int = 128, n_train: int = 30, n_test_good: int = 40, n_per_defect: int = 8,
-                   seed: int = 1234) -> dict[str, dict[str, np.ndarray]]:
+                   seed: int = 1234) -> dict[str, ValidationCategory]:
     """Defects on textures used neither by SynthTex nor for pretraining, for choosing a recipe.
 
     One category per image of ``VALIDATION_IMAGES``: normal images are random crops (a quarter to a half of
-    the side), flipped at random; defective ones get one SynthTex defect each. Returns, per category,
-    ``train`` (n_train, 3, S, S), ``test`` (M, 3, S, S), ``labels`` (M,) and ``masks`` (M, S, S).
+    the side), flipped at random; defective ones get one SynthTex defect each. Returns, per category, a
+    :class:`ValidationCategory`: ``train`` (n_train, 3, S, S) and ``test`` (M, 3, S, S), :class:`ImageSet` s
+    whose ``defects`` name each image's defect (``"good"`` for a normal one) and ``objects`` the category.
 
     Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
     """
@@ -62,11 +77,12 @@ def validation_set(image_size: int = 128, n_train: int = 30, n_test_good: int = 
     out = {}
     for name, img in sources.items():
         train_x = np.stack([crop(img) for _ in range(n_train)])
-        test_x, labels, masks = [], [], []
+        test_x, labels, masks, kinds = [], [], [], []
         for _ in range(n_test_good):
             test_x.append(crop(img))
             labels.append(0)
             masks.append(np.zeros((image_size, image_size), bool))
+            kinds.append("good")
         donor_name = VALIDATION_IMAGES[(VALIDATION_IMAGES.index(name) + 1) % len(VALIDATION_IMAGES)]
         for defect in synthtex.DEFECTS:
             for _ in range(n_per_defect):
@@ -74,7 +90,11 @@ def validation_set(image_size: int = 128, n_train: int = 30, n_test_good: int = 
                 test_x.append(bad)
                 labels.append(1)
                 masks.append(mask)
+                kinds.append(defect)
         to_chw = lambda a: np.stack(a).transpose(0, 3, 1, 2).astype(np.float32)  # noqa: E731
-        out[name] = {"train": to_chw(list(train_x)), "test": to_chw(test_x), "labels": np.array(labels),
-                     "masks": np.stack(masks).astype(np.uint8)}
+        out[name] = ValidationCategory(
+            ImageSet(to_chw(list(train_x)), labels=np.zeros(n_train, np.int64), defects=["good"] * n_train,
+                     objects=[name] * n_train),
+            ImageSet(to_chw(test_x), labels=np.array(labels), masks=np.stack(masks), defects=kinds,
+                     objects=[name] * len(test_x)))
     return out

@@ -17,6 +17,7 @@ from torchvision.transforms import InterpolationMode
 from adlib.core.home import data_home
 from adlib.core.profiles import check_profile
 from adlib.data import download, synthtex
+from adlib.data.imageset import ImageSet
 
 # MVTec-format folders, from the "Datasets and metrics" chapter (notebooks/02_datasets_and_metrics.ipynb).
 
@@ -80,15 +81,17 @@ def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
-def read_images(paths: Sequence[str | Path], image_size: int | tuple[int, int] = 256) -> np.ndarray:
-    """Image files (png, jpg, ...) -> (N, 3, H, W) float32 in [0, 1], resized as :class:`MVTecDataset` does.
+def read_images(paths: Sequence[str | Path], image_size: int | tuple[int, int] = 256) -> ImageSet:
+    """Image files (png, jpg, ...) -> an unlabelled :class:`ImageSet` (N, 3, H, W) in [0, 1] with their file
+    names, resized as :class:`MVTecDataset` does.
 
     Used by: ``python -m adlib predict``.
     """
     size = _pair(image_size, "image_size")
     if not paths:
         raise ValueError("No image files given.")
-    return torch.stack([_resize(_to_tensor(_read_rgb(Path(p))), size) for p in paths]).numpy()
+    images = torch.stack([_resize(_to_tensor(_read_rgb(Path(p))), size) for p in paths]).numpy()
+    return ImageSet(images, files=[str(p) for p in paths])
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -296,30 +299,31 @@ class MVTecDataset(Dataset):
         return {"image": image, "label": label, "mask": mask, "path": str(path), "defect": defect}
 
 
-def load_arrays(
+def load_split(
     root: str | Path,
     category: str,
     split: str = "train",
     image_size: int | tuple[int, int] = 256,
     *,
     crop_size: int | tuple[int, int] | None = None,
-    normalize: bool | tuple[Sequence[float], Sequence[float]] = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[str]]:
-    """A whole (small) split in memory, read through :class:`MVTecDataset`.
+) -> ImageSet:
+    """A whole (small) split of one category in memory, read through :class:`MVTecDataset`.
 
-    Returns ``images`` (N, 3, H, W) float32, ``labels`` (N,) int64 (1 = defect), ``masks``
-    (N, H, W) uint8 in {0, 1}, ``paths`` and ``defects`` (lists of N str).
+    Returns an :class:`adlib.data.imageset.ImageSet`: images (N, 3, H, W) float32 in [0, 1], labels (1 =
+    defect), masks (N, H, W) bool, or None when a defect folder has no masks (:attr:`MVTecDataset.has_masks`:
+    image-level metrics only), the defect folder of each image, the category as its object and its file.
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
-    ds = MVTecDataset(root, category, split, image_size=image_size, crop_size=crop_size, normalize=normalize)
+    ds = MVTecDataset(root, category, split, image_size=image_size, crop_size=crop_size)
     items = [ds[i] for i in range(len(ds))]
-    return (
+    return ImageSet(
         torch.stack([it["image"] for it in items]).numpy(),
-        np.array([it["label"] for it in items], dtype=np.int64),
-        torch.stack([it["mask"][0] for it in items]).numpy().astype(np.uint8),
-        [it["path"] for it in items],
-        [it["defect"] for it in items],
+        labels=np.array([it["label"] for it in items], dtype=np.int64),
+        masks=torch.stack([it["mask"][0] for it in items]).numpy() > 0 if ds.has_masks else None,
+        defects=[it["defect"] for it in items],
+        objects=[category] * len(items),
+        files=[it["path"] for it in items],
     )
 
 

@@ -7,8 +7,8 @@ rare and usually *unnamed* in captions, so a CLIP trained on this world learns o
 backgrounds but not "damaged" (real CLIP's blind spot, the premise of AA-CLIP).
 
 Every scene depends only on ``(seed, index)``: ``sample(10, seed=0)`` is the first ten scenes of
-``sample(1000, seed=0)``. ``export_mvtec`` writes the same world as an MVTec-format benchmark that
-:class:`adlib.data.mvtec.MVTecDataset` reads.
+``sample(1000, seed=0)``. Images are rendered, quantised to 8 bits like a photo and returned as an
+:class:`adlib.data.imageset.ImageSet`; ``export_mvtec`` writes them as an MVTec-format benchmark.
 
 Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 """
@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 from skimage.draw import polygon as _polygon
+
+from adlib.data.imageset import ImageSet
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring",
                            "hexagon", "heart", "moon", "arrow")
@@ -37,15 +39,9 @@ DEFECTS: tuple[str, ...] = ("crack", "hole", "stain", "broken")
 DEFECT_WORDS: dict[str, str] = {"crack": "cracked", "hole": "holed", "stain": "stained", "broken": "broken"}
 
 _BG_PHRASE = {"plain": "a plain background", "wood": "wood", "grass": "grass", "stone": "stone"}
-_TEMPLATES = (
-    "a photo of a {size} {colour} {shape} on {bg}.",
-    "a photo of a {colour} {shape}.",
-    "a {colour} {shape} on {bg}.",
-    "a {size} {shape} on {bg}.",
-    "a photo of a {shape}.",
-    "a {size} {colour} {shape}.",
-    "a picture of a {shape} on {bg}.",
-)
+_TEMPLATES = ("a photo of a {size} {colour} {shape} on {bg}.", "a photo of a {colour} {shape}.",
+              "a {colour} {shape} on {bg}.", "a {size} {shape} on {bg}.", "a photo of a {shape}.",
+              "a {size} {colour} {shape}.", "a picture of a {shape} on {bg}.")
 
 
 class Scene(NamedTuple):
@@ -62,19 +58,16 @@ class Scene(NamedTuple):
 
 
 class ToyData(NamedTuple):
-    """A batch of toy scenes.
-
-    ``images`` (N, H, W, 3) uint8; ``masks`` (N, H, W) bool, the defect's pixels (all False if good);
-    ``captions`` N strings; ``labels`` (N,) int, the index of the shape in the ``shapes`` asked for;
-    ``scenes`` N :class:`Scene`.
+    """A batch of captioned toy scenes: ``images`` an :class:`adlib.data.imageset.ImageSet` ((N, 3, H, W) in [0, 1];
+    ``labels`` 1 = defective, ``masks`` the defect's pixels, ``defects``, ``objects`` = shapes), ``captions`` N strings,
+    ``classes`` (N,) int64 (each shape's index in the ``shapes`` asked for), ``scenes`` N :class:`Scene`.
 
     Used by: ``adlib.data.toyworld.sample``.
     """
 
-    images: np.ndarray
-    masks: np.ndarray
+    images: ImageSet
     captions: list[str]
-    labels: np.ndarray
+    classes: np.ndarray
     scenes: list[Scene]
 
 
@@ -202,7 +195,7 @@ def _blob(size: int, obj: np.ndarray, radius: float, rng: np.random.Generator) -
 def render(scene: Scene, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Draw one scene: ((size, size, 3) float image in [0, 1], (size, size) bool defect mask).
 
-    Used by: ``adlib.data.toyworld.sample``, ``adlib.data.toyworld.scenes_of``.
+    Used by: ``adlib.data.toyworld.sample``.
     """
     bg = background(scene.background, size, rng)
     radius = size * (rng.uniform(0.20, 0.26) if scene.size == "small" else rng.uniform(0.33, 0.40))
@@ -292,20 +285,13 @@ def _check_names(names: Sequence[str], valid: Sequence[str], what: str) -> tuple
     return tuple(names)
 
 
-def sample(
-    n: int,
-    seed: int = 0,
-    *,
-    image_size: int = 64,
-    shapes: Sequence[str] = SHAPES,
-    defect_rate: float = 0.1,
-    name_defect_rate: float = 0.1,
-    defects: Sequence[str] = DEFECTS,
-) -> ToyData:
+def sample(n: int, seed: int = 0, *, image_size: int = 64, shapes: Sequence[str] = SHAPES, defect_rate: float = 0.1,
+           name_defect_rate: float = 0.1, defects: Sequence[str] = DEFECTS) -> ToyData:
     """Draw ``n`` scenes; scene ``i`` depends only on ``(seed, i)`` and the arguments.
 
     ``defect_rate``: probability that an object carries a defect; ``name_defect_rate``: probability that
-    the caption of a defective object names it. ``labels`` index ``shapes``.
+    the caption of a defective object names it. ``classes`` index ``shapes``; ``images.labels`` mark the
+    defective objects.
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
@@ -315,40 +301,63 @@ def sample(
         raise ValueError("defect_rate and name_defect_rate are probabilities: give values in [0, 1].")
     shapes = _check_names(shapes, SHAPES, "shapes")
     defects = _check_names(defects, DEFECTS, "defects")
-    images = np.zeros((n, image_size, image_size, 3), np.uint8)
-    masks = np.zeros((n, image_size, image_size), bool)
-    captions, labels, scenes = [], np.zeros(n, np.int64), []
-    colours = tuple(COLOURS)
+    colours, drawn, classes = tuple(COLOURS), [], np.zeros(n, np.int64)
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        label = int(rng.integers(len(shapes)))
+        classes[i] = rng.integers(len(shapes))
         defect = defects[rng.integers(len(defects))] if rng.random() < defect_rate else "good"
-        scene = Scene(shapes[label], colours[rng.integers(len(colours))], SIZES[rng.integers(2)],
-                      BACKGROUNDS[rng.integers(len(BACKGROUNDS))], defect)
-        image, masks[i] = render(scene, image_size, rng)
-        images[i] = np.round(image * 255)
-        captions.append(caption(scene, rng, name_defect=rng.random() < name_defect_rate))
-        labels[i] = label
-        scenes.append(scene)
-    return ToyData(images, masks, captions, labels, scenes)
+        drawn.append((Scene(shapes[classes[i]], colours[rng.integers(len(colours))], SIZES[rng.integers(2)],
+                            BACKGROUNDS[rng.integers(len(BACKGROUNDS))], defect), rng))
+    images, masks = _pixels(drawn, image_size)  # render every scene, quantised to 8 bits
+    # Each scene's own generator goes on from where its rendering left it: the caption comes last.
+    captions = [caption(scene, rng, name_defect=rng.random() < name_defect_rate) for scene, rng in drawn]
+    scenes = [scene for scene, _ in drawn]
+    labelled = ImageSet.from_uint8(images, labels=[int(sc.defect != "good") for sc in scenes], masks=masks,
+                                   defects=[sc.defect for sc in scenes], objects=[sc.shape for sc in scenes])
+    return ToyData(labelled, captions, classes, scenes)
 
 
-def scenes_of(shape: str, defect: str, n: int, seed: int, image_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` images of one shape in one state (random colour, size, background): ((n, H, W, 3) uint8, (n, H, W) bool).
-
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
-    """
-    _check_names([shape], SHAPES, "shape")
-    images = np.zeros((n, image_size, image_size, 3), np.uint8)
-    masks = np.zeros((n, image_size, image_size), bool)
-    colours = tuple(COLOURS)
-    for i in range(n):
-        rng = np.random.default_rng([seed, SHAPES.index(shape), (("good",) + DEFECTS).index(defect), i])
-        scene = Scene(shape, colours[rng.integers(len(colours))], SIZES[rng.integers(2)],
-                      BACKGROUNDS[rng.integers(len(BACKGROUNDS))], defect)
-        image, masks[i] = render(scene, image_size, rng)
+def _pixels(drawn: Sequence[tuple[Scene, np.random.Generator]], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Render every (scene, its generator) and quantise: ((n, size, size, 3) uint8, (n, size, size) bool masks)."""
+    images = np.zeros((len(drawn), size, size, 3), np.uint8)
+    masks = np.zeros((len(drawn), size, size), bool)
+    for i, (scene, rng) in enumerate(drawn):
+        image, masks[i] = render(scene, size, rng)
         images[i] = np.round(image * 255)
     return images, masks
+
+
+def _render_scenes(shape: str, defect: str, n: int, seed: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels of :func:`scenes_of` as :func:`_pixels` gives them."""
+    _check_names([shape], SHAPES, "shape")
+    colours, drawn = tuple(COLOURS), []
+    for i in range(n):
+        rng = np.random.default_rng([seed, SHAPES.index(shape), (("good",) + DEFECTS).index(defect), i])
+        drawn.append((Scene(shape, colours[rng.integers(len(colours))], SIZES[rng.integers(2)],
+                            BACKGROUNDS[rng.integers(len(BACKGROUNDS))], defect), rng))
+    return _pixels(drawn, image_size)
+
+
+def scenes_of(shape: str, defect: str, n: int, seed: int, image_size: int = 64) -> ImageSet:
+    """``n`` images of one shape in one state (random colour, size, background): an
+    :class:`adlib.data.imageset.ImageSet` with labels (1 unless ``"good"``), masks, defects and objects filled in.
+
+    Used by: ``adlib.data.toyworld.labelled_set``.
+    """
+    images, masks = _render_scenes(shape, defect, n, seed, image_size)
+    return ImageSet.from_uint8(images, labels=[int(defect != "good")] * n, masks=masks, defects=[defect] * n,
+                               objects=[shape] * n)
+
+
+def labelled_set(shapes: Sequence[str], n_good: int, n_per_defect: int, seed: int, image_size: int = 64) -> ImageSet:
+    """``n_good`` intact and ``n_per_defect`` images of every defect of each shape (good first, then :data:`DEFECTS`):
+    the :func:`scenes_of` sets joined, the pictures :func:`export_mvtec` writes as one shape's test split.
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    shapes = _check_names(shapes, SHAPES, "shapes")
+    return ImageSet.concat([scenes_of(shape, defect, n, seed, image_size) for shape in shapes
+                            for defect, n in [("good", n_good)] + [(d, n_per_defect) for d in DEFECTS]])
 
 
 def export_mvtec(
@@ -379,7 +388,7 @@ def export_mvtec(
         jobs = [("train/good", "good", n_train, 2 * seed), ("test/good", "good", n_test_good, 2 * seed + 1)]
         jobs += [(f"test/{d}", d, n_test_per_defect, 2 * seed + 1) for d in DEFECTS]
         for sub, defect, n, s in jobs:
-            images, masks = scenes_of(shape, defect, n, s, image_size)
+            images, masks = _render_scenes(shape, defect, n, s, image_size)  # the pixels as rendered
             (root / shape / sub).mkdir(parents=True)
             if defect != "good":
                 (root / shape / "ground_truth" / defect).mkdir(parents=True)

@@ -4,7 +4,8 @@ Everything here works on an ``open_clip.CLIP`` model: the book's tiny CLIP (``lo
 on :mod:`adlib.data.toyworld` by :mod:`adlib.recipes.tiny_clip`, shipped as package data with a sha256) or a real one
 (``load_open_clip``: ViT-B-16 and friends from a local file or a pretrained tag, for the paper profile).
 
-* Encoding: ``tokenize``, ``to_tensor``, ``encode_images`` (global and patch embeddings), ``encode_texts``.
+* Encoding: ``tokenize``, ``to_tensor`` (CLIP's preprocessing of an :class:`adlib.data.imageset.ImageSet`),
+  ``encode_images`` (global and patch embeddings), ``encode_texts``.
 * Zero-shot classification: ``class_embeddings``, ``zero_shot_accuracy``.
 * Weights: ``save_clip``, ``load_tiny_clip``, ``tiny_clip_card``, ``load_open_clip`` (a file or a pretrained
   tag; offline it fails at once with a message).
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adlib.core.checksum import sha256sum
+from adlib.data.imageset import ImageSet
 
 #: The tiny CLIP: a ViT with 8 x 8 patches on 64 px images and a small causal text transformer.
 #: open_clip's BPE vocabulary (49408 tokens) is kept so the real tokenizer works unchanged.
@@ -121,34 +123,54 @@ def image_size(model: open_clip.CLIP) -> int:
     return int(model.visual.image_size[0])
 
 
-def to_tensor(images: np.ndarray, size: int | None = None) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, size, size) float, normalised with CLIP's mean and std.
+def to_tensor(images: ImageSet | np.ndarray | torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """CLIP's preprocessing: an :class:`adlib.data.imageset.ImageSet` or float (N, 3, H, W) images in [0, 1] ->
+    (N, 3, size, size) float32, resized (bicubic, clamped to [0, 1]) when ``size`` differs and normalised with
+    CLIP's mean and std. (Image files go through open_clip's own ``preprocess``: :func:`encode_image_files`.)
 
     Used by: ``adlib.features.clip.encode_images``, ``adlib.methods.aaclip.scoring.anomaly_scores``.
     """
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"Expected (N, H, W, 3) uint8 images, got {images.shape} {images.dtype}.")
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    x = images.images if isinstance(images, ImageSet) else images
+    if x.dtype in (np.uint8, torch.uint8):
+        raise ValueError("to_tensor takes images in [0, 1], not uint8: wrap (N, H, W, 3) uint8 photos with "
+                         "adlib.data.imageset.ImageSet.from_uint8(photos) first.")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"Expected an ImageSet or (N, 3, H, W) float images in [0, 1], got shape {tuple(x.shape)}.")
+    if not isinstance(images, ImageSet) and len(x) and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"Expected images in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]: "
+                         "pass them before any normalisation (to_tensor normalises them for CLIP).")
+    # Channels-last, the memory layout CLIP's preprocessing always had (it came from (N, H, W, 3) photos): the
+    # convolutions that follow then run the same kernels and give the same bits.
+    x = torch.as_tensor(x).float().contiguous(memory_format=torch.channels_last)
     if size is not None and x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 @torch.no_grad()
-def encode_images(model: open_clip.CLIP, images: np.ndarray | torch.Tensor, batch_size: int = 256
+def encode_images(model: open_clip.CLIP, images: ImageSet | np.ndarray | torch.Tensor, batch_size: int = 256
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised global and patch embeddings in the joint space.
 
-    ``images``: (N, H, W, 3) uint8 or an already normalised (N, 3, S, S) tensor. Returns
-    ((N, D) global, (N, P, D) patches) where P = (S / patch)^2 in row-major order; patch tokens pass
-    through the same final norm and projection as the class token (the way WinCLIP-style methods read
-    them), so they can be compared with text embeddings.
+    ``images``: an :class:`adlib.data.imageset.ImageSet` or float (N, 3, H, W) in [0, 1], preprocessed by
+    :func:`to_tensor` at the model's image size. Returns ((N, D) global, (N, P, D) patches) where P = (S / patch)^2
+    in row-major order; patch tokens pass through the same final norm and projection as the class token (the way
+    WinCLIP-style methods read them), so they can be compared with text embeddings.
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
-    x = to_tensor(images, image_size(model)) if isinstance(images, np.ndarray) else images
+    return encode_normalised(model, to_tensor(images, image_size(model)), batch_size)
+
+
+@torch.no_grad()
+def encode_normalised(model: open_clip.CLIP, x: torch.Tensor, batch_size: int = 256
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_images` of images already through :func:`to_tensor`: (N, 3, S, S) -> ((N, D), (N, P, D)).
+
+    Used by: ``adlib.features.clip.encode_images``, ``adlib.methods.aaclip.adapters.AACLIP``.
+    """
     visual, device = model.visual, next(model.parameters()).device
     pooled_all, tokens_all = [], []
     before = visual.output_tokens
@@ -208,9 +230,10 @@ def zero_shot_logits(model: open_clip.CLIP, image_emb: torch.Tensor, class_emb: 
     return model.logit_scale.exp().detach().float() * image_emb @ class_emb.T
 
 
-def zero_shot_accuracy(model: open_clip.CLIP, images: np.ndarray, labels: np.ndarray, classnames: Sequence[str],
-                       templates: Sequence[str] = CLASS_TEMPLATES) -> float:
-    """Top-1 accuracy of zero-shot classification: (N, H, W, 3) uint8 images, (N,) labels indexing ``classnames``.
+def zero_shot_accuracy(model: open_clip.CLIP, images: ImageSet | np.ndarray | torch.Tensor, labels: np.ndarray,
+                       classnames: Sequence[str], templates: Sequence[str] = CLASS_TEMPLATES) -> float:
+    """Top-1 accuracy of zero-shot classification: images as :func:`encode_images` takes them, (N,) ``labels``
+    indexing ``classnames``.
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """

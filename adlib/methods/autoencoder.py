@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from adlib.core.arrays import as_images
 from adlib.core.runtime import preserved_random_state
-from adlib.methods.base import FeatureDetector
+from adlib.methods.base import PatchScores, TrainedDetector
 from adlib.methods.dcgan import DCGANDecoder, DCGANEncoder, check_images, dcgan_init
 from adlib.methods.vae import ConvVAE, vae_step
 from adlib.training.loop import StepFn, batch_images, fit, model_device
@@ -97,7 +96,7 @@ def image_score_from_map(amap: torch.Tensor, reduction: str = "mean") -> torch.T
     raise ValueError(f"reduction must be 'mean' or 'max', got {reduction!r}.")
 
 
-class AutoencoderDetector(FeatureDetector):
+class AutoencoderDetector(TrainedDetector):
     """An autoencoder (``kind="ae"``) or a VAE (``kind="vae"``) behind the detector protocol: trained on the
     normal images with :func:`adlib.training.loop.fit`; the map is the residual (:func:`residual_map`), blurred like
     every map, and the image score the mean residual (:func:`image_score_from_map`).
@@ -116,14 +115,15 @@ class AutoencoderDetector(FeatureDetector):
                  device: str = "cpu", seed: int = 0, batch_size: int = 32):
         if kind not in ("ae", "vae"):
             raise ValueError(f"kind must be 'ae' or 'vae', got {kind!r}.")
-        super().__init__(None, None, 1, sigma, device, seed, batch_size)
+        super().__init__(None, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
         self.kind, self.latent_dim, self.base_channels, self.epochs = kind, latent_dim, base_channels, epochs
         self.lr, self.train_batch_size, self.beta = lr, train_batch_size, beta
         self.model: nn.Module | None = None
 
-    def features(self, images: Any) -> torch.Tensor:
-        """The autoencoder sees the images themselves, on ``device``."""
-        return as_images(images).to(self.device)
+    def hparams(self) -> dict:
+        return super().hparams() | {"kind": self.kind, "latent_dim": self.latent_dim,
+                                    "base_channels": self.base_channels, "epochs": self.epochs, "lr": self.lr,
+                                    "train_batch_size": self.train_batch_size, "beta": self.beta}
 
     def _new_model(self, image_size: int) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
@@ -131,7 +131,7 @@ class AutoencoderDetector(FeatureDetector):
             cls = ConvAutoencoder if self.kind == "ae" else ConvVAE
             return cls(3, image_size, self.latent_dim, self.base_channels).to(self.device)
 
-    def fit_features(self, images: torch.Tensor) -> None:
+    def train_model(self, images: torch.Tensor) -> list[dict[str, float]]:
         if images.shape[-1] != images.shape[-2]:
             raise ValueError(f"the autoencoder needs square images, got {tuple(images.shape[-2:])}.")
         self.model = self._new_model(images.shape[-1])
@@ -140,18 +140,17 @@ class AutoencoderDetector(FeatureDetector):
         loader = DataLoader(TensorDataset(images), batch_size=self.train_batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(self.seed))
         # fit seeds the global generators with the detector's seed; the caller's random state is given back
-        with torch.enable_grad(), preserved_random_state():
-            self.history = fit(step, loader, epochs=self.epochs, seed=self.seed, progress=False)
-        self.model.eval()
+        with preserved_random_state():
+            return fit(step, loader, epochs=self.epochs, seed=self.seed, progress=False)
 
-    def score_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_inputs(self, images: torch.Tensor) -> PatchScores:
         out = torch.cat([self._reconstruct(batch) for batch in torch.split(images, self.batch_size)])
         amap = residual_map(images, out)
-        return amap, image_score_from_map(amap)
+        return PatchScores(amap, image_score_from_map(amap))
 
     def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
         return out if self.kind == "ae" else out[0]
 
-    def build_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
+    def rebuild_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
         return self._new_model(self.image_shape[-1])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from adlib.methods.base import FeatureDetector
+    from adlib.methods.base import Detector
 
 # method name -> ("module:Class", its one line for ``python -m adlib list``); the classes live in one module per
 # method (imported when first used).
@@ -35,7 +35,7 @@ METHODS = {
 }
 
 
-def detector_class(method: str) -> type[FeatureDetector]:
+def detector_class(method: str) -> type[Detector]:
     """The class of a method name of :data:`METHODS` (e.g. ``"patchcore"``).
 
     Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
@@ -46,7 +46,7 @@ def detector_class(method: str) -> type[FeatureDetector]:
     return getattr(importlib.import_module(module), name)
 
 
-def make_detector(method: str, **options: Any) -> FeatureDetector:
+def make_detector(method: str, **options: Any) -> Detector:
     """A new detector of ``method`` with ``options`` (its ``__init__`` arguments; a misspelt one is an error).
 
     Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
@@ -65,23 +65,30 @@ def run_options(method: str, category: str, backbone: str, options: dict[str, An
             | ({"object_name": category} if "object_name" in params else {}) | options)
 
 
-def load_detector(path: str | Path, device: str = "cpu") -> tuple[FeatureDetector, dict]:
-    """A detector saved by :meth:`FeatureDetector.save`, on ``device``, and the ``meta`` saved with it.
+def load_detector(path: str | Path, device: str = "cpu") -> tuple[Detector, dict]:
+    """A detector saved by :meth:`adlib.methods.base.Detector.save`, on ``device``, and the ``meta`` saved with it.
+
+    The file's format version must be the one this version of adlib writes; an older or newer file is refused with
+    the command that makes a new one.
 
     Used by: ``adlib.cli.predict``.
     """
     import torch
 
-    from adlib.methods.base import FORMAT
+    from adlib.methods.base import FORMAT, FORMAT_VERSION
 
     path = Path(path)
+    remake = f"python -m adlib run METHOD --data ROOT --category C --save-model {path}"
     if not path.is_file():
-        raise FileNotFoundError(f"No saved detector at {path}; make one with: python -m adlib run METHOD --data "
-                                f"ROOT --category C --save-model {path}")
+        raise FileNotFoundError(f"No saved detector at {path}; make one with: {remake}")
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+    if not isinstance(blob, dict) or not str(blob.get("format", "")).startswith(FORMAT):
         raise ValueError(f"{path} is not a detector saved by adlib ({FORMAT}).")
-    det = make_detector(blob["method"], **blob["config"], device=device)
+    version = blob.get("version", 1)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} is a detector of file format {version}; this adlib reads format {FORMAT_VERSION}. "
+                         f"Fit it again with this version: {remake}")
+    det = make_detector(blob["method"], **blob["hparams"], device=device)
     det.image_shape = tuple(blob["image_shape"])
     det.load_state(blob["state"])
     return det, blob["meta"]

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adlib.features.cnn import aggregate_patches
-from adlib.methods.base import FeatureDetector
+from adlib.methods.base import PatchScores, TrainedDetector
 from adlib.training.loop import fit
 
 
@@ -149,7 +149,7 @@ class CFA(nn.Module):
     :meth:`score_maps` gives patch score maps. The backbone stays outside: it is frozen, so its features
     are computed once.
 
-    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
+    Used by: ``adlib.methods.cfa.CFADetector``.
     """
 
     def __init__(self, in_channels: int, *, gamma_c: int = 1, gamma_d: int = 1, k: int = 3, j: int = 3,
@@ -193,7 +193,7 @@ def train_cfa(model: CFA, features: torch.Tensor, *, epochs: int = 30, lr: float
     also evaluates on the test set after every epoch and reports the best epoch; we do not). Returns
     the history of :func:`adlib.training.loop.fit` (mean loss, att, rep and the radius per epoch).
 
-    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
+    Used by: ``adlib.methods.cfa.CFADetector``.
     """
     if len(features) < batch_size:
         raise ValueError(f"need at least batch_size={batch_size} training images, got {len(features)}.")
@@ -214,15 +214,17 @@ def train_cfa(model: CFA, features: torch.Tensor, *, epochs: int = 30, lr: float
     return history
 
 
-class CFADetector(FeatureDetector):
+class CFADetector(TrainedDetector):
     """CFA behind the detector protocol: frozen patch features (:func:`adlib.features.cnn.aggregate_patches`),
     a :class:`CFA` descriptor and memory bank trained for ``epochs`` with :func:`train_cfa`, softmin scores.
 
     The paper's hyperparameters are the keyword defaults (``gamma_c = gamma_d = 1``, ``k = j = 3``,
     ``alpha = 0.1``, ``nu = 1e-3``, ``radius = 1e-5``, 30 epochs, AdamW lr 1e-3, weight decay 5e-4, batch 4);
     the number of epochs is fixed in advance, never chosen on test images. ``stride`` 8 px by default.
+    ``adapt=False`` is the ablation without the adaptation (:meth:`without_descriptor`): the identity in place of
+    the descriptor, so CFA's compact bank and softmin score see the frozen features, and nothing is trained.
 
-    Used by: ``adlib.methods.catalog.METHODS``.
+    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
     """
 
     method = "cfa"
@@ -230,13 +232,25 @@ class CFADetector(FeatureDetector):
     def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None, stride: int | None = 8,
                  gamma_c: int = 1, gamma_d: int = 1, k: int = 3, j: int = 3, alpha: float = 0.1, nu: float = 1e-3,
                  radius: float = 1e-5, epochs: int = 30, lr: float = 1e-3, weight_decay: float = 5e-4,
-                 train_batch_size: int = 4, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
-                 batch_size: int = 32):
-        super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
+                 train_batch_size: int = 4, adapt: bool = True, sigma: float = 4.0, device: str = "cpu",
+                 seed: int = 0, batch_size: int = 32):
+        super().__init__(backbone, layers, stride, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
         self.gamma_c, self.gamma_d, self.k, self.j, self.alpha, self.nu = gamma_c, gamma_d, k, j, alpha, nu
         self.radius, self.epochs, self.lr, self.weight_decay = radius, epochs, lr, weight_decay
-        self.train_batch_size = train_batch_size
+        self.train_batch_size, self.adapt = train_batch_size, bool(adapt)
         self.model: CFA | None = None
+
+    def hparams(self) -> dict:
+        return super().hparams() | {
+            "gamma_c": self.gamma_c, "gamma_d": self.gamma_d, "k": self.k, "j": self.j, "alpha": self.alpha,
+            "nu": self.nu, "radius": self.radius, "epochs": self.epochs, "lr": self.lr,
+            "weight_decay": self.weight_decay, "train_batch_size": self.train_batch_size, "adapt": self.adapt}
+
+    def without_descriptor(self) -> "CFADetector":
+        """A new, unfitted detector with these hyperparameters but no adaptation (``adapt=False``): the identity
+        replaces the patch descriptor, the memory bank is built from the frozen patch features and nothing is
+        trained. This detector (fitted or not) is left as it is."""
+        return CFADetector(**(self.hparams() | {"adapt": False}), device=self.device)
 
     def embed(self, maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
         return aggregate_patches(maps, grid=grid)
@@ -246,19 +260,22 @@ class CFADetector(FeatureDetector):
             torch.manual_seed(self.seed)
             model = CFA(in_channels, gamma_c=self.gamma_c, gamma_d=self.gamma_d, k=self.k, j=self.j, alpha=self.alpha,
                         nu=self.nu, radius=self.radius)
+        if not self.adapt:  # the ablation: the bank and the score see the frozen features themselves
+            model.descriptor = nn.Identity()
         return model.to(self.device)
 
-    def fit_features(self, features: torch.Tensor) -> None:
+    def train_model(self, features: torch.Tensor) -> list[dict[str, float]]:
         self.model = self._new_model(features.shape[1]).init_bank(features, self.seed)
-        with torch.enable_grad():
-            self.history = train_cfa(self.model, features, epochs=self.epochs, lr=self.lr,
-                                     weight_decay=self.weight_decay, batch_size=self.train_batch_size, seed=self.seed,
-                                     progress=False)
+        if not self.adapt:
+            return []  # nothing to train without a descriptor
+        return train_cfa(self.model, features, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                         batch_size=self.train_batch_size, seed=self.seed, progress=False)
 
-    def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, None]:
-        return self.model.score_maps(features), None
+    def score_inputs(self, features: torch.Tensor) -> PatchScores:
+        return PatchScores(self.model.score_maps(features))
 
-    def build_model(self, state: dict[str, torch.Tensor]) -> CFA:
-        model = self._new_model(state["descriptor.conv.weight"].shape[1] - 2)
+    def rebuild_model(self, state: dict[str, torch.Tensor]) -> CFA:
+        in_channels = state["descriptor.conv.weight"].shape[1] - 2 if self.adapt else state["bank"].shape[1]
+        model = self._new_model(in_channels)
         model.bank = state["bank"].to(self.device)  # an empty buffer until fitted: give it the saved size
         return model

@@ -16,7 +16,7 @@ import torch
 
 from adlib.core.arrays import to_numpy
 from adlib.features.cnn import aggregate_patches
-from adlib.methods.base import FeatureDetector
+from adlib.methods.base import MemoryBankDetector, PatchFeatures, PatchScores
 
 
 def _as_rows(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -130,12 +130,12 @@ class SPADE:
         return dist.mean(1), maps
 
 
-class PatchKNNDetector(FeatureDetector):
+class PatchKNNDetector(MemoryBankDetector):
     """Patch kNN behind the detector protocol: :func:`adlib.features.cnn.aggregate_patches` (3 x 3 local average,
     stages resized to one grid) in a full :class:`PatchKNN` bank; image score = maximum of the blurred map.
 
     ``k`` neighbours averaged; ``stride`` 8 px by default (the stride of PatchCore's first layer on its
-    WideResNet-50), other arguments as :class:`adlib.methods.base.FeatureDetector`.
+    WideResNet-50), other arguments as :class:`adlib.methods.base.MemoryBankDetector`.
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
@@ -146,25 +146,28 @@ class PatchKNNDetector(FeatureDetector):
     def __init__(self, backbone: str | torch.nn.Module = "effnet-lite0", layers: tuple[int, ...] | None = None,
                  stride: int | None = 8, k: int = 1, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
                  batch_size: int = 32):
-        super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
+        super().__init__(backbone, layers, stride, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
         self.k = k
         self.knn = PatchKNN(k)
+
+    def hparams(self) -> dict:
+        return super().hparams() | {"k": self.k}
 
     def embed(self, maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
         return aggregate_patches(maps, grid=grid)
 
-    def fit_features(self, features: torch.Tensor) -> None:
-        self.bank = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    def fit_features(self, features: PatchFeatures) -> None:
+        self.bank = features.patches.permute(0, 2, 3, 1).reshape(-1, features.patches.shape[1])
         self.restore()
 
     def restore(self) -> None:
         self.knn.fit(self.bank[:, :, None, None])
 
-    def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, None]:
-        return self.knn.score_maps(features), None
+    def score_features(self, features: PatchFeatures) -> PatchScores:
+        return PatchScores(self.knn.score_maps(features.patches))
 
 
-class SPADEDetector(FeatureDetector):
+class SPADEDetector(MemoryBankDetector):
     """SPADE behind the detector protocol: image score = mean distance of the global feature to the ``k``
     nearest training images; pixel map from the patches of those images (:class:`SPADE`). Paper: k = 50,
     kappa = 1. The global feature is the spatial mean of the last requested stage (the paper pools the
@@ -180,28 +183,26 @@ class SPADEDetector(FeatureDetector):
     def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None, stride: int | None = 8,
                  k: int = 50, kappa: int = 1, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
                  batch_size: int = 32):
-        super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
+        super().__init__(backbone, layers, stride, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
         self.k, self.kappa = k, kappa
         self.spade = SPADE(k, kappa)
 
+    def hparams(self) -> dict:
+        return super().hparams() | {"k": self.k, "kappa": self.kappa}
+
     def embed(self, maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-        # The global feature rides along as extra channels (constant over the grid), split off again below.
-        patches = aggregate_patches(maps, grid=grid)
-        pooled = maps[-1].mean(dim=(2, 3))[:, :, None, None].expand(-1, -1, *grid)
-        self.global_dim = pooled.shape[1]  # any backbone, a CNN's stages or a ViT's blocks
-        return torch.cat([patches, pooled], dim=1)
+        return aggregate_patches(maps, grid=grid)
 
-    def _split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.global_dim
-        return features[:, -c:, 0, 0], features[:, :-c]
+    def pool(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return maps[-1].mean(dim=(2, 3))  # any backbone, a CNN's stages or a ViT's blocks
 
-    def fit_features(self, features: torch.Tensor) -> None:
-        self.train_global, self.train_patches = self._split(features)
+    def fit_features(self, features: PatchFeatures) -> None:
+        self.train_global, self.train_patches = features.pooled, features.patches
         self.restore()
 
     def restore(self) -> None:
         self.spade = SPADE(self.k, self.kappa).fit(self.train_global, self.train_patches)
 
-    def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        scores, maps = self.spade.predict(*self._split(features))
-        return maps, scores
+    def score_features(self, features: PatchFeatures) -> PatchScores:
+        scores, maps = self.spade.predict(features.pooled, features.patches)
+        return PatchScores(maps, scores)

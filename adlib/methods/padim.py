@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adlib.methods.base import FeatureDetector
+from adlib.methods.base import MemoryBankDetector, PatchFeatures, PatchScores
 
 
 def gaussian_per_position(features: torch.Tensor, eps: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +46,7 @@ def mahalanobis_maps(features: torch.Tensor, mean: torch.Tensor, inv_cov: torch.
     return sq.clamp_min(0).sqrt().reshape(m, h, w)
 
 
-class PaDiM(FeatureDetector):
+class PaDiM(MemoryBankDetector):
     """PaDiM behind the detector protocol. ``layers`` default (1, 2, 3) as the paper's ResNet stages 1-3;
     ``d`` random channels (paper 100), ``eps`` 0.01, ``stride`` None = the first stage's (the paper's grid).
 
@@ -59,7 +59,7 @@ class PaDiM(FeatureDetector):
     def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = (1, 2, 3),
                  stride: int | None = None, d: int = 100, eps: float = 0.01, sigma: float = 4.0,
                  device: str = "cpu", seed: int = 0, batch_size: int = 32):
-        super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
+        super().__init__(backbone, layers, stride, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
         total = sum(self.extractor.net.feature_info.channels())
         if not 1 <= d <= total:
             raise ValueError(f"d must be between 1 and the {total} channels of stages {self.layers}, got {d}.")
@@ -71,8 +71,11 @@ class PaDiM(FeatureDetector):
         x = torch.cat([F.interpolate(m, size=grid, mode="nearest") for m in maps], dim=1)
         return x[:, self.channels]
 
-    def fit_features(self, features: torch.Tensor) -> None:
-        self.mean, self.inv_cov = gaussian_per_position(features, self.eps)
+    def hparams(self) -> dict:
+        return super().hparams() | {"d": self.d, "eps": self.eps}
 
-    def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return mahalanobis_maps(features, self.mean, self.inv_cov), None
+    def fit_features(self, features: PatchFeatures) -> None:
+        self.mean, self.inv_cov = gaussian_per_position(features.patches, self.eps)
+
+    def score_features(self, features: PatchFeatures) -> PatchScores:
+        return PatchScores(mahalanobis_maps(features.patches, self.mean, self.inv_cov))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from adlib.core.arrays import to_numpy
-from adlib.methods.base import FeatureDetector
+from adlib.methods.base import MemoryBankDetector, PatchFeatures, PatchScores
 
 
 def local_patch_features(maps: list[torch.Tensor], grid: tuple[int, int], patch_size: int = 3,
@@ -107,7 +107,7 @@ def reweighted_score(distances: np.ndarray) -> float:
     return float((1 - weights[0] / weights.sum()) * d[0])
 
 
-class PatchCore(FeatureDetector):
+class PatchCore(MemoryBankDetector):
     """PatchCore behind the detector protocol (see the module docstring for the three steps).
 
     Paper defaults: ``patch_size`` 3, ``coreset_ratio`` 0.1 (10 %), ``projection_dim`` 128, ``b`` 9 neighbours
@@ -128,7 +128,7 @@ class PatchCore(FeatureDetector):
                  target_dim: int | None = None, coreset_ratio: float = 0.1, projection_dim: int | None = 128,
                  n_starts: int = 10, b: int = 9, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
                  batch_size: int = 32):
-        super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
+        super().__init__(backbone, layers, stride, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
         if b < 1:
             raise ValueError(f"b (neighbours of the reweighting) must be >= 1, got {b}.")
         self.patch_size, self.pretrain_dim, self.target_dim = patch_size, pretrain_dim, target_dim
@@ -137,8 +137,13 @@ class PatchCore(FeatureDetector):
     def embed(self, maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
         return local_patch_features(maps, grid, self.patch_size, self.pretrain_dim, self.target_dim)
 
-    def fit_features(self, features: torch.Tensor) -> None:
-        rows = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    def hparams(self) -> dict:
+        return super().hparams() | {"patch_size": self.patch_size, "pretrain_dim": self.pretrain_dim,
+                                    "target_dim": self.target_dim, "coreset_ratio": self.coreset_ratio,
+                                    "projection_dim": self.projection_dim, "n_starts": self.n_starts, "b": self.b}
+
+    def fit_features(self, features: PatchFeatures) -> None:
+        rows = features.patches.permute(0, 2, 3, 1).reshape(-1, features.patches.shape[1])
         self.bank = rows[greedy_coreset(rows, self.coreset_ratio, self.projection_dim, self.n_starts,
                                         self.seed).to(rows.device)]
         self.restore()
@@ -149,9 +154,9 @@ class PatchCore(FeatureDetector):
         self.index.add(bank)
         self._bank_np = bank
 
-    def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        n, c, h, w = features.shape
-        rows = np.ascontiguousarray(to_numpy(features.permute(0, 2, 3, 1).reshape(-1, c), np.float32))
+    def score_features(self, features: PatchFeatures) -> PatchScores:
+        n, c, h, w = features.patches.shape
+        rows = np.ascontiguousarray(to_numpy(features.patches.permute(0, 2, 3, 1).reshape(-1, c), np.float32))
         sq, idx = self.index.search(rows, 1)
         dist = np.sqrt(np.maximum(sq[:, 0], 0)).astype(np.float64).reshape(n, h * w)
         nn_idx = idx[:, 0].reshape(n, h * w)
@@ -164,4 +169,4 @@ class PatchCore(FeatureDetector):
         for t, m_star, row in zip(test_rows, star, near):
             support = [m_star] + [j for j in row if j != m_star][:b - 1]  # m* first even if a duplicate ties it
             scores.append(reweighted_score(np.linalg.norm(self._bank_np[support] - t, axis=1)))
-        return dist.reshape(n, h, w), np.array(scores)
+        return PatchScores(dist.reshape(n, h, w), np.array(scores))

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 
-from adlib.core.arrays import as_images
+from adlib.data.imageset import ImageSet
 from adlib.features.clip import encode_images, encode_texts, load_open_clip, load_tiny_clip
-from adlib.methods.base import FeatureDetector
+from adlib.methods.base import PatchScores, ZeroShotDetector
 
 #: WinCLIP's compositional prompt ensemble (Jeong et al. 2023, as in anomalib's ``winclip/prompting.py``):
 #: every state is put into every template; the ensemble's mean embedding is the text anchor.
@@ -54,8 +53,10 @@ def text_anchors(model: open_clip.CLIP, object_name: str) -> torch.Tensor:
     return torch.stack(anchors)
 
 
-def winclip_scores(model: open_clip.CLIP, images: np.ndarray, object_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-shot anomaly scores: ((N,) image scores, (N, H, W) pixel maps), both P(anomalous) in [0, 1].
+def winclip_scores(model: open_clip.CLIP, images: ImageSet | np.ndarray | torch.Tensor, object_name: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-shot anomaly scores of an :class:`adlib.data.imageset.ImageSet` (or float (N, 3, H, W) images in
+    [0, 1]): ((N,) image scores, (N, H, W) pixel maps), both P(anomalous) in [0, 1], float64.
 
     Image level: softmax over the [normal, anomalous] anchors of the global embedding, with the model's
     temperature. Patch level: the same for every projected patch token, upsampled bilinearly to the
@@ -64,17 +65,18 @@ def winclip_scores(model: open_clip.CLIP, images: np.ndarray, object_name: str) 
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
+    size = images.size if isinstance(images, ImageSet) else tuple(images.shape[-2:])
     global_emb, patch_emb = encode_images(model, images)
     anchors = text_anchors(model, object_name)
     scale = model.logit_scale.exp().detach().float()
     image_scores = (scale * global_emb @ anchors.T).softmax(-1)[:, 1]
     patch = (scale * patch_emb @ anchors.T).softmax(-1)[..., 1]
     side = int(round(math.sqrt(patch.shape[1])))
-    maps = F.interpolate(patch.view(-1, 1, side, side), size=images.shape[1:3], mode="bilinear", align_corners=False)
+    maps = F.interpolate(patch.view(-1, 1, side, side), size=size, mode="bilinear", align_corners=False)
     return image_scores.numpy().astype(np.float64), maps[:, 0].numpy().astype(np.float64)
 
 
-class WinCLIPDetector(FeatureDetector):
+class WinCLIPDetector(ZeroShotDetector):
     """:func:`winclip_scores` behind the book's detector protocol, so the benchmark can run it beside the
     feature detectors: ``fit`` learns nothing (zero-shot; it only records the image size), ``predict`` compares
     the images with the prompt ensembles of ``object_name`` and applies the book's post-processing.
@@ -91,7 +93,7 @@ class WinCLIPDetector(FeatureDetector):
 
     def __init__(self, object_name: str = "object", clip: str = "tiny", sigma: float = 4.0, device: str = "cpu",
                  seed: int = 0, batch_size: int = 32):
-        super().__init__(None, None, 1, sigma, device, seed, batch_size)
+        super().__init__(sigma=sigma, device=device, seed=seed, batch_size=batch_size)
         self.object_name, self.clip = object_name, clip
         if clip == "tiny" or Path(clip).is_file():
             self.clip_model = load_tiny_clip(None if clip == "tiny" else clip)
@@ -100,14 +102,9 @@ class WinCLIPDetector(FeatureDetector):
             self.clip_model = load_open_clip(name, pretrained or "openai")[0]
         self.clip_model = self.clip_model.to(device).eval()  # not self.model: nothing to save
 
-    # The protocol's hooks: the "features" are the images themselves, and nothing is learnt from the normal ones.
-    def features(self, images: Any) -> torch.Tensor:
-        return as_images(images).cpu()
+    def hparams(self) -> dict:
+        return {"object_name": self.object_name, "clip": self.clip} | super().hparams()
 
-    def fit_features(self, images: torch.Tensor) -> None:
-        pass
-
-    def score_features(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        uint8 = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
-        scores, maps = winclip_scores(self.clip_model, uint8, self.object_name)
-        return maps, scores  # maps at image size already: the shared post-processing only blurs them
+    def score_images(self, images: torch.Tensor) -> PatchScores:
+        scores, maps = winclip_scores(self.clip_model, images, self.object_name)
+        return PatchScores(maps, scores)  # maps at image size already: the shared post-processing only blurs them

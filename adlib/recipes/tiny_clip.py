@@ -70,8 +70,9 @@ def train_tiny_clip(
     size = config["vision_cfg"]["image_size"]
     world = dict(TINY_WORLD if world is None else world, image_size=size)
     data = toyworld.sample(n_pairs, seed, **world)
-    images = to_tensor(data.images)
+    images = to_tensor(data.images)  # CLIP's preprocessing, once for all pairs
     tokens = tokenize(data.captions, model)
+    del data  # the float images: training reads the preprocessed tensor only
     if progress:
         print(f"generated {n_pairs} pairs in {time.time() - start:.0f} s")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -105,7 +106,7 @@ def train_tiny_clip(
                   log_every=max(1, steps // 20 // per_epoch))
     model.eval()
     held = toyworld.sample(n_eval, seed + 1, **world)
-    acc = zero_shot_accuracy(model, held.images, held.labels, toyworld.SHAPES)
+    acc = zero_shot_accuracy(model, held.images, held.classes, toyworld.SHAPES)
     meta = {
         "command": command,
         "train": {"steps": steps, "batch_size": batch_size, "n_pairs": n_pairs, "lr": lr, "weight_decay": weight_decay,

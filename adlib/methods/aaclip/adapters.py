@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
-from adlib.features.clip import context_length, encode_images, load_open_clip
+from adlib.features.clip import context_length, encode_normalised, load_open_clip
 
 #: The official prompt states and templates (``dataset/constants.py``): 3 x 2 normal, 5 x 2 anomalous prompts.
 NORMAL_STATES: tuple[str, ...] = ("{}", "a {}", "the {}")
@@ -205,12 +205,13 @@ class AACLIP(nn.Module):
 
     @torch.no_grad()
     def frozen_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 1's image side from frozen CLIP: ((N, P, D) patch + class features, (N, D) class features).
+        """Stage 1's image side from frozen CLIP, for (N, 3, S, S) images through
+        :func:`adlib.features.clip.to_tensor`: ((N, P, D) patch + class features, (N, D) class features).
 
         As the official code, every unit patch feature gets the unit class embedding added, so the
         patch-level loss also sees the image-level evidence.
         """
-        image, patches = encode_images(self.clip, images)
+        image, patches = encode_normalised(self.clip, images)
         device = self.text_proj.weight.device
         return (patches + image[:, None]).to(device), image.to(device)
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
+from adlib.data.imageset import ImageSet
 from adlib.features.clip import image_size, to_tensor
 from adlib.methods.aaclip.adapters import AACLIP
 
@@ -53,7 +54,7 @@ def _anomaly_map(patches: torch.Tensor, anchors: torch.Tensor, scale: float, siz
 @torch.no_grad()
 def anomaly_scores(
     model: AACLIP,
-    images: np.ndarray | torch.Tensor,
+    images: ImageSet | np.ndarray | torch.Tensor,
     object_name: str,
     stage: int = 2,
     *,
@@ -64,10 +65,11 @@ def anomaly_scores(
     """Zero-shot scores of one object's images, as the official test code: ((N,) image scores in [0, 1],
     (N, H, W) pixel maps).
 
-    ``images``: (N, H, W, 3) uint8 or normalised (N, 3, S, S). ``stage=1``: frozen CLIP (patch + class)
-    features against the stage-1 anchors; ``stage=2``: the adapted image encoder, the sum of the per-level
-    maps. ``adapted_anchors=False`` scores against plain CLIP's anchors (for a model whose stage 2 was trained
-    with them). A level's pixel map is the logit difference anomalous - normal of each patch (CLIP's
+    ``images``: an :class:`adlib.data.imageset.ImageSet` or float (N, 3, H, W) in [0, 1], through CLIP's
+    preprocessing (:func:`adlib.features.clip.to_tensor`) one batch at a time. ``stage=1``: frozen CLIP
+    (patch + class) features against the stage-1 anchors; ``stage=2``: the adapted image encoder, the sum of the
+    per-level maps. ``adapted_anchors=False`` scores against plain CLIP's anchors (for a model whose stage 2 was
+    trained with them). A level's pixel map is the logit difference anomalous - normal of each patch (CLIP's
     temperature times the difference of the two cosines), blurred with ``sigma`` on the patch grid and
     upsampled to the image size. The image score is (<image feature, anomalous anchor> + 1) / 2.
 
@@ -75,14 +77,14 @@ def anomaly_scores(
     """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 (adapted text only) or 2 (text and image adapters), got {stage}.")
-    size = images.shape[1] if isinstance(images, np.ndarray) else images.shape[-1]
-    x = to_tensor(images, image_size(model.clip)) if isinstance(images, np.ndarray) else images
+    x = images.images if isinstance(images, ImageSet) else images
+    size = x.shape[-1]
     device, scale = model.text_proj.weight.device, model.logit_scale
     model.eval()
     anchors = model.anchors(object_name, adapted_anchors)
     scores, maps = [], []
     for i in range(0, len(x), batch_size):
-        batch = x[i:i + batch_size].to(device)
+        batch = to_tensor(x[i:i + batch_size], image_size(model.clip)).to(device)
         if stage == 1:
             patches, image = model.frozen_features(batch)
             levels = [patches]
@@ -101,3 +103,24 @@ def anchor_similarity(model: AACLIP, object_names: Sequence[str], adapt: bool = 
     with torch.no_grad():
         anchors = torch.cat([model.anchors(n, adapt) for n in object_names])
     return (anchors @ anchors.T).cpu().double().numpy()
+
+
+def same_object_cosine(sim: np.ndarray) -> np.ndarray:
+    """(C,) cos(normal, anomalous) of each object's anchors, from a (2C, 2C) :func:`anchor_similarity` matrix.
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    return np.array([sim[2 * i, 2 * i + 1] for i in range(len(sim) // 2)])
+
+
+def anchor_stats(sim: np.ndarray) -> dict[str, float]:
+    """Two means of a (2C, 2C) :func:`anchor_similarity` matrix: cos(normal, anomalous) of the same object (how
+    anomaly-aware the anchors are) and cos(normal, normal) of two different objects (how well they tell objects
+    apart), by those names.
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    c = len(sim) // 2
+    same = np.mean([sim[2 * i, 2 * i + 1] for i in range(c)])
+    other = np.mean([sim[2 * i, 2 * j] for i in range(c) for j in range(c) if i != j])
+    return {"cos(normal, anomalous), same object": same, "cos(normal, normal), different objects": other}

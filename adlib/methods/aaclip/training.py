@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adlib.data.imageset import ImageSet
 from adlib.features.clip import image_size, to_tensor
 from adlib.methods.aaclip.adapters import AACLIP
 from adlib.methods.aaclip.losses import disentangle_loss, segmentation_loss
@@ -17,38 +18,33 @@ from adlib.training.loop import IndexBatches, fit
 # --------------------------------------------------------------------------- training
 
 
-def _check_training_data(images: np.ndarray | torch.Tensor, masks: np.ndarray | torch.Tensor,
-                         labels: np.ndarray | torch.Tensor, names: Sequence[str]) -> None:
-    n = len(images)
-    if not (len(masks) == len(labels) == len(names) == n) or n == 0:
-        raise ValueError(f"images, masks, labels and names need one entry per sample, got "
-                         f"{n}, {len(masks)}, {len(labels)}, {len(names)}.")
-    if images.ndim != 4 or masks.ndim != 3:
-        raise ValueError(f"Expected images (N, H, W, 3) uint8 or (N, 3, S, S) normalised and masks (N, H, W), "
-                         f"got {tuple(images.shape)} and {tuple(masks.shape)}.")
+def _check_training_data(train: ImageSet) -> None:
+    if not isinstance(train, ImageSet):
+        raise TypeError(f"AA-CLIP trains on an adlib.data.imageset.ImageSet with labels, masks and objects, got "
+                        f"{type(train).__name__}: e.g. ImageSet(images, labels, masks, objects=names).")
+    if len(train) == 0 or train.labels is None or train.masks is None or "" in train.objects:
+        raise ValueError("AA-CLIP's training set needs images, and labels, masks and an object name for every one "
+                         f"({len(train)} images, labels {'missing' if train.labels is None else 'given'}, masks "
+                         f"{'missing' if train.masks is None else 'given'}, objects {sorted(set(train.objects))}).")
 
 
-def _batch_images(model: AACLIP, images, idx: np.ndarray) -> torch.Tensor:
-    """(B, 3, S, S) normalised images of one batch on the model's device.
+def _batch_images(model: AACLIP, train: ImageSet, idx: np.ndarray) -> torch.Tensor:
+    """(B, 3, S, S) images of one batch through CLIP's preprocessing, on the model's device.
 
-    Converting per batch keeps a large training set (VisA at 518 px) in uint8 until it is used."""
-    x = images[idx]
-    x = to_tensor(x, image_size(model.clip)) if isinstance(x, np.ndarray) else x
-    return x.to(model.text_proj.weight.device)
+    Preprocessing per batch keeps a large training set (VisA at 518 px) from being converted all at once."""
+    return to_tensor(train.images[idx], image_size(model.clip)).to(model.text_proj.weight.device)
 
 
-def _batch_targets(model: AACLIP, masks, labels, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_targets(model: AACLIP, train: ImageSet, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, W) float masks and (B,) int64 labels of one batch on the model's device."""
     device = model.text_proj.weight.device
-    return torch.as_tensor(masks[idx]).float().to(device), torch.as_tensor(labels[idx]).long().to(device)
+    return (torch.as_tensor(train.masks[idx]).float().to(device),
+            torch.as_tensor(train.labels[idx]).long().to(device))
 
 
 def train_text_adapters(
     model: AACLIP,
-    images: np.ndarray | torch.Tensor,
-    masks: np.ndarray | torch.Tensor,
-    labels: np.ndarray | torch.Tensor,
-    names: Sequence[str],
+    train: ImageSet,
     *,
     epochs: int = 5,
     lr: float = 1e-5,
@@ -63,10 +59,10 @@ def train_text_adapters(
     """Stage 1: train the text adapters against frozen CLIP image features; returns the history of
     :func:`adlib.training.loop.fit` (``{"epoch", "loss"}`` per epoch; ``checkpoint``: resume after an interruption).
 
-    ``images`` (N, H, W, 3) uint8 or (N, 3, S, S) normalised, ``masks`` (N, H, W) in {0, 1} at the
-    model's input size, ``labels`` (N,) 0 = normal, 1 = anomalous, ``names`` the object name of each
-    image. Per batch, as the official ``train_text_adapter``: the segmentation loss of the (patch + class)
-    features against the anchors (last layer) and ``disentangle_weight`` times the disentangle loss;
+    ``train``: an :class:`adlib.data.imageset.ImageSet` of normal and anomalous images (float (N, 3, H, W) in
+    [0, 1]) with ``labels`` (1 = anomalous), ``masks`` (N, H, W) and ``objects`` (the object name of each image,
+    which its prompts use). Per batch, as the official ``train_text_adapter``: the segmentation loss of the
+    (patch + class) features against the anchors (last layer) and ``disentangle_weight`` times the disentangle loss;
     ``image_loss=True`` adds the image-level cross-entropy of the class embedding against the two anchors that
     the paper's text describes. Adam with betas (0.5, 0.999); the defaults are the official code's values.
     The frozen image features are computed once when all of them fit in ``feature_cache_bytes`` (the toy world's),
@@ -75,14 +71,14 @@ def train_text_adapters(
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
-    _check_training_data(images, masks, labels, names)
-    scale, size = model.logit_scale, masks.shape[-1]
-    frozen = _frozen_features_once(model, images, feature_cache_bytes)
+    _check_training_data(train)
+    scale, size, names = model.logit_scale, train.masks.shape[-1], train.objects
+    frozen = _frozen_features_once(model, train, feature_cache_bytes)
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
-        mask, label = _batch_targets(model, masks, labels, idx)
+        mask, label = _batch_targets(model, train, idx)
         if frozen is None:
-            patches, image_emb = model.frozen_features(_batch_images(model, images, idx))
+            patches, image_emb = model.frozen_features(_batch_images(model, train, idx))
         else:
             patches, image_emb = frozen[0][idx], frozen[1][idx]
         batch_names = [names[i] for i in idx]
@@ -94,29 +90,26 @@ def train_text_adapters(
             loss = F.cross_entropy(scale * torch.einsum("nd,nkd->nk", image_emb, anchors), label) + loss
         return loss + disentangle_weight * disentangle_loss(anchors)
 
-    return _train_epochs(model, model.text_parameters(), batch_loss, len(images), epochs, lr, batch_size, seed,
+    return _train_epochs(model, model.text_parameters(), batch_loss, len(train), epochs, lr, batch_size, seed,
                          f"text adapters (image loss {image_loss}, disentangle {disentangle_weight})", checkpoint,
                          progress)
 
 
-def _frozen_features_once(model: AACLIP, images, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _frozen_features_once(model: AACLIP, train: ImageSet, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Stage 1's frozen (patch + class, class) features of every training image, or None when they exceed
     ``max_bytes`` (measured on the first image)."""
-    n = len(images)
-    first, _ = model.frozen_features(_batch_images(model, images, np.arange(1)))
+    n = len(train)
+    first, _ = model.frozen_features(_batch_images(model, train, np.arange(1)))
     if n * first.numel() * first.element_size() > max_bytes:
         return None
-    parts = [model.frozen_features(_batch_images(model, images, np.arange(i, min(i + 256, n))))
+    parts = [model.frozen_features(_batch_images(model, train, np.arange(i, min(i + 256, n))))
              for i in range(0, n, 256)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def train_image_adapters(
     model: AACLIP,
-    images: np.ndarray | torch.Tensor,
-    masks: np.ndarray | torch.Tensor,
-    labels: np.ndarray | torch.Tensor,
-    names: Sequence[str],
+    train: ImageSet,
     *,
     epochs: int = 20,
     lr: float = 5e-4,
@@ -128,28 +121,29 @@ def train_image_adapters(
 ) -> list[dict[str, float]]:
     """Stage 2: train the image adapters and projections with the text anchors fixed; the history as stage 1.
 
-    Inputs as :func:`train_text_adapters`. The anchors (stage-1 text encoder; with ``adapted_anchors=False``
+    ``train`` as :func:`train_text_adapters`. The anchors (stage-1 text encoder; with ``adapted_anchors=False``
     plain CLIP's, the ablation "stage 2 alone") are computed once, without gradients. Loss, as the official
     code: cross-entropy of the detection feature's inner products with the anchors (no temperature) plus the
     segmentation loss of every level's patch features.
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
-    _check_training_data(images, masks, labels, names)
+    _check_training_data(train)
+    names = train.objects
     with torch.no_grad():
         per_name = {n: model.anchors(n, adapted_anchors) for n in dict.fromkeys(names)}
-    scale, size = model.logit_scale, masks.shape[-1]
+    scale, size = model.logit_scale, train.masks.shape[-1]
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
         anchors = torch.stack([per_name[names[i]] for i in idx])
-        mask, label = _batch_targets(model, masks, labels, idx)
-        patches, image_feat = model.encode_image(_batch_images(model, images, idx))
+        mask, label = _batch_targets(model, train, idx)
+        patches, image_feat = model.encode_image(_batch_images(model, train, idx))
         loss = F.cross_entropy(torch.einsum("nd,nkd->nk", image_feat, anchors), label)
         for level in patches:
             loss = loss + segmentation_loss(similarity_probs(level, anchors, scale, size), mask)
         return loss
 
-    return _train_epochs(model, model.image_parameters(), batch_loss, len(images), epochs, lr, batch_size, seed,
+    return _train_epochs(model, model.image_parameters(), batch_loss, len(train), epochs, lr, batch_size, seed,
                          "image adapters", checkpoint, progress)
 
 
@@ -183,17 +177,16 @@ def _train_epochs(model: AACLIP, parameters: Iterable[torch.nn.Parameter],
 # --------------------------------------------------------------------------- data and the paper's model
 
 
-def few_shot_indices(labels: np.ndarray, groups: Sequence[str], k: int | None, seed: int = 0) -> np.ndarray:
-    """Indices of a k-shot training set: ``k`` normal and ``k`` anomalous samples (1:1) per group.
-
-    ``labels`` (N,) 0/1, ``groups`` (N,) category of each sample; ``k=None`` keeps everything ("full").
-    Sorted, deterministic in ``seed``.
+def few_shot_indices(images: ImageSet, k: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of a k-shot training set: ``k`` normal and ``k`` anomalous images (1:1) of every object of
+    ``images`` (its ``labels`` and ``objects``); ``k=None`` keeps everything ("full"). Sorted, deterministic in
+    ``seed``: ``images[few_shot_indices(images, k)]`` is the k-shot set.
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
-    labels, groups = np.asarray(labels), np.asarray(groups)
-    if len(labels) != len(groups):
-        raise ValueError(f"labels and groups need the same length, got {len(labels)} and {len(groups)}.")
+    if images.labels is None:
+        raise ValueError("few_shot_indices needs labelled images (ImageSet.labels is None).")
+    labels, groups = images.labels, np.asarray(images.objects)
     if k is None:
         return np.arange(len(labels))
     if k < 1:
@@ -204,7 +197,7 @@ def few_shot_indices(labels: np.ndarray, groups: Sequence[str], k: int | None, s
         for label in (0, 1):
             pool = np.flatnonzero((groups == group) & (labels == label))
             if len(pool) < k:
-                raise ValueError(f"Group {group!r} has {len(pool)} samples with label {label}, fewer than k={k}; "
+                raise ValueError(f"Object {group!r} has {len(pool)} images with label {label}, fewer than k={k}; "
                                  f"lower k or add data.")
             chosen.append(rng.choice(pool, size=k, replace=False))
     return np.sort(np.concatenate(chosen))

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from adlib.core.arrays import as_images, to_numpy
-from adlib.methods.base import FeatureDetector
+from adlib.core.arrays import to_numpy
+from adlib.features.cnn import feature_extractor
+from adlib.methods.base import PatchScores, TrainedDetector
 from adlib.methods.students.teacher import PatchNet, load_teacher, train_teacher
 from adlib.training.loop import fit
 
@@ -145,7 +146,7 @@ class StudentTeacher(nn.Module):
         return e + v
 
 
-class StudentsDetector(FeatureDetector):
+class StudentsDetector(TrainedDetector):
     """Uninformed Students behind the detector protocol: a teacher (``teacher``: a shipped one, e.g.
     ``"teacher-p17"``, distilled from the ImageNet EfficientNet-Lite0 on natural images; or None: distilled from
     ``backbone`` on random ``patch_size`` patches of the training images), ``n_students`` students regressing it,
@@ -166,41 +167,52 @@ class StudentsDetector(FeatureDetector):
                  width: int = 64, n_students: int = 3, n_patches: int = 1024, target_size: int = 32,
                  teacher_epochs: int = 3, student_epochs: int = STUDENT_EPOCHS, lr: float = 1e-3, n_val: int = 10,
                  sigma: float = 4.0, device: str = "cpu", seed: int = 0, batch_size: int = 32):
-        super().__init__(backbone, layers, stride, sigma, device, seed, batch_size)
+        super().__init__(None, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
+        self.backbone, self.layers, self.stride = backbone, layers, stride
         self.teacher, self.patch_size, self.dim, self.width = teacher, patch_size, dim, width
         self.n_students, self.n_patches, self.target_size = n_students, n_patches, target_size
         self.teacher_epochs, self.student_epochs, self.lr, self.n_val = teacher_epochs, student_epochs, lr, n_val
         self.model: StudentTeacher | None = None
 
-    def features(self, images) -> torch.Tensor:
-        """The students see the images themselves (on the CPU); the backbone only teaches the teacher."""
-        return as_images(images).cpu()
+    def hparams(self) -> dict:
+        return super().hparams() | {
+            "backbone": self.backbone, "layers": self.layers, "teacher": self.teacher, "patch_size": self.patch_size,
+            "stride": self.stride, "dim": self.dim, "width": self.width, "n_students": self.n_students,
+            "n_patches": self.n_patches, "target_size": self.target_size, "teacher_epochs": self.teacher_epochs,
+            "student_epochs": self.student_epochs, "lr": self.lr, "n_val": self.n_val}
 
-    def fit_features(self, images: torch.Tensor) -> None:
+    @torch.no_grad()
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The students see the images themselves, on the CPU (the networks are small); the backbone, on
+        ``device``, only teaches a teacher distilled here (``teacher=None``)."""
+        return images.cpu()
+
+    def train_model(self, images: torch.Tensor) -> list[dict[str, float]]:
         if len(images) <= self.n_val:
             raise ValueError(f"need more than n_val={self.n_val} training images (held out to normalise the "
                              f"scores), got {len(images)}; lower n_val.")
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
         val, train = images[order[:self.n_val]], images[order[self.n_val:]]
-        with torch.enable_grad():
-            if self.teacher is not None:
-                teacher, _ = load_teacher(self.teacher)
-                shape = (teacher.patch_size, teacher.dim, teacher.width, teacher.stride)
-                if shape != (self.patch_size, self.dim, self.width, self.stride):
-                    raise ValueError(f"teacher {self.teacher!r} has patch_size, dim, width, stride = {shape}; pass "
-                                     "those, or teacher=None to distil one from the backbone on the training images.")
-            else:
-                teacher, _, _ = train_teacher(train, self.extractor, self.patch_size, dim=self.dim, width=self.width,
-                                              stride=self.stride, n_patches=self.n_patches,
-                                              target_size=self.target_size, epochs=self.teacher_epochs,
-                                              seed=self.seed, progress=False)
-            self.model = StudentTeacher(teacher, self.n_students, self.seed)
-            self.history = self.model.fit(train, epochs=self.student_epochs, lr=self.lr, seed=self.seed, val=val,
-                                          progress=False)
-        self.model.calibrate(val)
+        if self.teacher is not None:
+            teacher, _ = load_teacher(self.teacher)
+            shape = (teacher.patch_size, teacher.dim, teacher.width, teacher.stride)
+            if shape != (self.patch_size, self.dim, self.width, self.stride):
+                raise ValueError(f"teacher {self.teacher!r} has patch_size, dim, width, stride = {shape}; pass "
+                                 "those, or teacher=None to distil one from the backbone on the training images.")
+        else:  # the backbone is loaded only here, where it teaches
+            extractor = feature_extractor(self.backbone, self.layers, seed=self.seed, device=self.device)
+            teacher, _, _ = train_teacher(train, extractor, self.patch_size, dim=self.dim, width=self.width,
+                                          stride=self.stride, n_patches=self.n_patches, target_size=self.target_size,
+                                          epochs=self.teacher_epochs, seed=self.seed, progress=False)
+        self.model = StudentTeacher(teacher, self.n_students, self.seed)
+        history = self.model.fit(train, epochs=self.student_epochs, lr=self.lr, seed=self.seed, val=val,
+                                 progress=False)
+        with torch.no_grad():
+            self.model.calibrate(val)
+        return history
 
-    def score_features(self, images: torch.Tensor) -> tuple[np.ndarray, None]:
-        return self.model.score_maps(images), None
+    def score_inputs(self, images: torch.Tensor) -> PatchScores:
+        return PatchScores(self.model.score_maps(images))
 
-    def build_model(self, state: dict[str, torch.Tensor]) -> StudentTeacher:
+    def rebuild_model(self, state: dict[str, torch.Tensor]) -> StudentTeacher:
         return StudentTeacher(PatchNet(self.patch_size, self.dim, self.width, self.stride), self.n_students, self.seed)
