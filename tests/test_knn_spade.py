@@ -7,7 +7,7 @@ import torch
 
 from adlib.data.imageset import ImageSet
 from adlib.features import vit
-from adlib.methods import base, knn
+from adlib.methods import base, spade
 
 
 def _data(seed: int = 0):
@@ -20,7 +20,7 @@ def test_nearest_images_matches_cdist():
     train_g, _, test_g, _ = _data()
     d = torch.cdist(test_g.double(), train_g.double())
     expected = d.topk(3, largest=False)
-    dist, idx = knn.nearest_images(train_g, test_g, 3)
+    dist, idx = spade.nearest_images(train_g, test_g, 3)
     np.testing.assert_allclose(dist, expected.values.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(idx, expected.indices.numpy())
 
@@ -28,11 +28,12 @@ def test_nearest_images_matches_cdist():
 @pytest.mark.parametrize("k, kappa", [(1, 1), (3, 1), (3, 2), (7, 4)])
 def test_spade_matches_brute_force(k, kappa):
     train_g, train_p, test_g, test_p = _data()
-    scores, maps = knn.SPADE(k=k, kappa=kappa).fit(train_g, train_p).predict(test_g, test_p)
+    maps, scores, extras = spade.SPADE(k=k, kappa=kappa).fit(train_g, train_p).predict(test_g, test_p)
     for n in range(3):
         dists = [float(torch.linalg.norm(test_g[n] - train_g[m])) for m in range(7)]
         near = np.argsort(dists)[:k]
         assert scores[n] == pytest.approx(np.sort(dists)[:k].mean(), rel=1e-5)
+        assert sorted(extras["neighbours"][n]) == sorted(near)  # the gallery, returned with the scores
         for i in range(3):
             for j in range(5):
                 # Every position of every gallery image, not just the same position (i, j).
@@ -47,8 +48,8 @@ def test_spade_gallery_is_restricted_to_the_nearest_images():
     far = int(torch.cdist(test_g[:1], train_g).argmax())
     train_p = train_p.clone()
     train_p[far, :, 0, 0] = test_p[0, :, 1, 2]
-    _, maps_k1 = knn.SPADE(k=1).fit(train_g, train_p).predict(test_g, test_p)
-    _, maps_all = knn.SPADE(k=7).fit(train_g, train_p).predict(test_g, test_p)
+    maps_k1 = spade.SPADE(k=1).fit(train_g, train_p).predict(test_g, test_p).maps
+    maps_all = spade.SPADE(k=7).fit(train_g, train_p).predict(test_g, test_p).maps
     assert maps_k1[0, 1, 2] > 0.1  # the copy is outside the 1-image gallery
     assert maps_all[0, 1, 2] == pytest.approx(0.0, abs=1e-3)  # and found once every image is in it
 
@@ -56,28 +57,30 @@ def test_spade_gallery_is_restricted_to_the_nearest_images():
 def test_spade_errors():
     train_g, train_p, test_g, test_p = _data()
     with pytest.raises(ValueError, match="lower k"):
-        knn.SPADE(k=50).fit(train_g, train_p)
+        spade.SPADE(k=50).fit(train_g, train_p)
     with pytest.raises(RuntimeError, match="Call fit"):
-        knn.SPADE(k=1).predict(test_g, test_p)
+        spade.SPADE(k=1).predict(test_g, test_p)
     with pytest.raises(ValueError, match="same M images"):
-        knn.SPADE(k=1).fit(train_g[:5], train_p)
+        spade.SPADE(k=1).fit(train_g[:5], train_p)
     with pytest.raises(ValueError, match="differ"):
-        knn.SPADE(k=1).fit(train_g, train_p).predict(test_g, test_p[:, :2])
+        spade.SPADE(k=1).fit(train_g, train_p).predict(test_g, test_p[:, :2])
 
 
 
 def test_spade_detector_carries_the_global_feature_beside_the_patches():
     g = torch.Generator().manual_seed(0)
     train, test = torch.rand(4, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
-    det = knn.SPADEDetector(backbone="random-resnet18", k=2)
+    det = spade.SPADEDetector(backbone="random-resnet18", k=2)
     maps, feats = det.extractor(test), det.features(test)
     torch.testing.assert_close(feats.pooled, maps[-1].mean(dim=(2, 3)))  # the pool step: the last map's mean
     assert feats.patches.shape[1] == sum(m.shape[1] for m in maps)  # no global channels among the patches
     scores = det.fit(ImageSet(train)).predict(ImageSet(test))
     fitted = det.features(train)
-    image, patch_maps = knn.SPADE(k=2).fit(fitted.pooled, fitted.patches).predict(feats.pooled, feats.patches)
+    patch_maps, image, extras = spade.SPADE(k=2).fit(fitted.pooled, fitted.patches).predict(feats.pooled,
+                                                                                              feats.patches)
     np.testing.assert_allclose(scores.image, image)
     np.testing.assert_allclose(scores.maps, base.to_pixel_maps(patch_maps, 32, det.sigma))
+    np.testing.assert_array_equal(scores.extras["neighbours"], extras["neighbours"])  # (N, k) indices into train
 
 @pytest.fixture(scope="module")
 def tiny_vit() -> torch.nn.Module:

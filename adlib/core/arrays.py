@@ -15,7 +15,7 @@ import torch
 def to_numpy(x: Any, dtype: type | None = None) -> np.ndarray:
     """A numpy copy (or view) of ``x``: a torch tensor on any device (detached), an array or a list.
 
-    Used by: ``adlib.methods.base.postprocess``, ``adlib.methods.base.to_pixel_maps``, ``adlib.methods.knn.SPADE``.
+    Used by: ``adlib.methods.base.postprocess``, ``adlib.methods.base.to_pixel_maps``, ``adlib.methods.spade.SPADE``.
     """
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()

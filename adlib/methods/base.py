@@ -235,7 +235,7 @@ class MemoryBankDetector(Detector):
     image), :meth:`fit_features` (store them) and :meth:`score_features` (compare). Nothing is trained: fitting runs
     without gradients. Arguments: see :class:`BackboneFeatures` and :class:`Detector`.
 
-    Defined in: "ViT-KNN" (``notebooks/08_vit_knn.ipynb``).
+    Used by: ``adlib.methods.patchcore.PatchCore``, ``adlib.methods.spade.SPADEDetector``.
     """
 
     def __init__(self, backbone: str | nn.Module = "effnet-lite0", layers: tuple[int, ...] | None = None,

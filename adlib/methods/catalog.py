@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 METHODS = {
     "patchknn": ("adlib.methods.knn:PatchKNNDetector",
                  "nearest training patch of every training image (full bank); image score = max of the map"),
-    "spade": ("adlib.methods.knn:SPADEDetector",
+    "spade": ("adlib.methods.spade:SPADEDetector",
               "SPADE (Cohen & Hoshen 2020): k nearest images by global feature, then their patches"),
     "patchcore": ("adlib.methods.patchcore:PatchCore",
                   "PatchCore (Roth et al. 2022): locally aware patches, greedy coreset, reweighted NN score"),
