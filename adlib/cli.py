@@ -11,6 +11,7 @@ images, benchmark every method, or remake the weights shipped in ``adlib/weights
     python -m adlib pretrain RECIPE --out FILE [--steps N ...] [--validate] [--checkpoint FILE]
     python -m adlib train-clip --out FILE [--steps N ...] [--threads 1] [--checkpoint FILE]
     python -m adlib distill-teacher --patch-size P --out FILE [--epochs N] [--n-patches N]
+    python -m adlib train-checkpoint NAME [--budget-minutes 60] [--checkpoint FILE] [--threads 1]
 
 This module imports only the standard library, so ``list`` and every ``--help`` answer at once: they read the
 light tables of :mod:`adlib.methods.catalog`, :mod:`adlib.features.backbones`, :mod:`adlib.bench.lineup` and
@@ -239,6 +240,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="file to write (.safetensors); refused if it exists")
     d.add_argument("--epochs", type=int, help="override the recipe's epochs (e.g. a smoke run)")
     d.add_argument("--n-patches", type=int, help="override the recipe's number of training patches")
+
+    k = sub.add_parser("train-checkpoint", help="train a chapter's converged model of adlib/weights (in chunks) and "
+                       "register it with its training record", description="A chapter's checkpoint recipe "
+                       "(adlib.recipes.checkpoints): train to the official schedule, resumable; when finished, "
+                       "write NAME.safetensors and its registry entry.")
+    k.add_argument("name", help="a recipe of adlib.recipes.checkpoints.CHECKPOINT_RECIPES")
+    k.add_argument("--budget-minutes", type=float, default=60.0,
+                   help="stop after the first epoch past this; the same command resumes (default 60)")
+    k.add_argument("--checkpoint", type=Path, help="training state, saved every epoch (default: NAME.training.pt)")
+    k.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the tensors repeat exactly)")
     return parser
 
 
@@ -353,8 +364,22 @@ def _distill_teacher(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def _train_checkpoint(args: argparse.Namespace) -> None:
+    import torch
+
+    from adlib.recipes import checkpoints
+
+    torch.set_num_threads(args.threads)
+    with contextlib.redirect_stdout(sys.stderr):  # progress on stderr: stdout is the registry entry
+        entry = checkpoints.build(args.name, args.checkpoint, budget_s=60 * args.budget_minutes)
+    if entry is None:
+        _say(f"stopped by the budget; run the same command to go on from {args.checkpoint or args.name}.training.pt")
+    else:
+        print(json.dumps({k: v for k, v in entry.items() if k != "record"}, indent=1))
+
+
 COMMANDS = {"list": _list, "run": _run, "predict": _predict, "bench": _bench, "pretrain": _pretrain,
-            "train-clip": _train_clip, "distill-teacher": _distill_teacher}
+            "train-clip": _train_clip, "distill-teacher": _distill_teacher, "train-checkpoint": _train_checkpoint}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,6 +68,23 @@ def test_resume_after_interruption_is_exact(tmp_path, with_generator):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]   # no temporary files left behind
 
 
+def test_a_budget_stops_at_an_epoch_end_and_the_same_call_resumes_bit_for_bit(tmp_path):
+    model, opt, loader, step = _setup(0, True)
+    full = fit(step, loader, epochs=3, state={"model": model, "opt": opt}, seed=7, progress=False)
+    ckpt, chunks = tmp_path / "ckpt.pt", []
+    while len(chunks) < 5:  # a budget of 0 s: one epoch per call, each call a new session
+        m, o, ld, s = _setup(len(chunks), True)  # resumed calls start from other weights: the file restores them
+        chunks.append(fit(s, ld, epochs=3, checkpoint=ckpt, state={"model": m, "opt": o}, seed=7, progress=False,
+                          budget_s=0))
+        if len(chunks[-1]) == 3:
+            break
+    assert [len(c) for c in chunks] == [1, 2, 3] and chunks[-1] == full
+    for (name, a), b in zip(model.state_dict().items(), m.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="checkpoint file too"):
+        fit(step, loader, epochs=3, budget_s=60, progress=False)
+
+
 def test_history_holds_per_epoch_means_of_the_step_outputs():
     calls = []
 

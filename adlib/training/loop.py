@@ -238,6 +238,7 @@ def fit(
     config: Mapping[str, Any] | None = None,
     progress: bool = True,
     log_every: int = 1,
+    budget_s: float | None = None,
 ) -> list[dict[str, float]]:
     """Train for ``epochs`` epochs: call ``step_fn(batch)`` (one optimisation step) on every batch.
 
@@ -252,6 +253,9 @@ def fit(
     uninterrupted run would. The checkpoint stores a fingerprint of the settings (seed, batch size,
     data set size, architectures, optimiser hyperparameters and the ``config`` dict, e.g. loss
     weights); a checkpoint made with other settings is refused with a ``ValueError``, never overwritten.
+    ``budget_s`` (with a checkpoint): stop after the first epoch that ends ``budget_s`` seconds or more after this
+    call started; the history returned is then shorter than ``epochs``, and the same call again continues the run
+    (a long training in chunks that each fit a session).
 
     ``progress``: a tqdm bar (a widget only in a live notebook, see ``_progress_mode``; set
     ``$ADLIB_PROGRESS`` to ``widget``, ``text``, ``summary`` or ``none`` to choose) and a summary line
@@ -269,6 +273,9 @@ def fit(
             raise TypeError(f"state[{name!r}] ({type(obj).__name__}) has no state_dict()/load_state_dict().")
     if checkpoint is not None and not state:
         raise ValueError("A checkpoint needs something to save: pass state={'model': model, 'opt': optimizer}.")
+    if budget_s is not None and checkpoint is None:
+        raise ValueError("budget_s stops a run to resume it later: pass a checkpoint file too.")
+    called = time.perf_counter()
 
     path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(state, loader, seed, config)
@@ -340,6 +347,11 @@ def fit(
                     bar.write(line)
                 else:
                     print(line, flush=True)
+            if budget_s is not None and epoch + 1 < epochs and time.perf_counter() - called >= budget_s:
+                if progress:
+                    print(f"Stopped after epoch {epoch + 1}/{epochs} (budget {budget_s:.0f} s); the same call resumes "
+                          f"from {path}.", flush=True)
+                break
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,258 @@
+"""Converged chapter models: trained offline to convergence, shipped with their training record, loaded by a chapter.
+
+A chapter whose model cannot train for the official number of optimiser steps within its three minutes loads a
+shipped checkpoint instead, and retrains it on request (the UvA DL notebooks' pattern: load it, else train)::
+
+    trained = checkpoints.load_or_train("NAME", retrain=RETRAIN)   # TrainedCheckpoint
+    trained.model, trained.record.converged, trained.seconds
+
+A :class:`CheckpointRecipe` sets one training up (:class:`Training`: the model, the step function and loader of
+:func:`adlib.training.loop.fit`, the epochs and the official schedule's steps); :func:`train` runs it in chunks that
+resume bit for bit (``budget_s``), :func:`ship` writes the model (safetensors) beside the registry with its entry:
+sha256, the command that rebuilds it, its card and the training record that ``adlib.eval.claims`` judges.
+``python -m adlib train-checkpoint NAME`` does both. Recipes register themselves in :data:`CHECKPOINT_RECIPES`.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adlib.core.checksum import sha256sum
+from adlib.eval.claims import TrainingRecord, training_record
+from adlib.training.loop import StepFn, fit
+from adlib.weights import registry
+
+
+@dataclass
+class Training:
+    """One training, set up: ``model`` (its ``state_dict`` is what ships), ``step`` and ``loader`` for
+    :func:`adlib.training.loop.fit`, ``state`` (what fit checkpoints: the model, the optimiser, a scheduler),
+    ``epochs``, ``official_steps`` (the paper's schedule in optimiser steps, None where there is none) and
+    ``config`` (the settings fit's checkpoint fingerprints). The step function may add ``"held_out"`` (a held-out
+    loss) and ``"lr"`` (the learning rate) to the last step of an epoch: the record keeps them per epoch.
+
+    Used by: ``adlib.recipes.checkpoints.CheckpointRecipe``.
+    """
+
+    model: nn.Module
+    step: StepFn
+    loader: Iterable
+    state: dict[str, Any]
+    epochs: int
+    official_steps: int | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointRecipe:
+    """A registry name, its one-line ``summary``, its ``card`` (a markdown file beside the registry) and ``setup``:
+    a function of the seed that builds the same untrained :class:`Training` every time it is called.
+
+    Used by: ``adlib.recipes.checkpoints.recipe``.
+    """
+
+    name: str
+    summary: str
+    card: str
+    setup: Callable[[int], Training]
+    seed: int = 0
+
+
+#: The chapters' checkpoint recipes by registry name (each chapter issue adds its own).
+CHECKPOINT_RECIPES: dict[str, CheckpointRecipe] = {}
+
+
+@dataclass
+class TrainedCheckpoint:
+    """A trained model and how it was trained: ``history`` (one dict per epoch, as fit returns it), ``record`` (the
+    :class:`adlib.eval.claims.TrainingRecord` the convergence rule judges), ``seconds`` of training (this call's when
+    retrained, the recorded ones when loaded) and ``finished`` (False: stopped by a budget, resumable).
+
+    Used by: ``adlib.recipes.checkpoints.load_or_train``.
+    """
+
+    model: nn.Module
+    history: list[dict[str, float]]
+    record: TrainingRecord
+    seconds: float
+    finished: bool = True
+
+    def summary(self, loaded: bool) -> str:
+        """One line for the chapter: steps against the official schedule, the convergence verdict of the book's rule
+        and the training time (``loaded``: the recorded one of the shipped file; else this run's)."""
+        r = self.record
+        official = "no official schedule" if r.official_steps is None else f"official {r.official_steps:,}"
+        verdict = "converged" if r.converged else "not converged"
+        where = "recorded with the shipped file" if loaded else "trained here"
+        return (f"{r.name}: {r.steps:,} optimiser steps ({official}); loss change over the last fifth "
+                f"{r.change:+.1%}: {verdict} by the book's rule; {self.seconds:.0f} s of training ({where})")
+
+
+def recipe(name: str) -> CheckpointRecipe:
+    """The recipe of a registry name, or an error listing them.
+
+    Used by: ``python -m adlib train-checkpoint``.
+    """
+    if name not in CHECKPOINT_RECIPES:
+        raise ValueError(f"No checkpoint recipe {name!r}; choose from {sorted(CHECKPOINT_RECIPES)}.")
+    return CHECKPOINT_RECIPES[name]
+
+
+def _record(name: str, training: Training, history: list[dict[str, float]]) -> TrainingRecord:
+    steps = len(training.loader) * len(history) if hasattr(training.loader, "__len__") else 0
+    has = lambda key: bool(history) and key in history[-1]  # noqa: E731
+    return training_record(name, history, steps=steps, official_steps=training.official_steps,
+                           held_out="held_out" if has("held_out") else None, lr="lr" if has("lr") else None)
+
+
+def train(spec: CheckpointRecipe, checkpoint: str | Path, *, budget_s: float | None = None,
+          progress: bool = False) -> TrainedCheckpoint:
+    """Train ``spec`` through :func:`adlib.training.loop.fit`, saving every epoch to ``checkpoint``; with ``budget_s``
+    stop after the first epoch past it (``finished`` False) and continue from there on the next call.
+
+    Used by: ``adlib.recipes.checkpoints.load_or_train``, ``python -m adlib train-checkpoint``.
+    """
+    training = spec.setup(spec.seed)
+    t0 = time.perf_counter()
+    history = fit(training.step, training.loader, epochs=training.epochs, checkpoint=checkpoint,
+                  state=training.state, seed=spec.seed, config=training.config | {"recipe": spec.name},
+                  progress=progress, budget_s=budget_s)
+    training.model.eval()
+    return TrainedCheckpoint(training.model, history, _record(spec.name, training, history),
+                             time.perf_counter() - t0, len(history) == training.epochs)
+
+
+def ship(spec: CheckpointRecipe, trained: TrainedCheckpoint, runs: list[dict[str, Any]],
+         weights_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write a finished training's model to ``<weights_dir>/<name>.safetensors`` (fp32) and its entry to the
+    registry there (default: the package's ``adlib/weights``): sha256, the rebuild command, the card and the record
+    (steps, official steps, loss, held-out loss and learning rate per epoch, and ``runs``: every run made for it,
+    with ``"discarded"`` saying why one was not shipped). An entry shipped before under the name moves into ``runs``
+    as discarded. Returns the entry.
+
+    Used by: ``adlib.recipes.checkpoints.build``.
+    """
+    if not trained.finished:
+        raise ValueError(f"{spec.name}: the training stopped after {len(trained.history)} epochs; resume it first.")
+    folder = Path(weights_dir) if weights_dir is not None else registry.WEIGHTS_DIR
+    path = folder / f"{spec.name}.safetensors"
+    save_file({k: v.detach().cpu().contiguous() for k, v in trained.model.state_dict().items()}, str(path))
+    table_path = folder / "registry.json"
+    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    replaced = f"replaced by a later run of python -m adlib train-checkpoint {spec.name}"
+    earlier = [run | {"discarded": run["discarded"] or replaced}
+               for run in table.get(spec.name, {}).get("record", {}).get("runs", [])]
+    r = trained.record
+    table[spec.name] = {
+        "file": path.name, "kind": "checkpoint", "sha256": sha256sum(path), "bytes": path.stat().st_size,
+        "command": f"python -m adlib train-checkpoint {spec.name}", "card": spec.card,
+        "record": {"steps": r.steps, "official_steps": r.official_steps, "loss": list(r.loss),
+                   "held_out": list(r.held_out), "lr": list(r.lr), "seconds": round(sum(x["seconds"] for x in runs), 1),
+                   "runs": earlier + runs}}
+    table_path.write_text(json.dumps(table, indent=1) + "\n")
+    return table[spec.name]
+
+
+def load_or_train(name: str, retrain: bool = False, weights_dir: str | Path | None = None) -> TrainedCheckpoint:
+    """A chapter's model: the shipped checkpoint ``name`` (sha256-checked) with its recorded training, or, with
+    ``retrain``, the same recipe trained again here (its seconds measured), which gives the same tensors.
+    ``weights_dir``: another registry folder than the package's (tests).
+
+    Used by: ``adlib.recipes.checkpoints.build``.
+    """
+    spec = recipe(name)
+    if retrain:
+        with tempfile.TemporaryDirectory() as tmp:
+            return train(spec, Path(tmp) / "training.pt")
+    folder = Path(weights_dir) if weights_dir is not None else registry.WEIGHTS_DIR
+    table_path = folder / "registry.json"
+    entry = (json.loads(table_path.read_text()) if table_path.exists() else {}).get(name)
+    if entry is None or entry.get("kind") != "checkpoint":
+        raise FileNotFoundError(f"No shipped checkpoint {name!r}; build it with: python -m adlib train-checkpoint "
+                                f"{name}, or pass retrain=True.")
+    training = spec.setup(spec.seed)
+    path = folder / entry["file"]
+    if not path.is_file() or sha256sum(path) != entry["sha256"]:
+        raise ValueError(f"{path} is missing or its sha256 differs from the registry's; rebuild it with: "
+                         f"{entry['command']}")
+    training.model.load_state_dict(load_file(str(path)))
+    training.model.eval()
+    rec = entry["record"]
+    record = TrainingRecord(name, rec["steps"], rec["official_steps"], tuple(rec["loss"]), tuple(rec["held_out"]),
+                            tuple(rec["lr"]))
+    history = [{"epoch": i + 1, "loss": v} | ({"held_out": rec["held_out"][i]} if rec["held_out"] else {})
+               | ({"lr": rec["lr"][i]} if rec["lr"] else {}) for i, v in enumerate(rec["loss"])]
+    return TrainedCheckpoint(training.model, history, record, float(rec["seconds"]))
+
+
+def build(name: str, state_file: str | Path | None = None, budget_s: float | None = None,
+          weights_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """One invocation of ``python -m adlib train-checkpoint NAME``: train the recipe for at most about ``budget_s``
+    seconds from its training state (``state_file``, default ``NAME.training.pt``; every chunk's seconds go to
+    ``NAME.training.json`` beside it). Stopped by the budget: None, and the same call goes on. Finished: ship the
+    model and its record (:func:`ship`), load it back through :func:`load_or_train` to check that the registry gives
+    the same tensors, delete the training state and return the registry entry.
+
+    Used by: ``python -m adlib train-checkpoint``.
+    """
+    spec = recipe(name)
+    folder = Path(weights_dir) if weights_dir is not None else registry.WEIGHTS_DIR
+    if not (folder / spec.card).is_file():  # before hours of training, not after
+        raise FileNotFoundError(f"{name}: its card {folder / spec.card} is missing; write it first.")
+    state = Path(state_file) if state_file is not None else Path(f"{name}.training.pt")
+    log = state.with_suffix(".json")
+    chunks = json.loads(log.read_text()) if log.exists() and state.exists() else []
+    trained = train(spec, state, budget_s=budget_s, progress=True)
+    chunks.append({"to_epoch": len(trained.history), "seconds": round(trained.seconds, 1),
+                   "threads": torch.get_num_threads()})
+    log.write_text(json.dumps(chunks, indent=1) + "\n")
+    if not trained.finished:
+        return None
+    run = {"epochs": len(trained.history), "seconds": round(sum(c["seconds"] for c in chunks), 1), "chunks": chunks,
+           "discarded": ""}
+    entry = ship(spec, trained, [run], weights_dir)
+    if problems := registry_problems(weights_dir):
+        raise RuntimeError("the registry is incomplete: " + "; ".join(problems))
+    loaded = load_or_train(name, weights_dir=weights_dir).model.state_dict()
+    for key, value in trained.model.state_dict().items():
+        if not torch.equal(loaded[key], value.cpu()):
+            raise RuntimeError(f"{name}: the shipped file does not give back the trained tensor {key}.")
+    state.unlink()
+    log.unlink()
+    return entry
+
+
+#: The registry's size budgets (bytes): one file, and all of them together.
+MAX_FILE_BYTES, MAX_TOTAL_BYTES = 8 * 10**6, 40 * 10**6
+
+
+def registry_problems(weights_dir: str | Path | None = None) -> list[str]:
+    """What is wrong with the registry: a missing file, a file over :data:`MAX_FILE_BYTES` or all of them over
+    :data:`MAX_TOTAL_BYTES`, a checkpoint entry without its record or its card.
+
+    Used by: ``adlib.recipes.checkpoints.build``.
+    """
+    folder = Path(weights_dir) if weights_dir is not None else registry.WEIGHTS_DIR
+    table_path = folder / "registry.json"
+    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    problems = [f"{name}: file {e['file']} missing" for name, e in table.items() if not (folder / e["file"]).is_file()]
+    sizes = {name: (folder / e["file"]).stat().st_size for name, e in table.items() if (folder / e["file"]).is_file()}
+    problems += [f"{name}: {size / 1e6:.1f} MB, over {MAX_FILE_BYTES / 1e6:.0f} MB" for name, size in sizes.items()
+                 if size > MAX_FILE_BYTES]
+    if sum(sizes.values()) > MAX_TOTAL_BYTES:
+        problems.append(f"the registry holds {sum(sizes.values()) / 1e6:.1f} MB, over {MAX_TOTAL_BYTES / 1e6:.0f} MB")
+    for name, e in table.items():
+        if e.get("kind") == "checkpoint":
+            missing = {"steps", "official_steps", "loss", "runs"} - set(e.get("record", {}))
+            problems += [f"{name}: record lacks {sorted(missing)}"] if missing else []
+            problems += [] if (folder / e.get("card", "")).is_file() else [f"{name}: card {e.get('card')} missing"]
+    return problems
+

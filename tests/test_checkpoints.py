@@ -1,0 +1,156 @@
+"""Converged chapter models: a tiny recipe trained in chunks, shipped with its record, loaded back by the chapter
+helper with RETRAIN off and on; the registry's own files and records."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from adlib import cli
+from adlib.eval.claims import TrainingRecord
+from adlib.recipes import checkpoints
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny(seed: int) -> checkpoints.Training:
+    """An autoencoder of 16-dimensional points: 4 epochs of 5 steps, a held-out loss and the learning rate."""
+    data = torch.randn(60, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 16))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loader = DataLoader(TensorDataset(data[:50]), batch_size=10, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    done = {"steps": 0}
+
+    def step(batch):
+        (x,) = batch
+        loss = (model(x) - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        done["steps"] += 1
+        out = {"loss": loss.item()}
+        if done["steps"] % len(loader) == 0:
+            with torch.no_grad():
+                out |= {"held_out": (model(data[50:]) - data[50:]).pow(2).mean().item(), "lr": 1e-2}
+        return out
+
+    return checkpoints.Training(model, step, loader, {"model": model, "opt": opt}, epochs=4, official_steps=20)
+
+
+TINY = checkpoints.CheckpointRecipe("tiny-ae", "a tiny autoencoder (tests)", "TINY.md", _tiny)
+
+
+@pytest.fixture
+def weights_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setitem(checkpoints.CHECKPOINT_RECIPES, "tiny-ae", TINY)
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "TINY.md").write_text("# tiny-ae\n")
+    return folder
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_recipe_in_chunks_ships_and_loads_back_the_same_tensors_with_retrain_off_and_on(weights_dir, tmp_path):
+    state = tmp_path / "tiny.training.pt"
+    # A budget of 0 s: one epoch per invocation, as a session that ends after each chunk.
+    entries = [checkpoints.build("tiny-ae", state, budget_s=0, weights_dir=weights_dir) for _ in range(4)]
+    assert entries[:3] == [None, None, None] and entries[3] is not None
+    assert not state.exists() and not state.with_suffix(".json").exists()  # the training state is cleaned up
+    record = entries[3]["record"]
+    assert record["steps"] == 20 and record["official_steps"] == 20 and len(record["loss"]) == 4
+    assert len(record["held_out"]) == 4 and record["lr"] == [0.01] * 4
+    assert [c["to_epoch"] for c in record["runs"][0]["chunks"]] == [1, 2, 3, 4]
+
+    loaded = checkpoints.load_or_train("tiny-ae", retrain=False, weights_dir=weights_dir)
+    retrained = checkpoints.load_or_train("tiny-ae", retrain=True)
+    assert _same(loaded.model, retrained.model)  # RETRAIN on gives the shipped tensors
+    assert isinstance(loaded.record, TrainingRecord) and loaded.record == retrained.record
+    assert loaded.history == retrained.history and retrained.seconds > 0
+    assert loaded.record.converged == retrained.record.converged  # the book's rule reads the shipped record
+    assert "20 optimiser steps (official 20)" in loaded.summary(loaded=True)
+    assert "recorded with the shipped file" in loaded.summary(True) and "trained here" in retrained.summary(False)
+    assert checkpoints.registry_problems(weights_dir) == []
+
+
+def test_an_interrupted_recipe_resumes_bit_for_bit(tmp_path, monkeypatch):
+    monkeypatch.setitem(checkpoints.CHECKPOINT_RECIPES, "tiny-ae", TINY)
+    whole = checkpoints.train(TINY, tmp_path / "a.pt")
+    first = checkpoints.train(TINY, tmp_path / "b.pt", budget_s=0)
+    assert not first.finished and len(first.history) == 1
+    rest = checkpoints.train(TINY, tmp_path / "b.pt")
+    assert rest.finished and rest.history == whole.history and _same(rest.model, whole.model)
+
+
+def test_a_second_run_keeps_the_first_as_discarded_and_errors_say_what_to_do(weights_dir, tmp_path):
+    for name in ("one", "two"):
+        checkpoints.build("tiny-ae", tmp_path / f"{name}.pt", weights_dir=weights_dir)
+    runs = json.loads((weights_dir / "registry.json").read_text())["tiny-ae"]["record"]["runs"]
+    assert len(runs) == 2 and "replaced" in runs[0]["discarded"] and runs[1]["discarded"] == ""
+    with pytest.raises(ValueError, match="choose from"):
+        checkpoints.recipe("no-such-model")
+    (weights_dir / "tiny-ae.safetensors").write_bytes(b"broken")
+    with pytest.raises(ValueError, match="train-checkpoint tiny-ae"):
+        checkpoints.load_or_train("tiny-ae", weights_dir=weights_dir)
+    assert checkpoints.registry_problems(weights_dir) == []  # present, if corrupt: the sha256 check catches that
+    (weights_dir / "tiny-ae.safetensors").unlink()
+    assert checkpoints.registry_problems(weights_dir) == ["tiny-ae: file tiny-ae.safetensors missing"]
+    table = json.loads((weights_dir / "registry.json").read_text())
+    del table["tiny-ae"]["record"]["runs"]
+    (weights_dir / "registry.json").write_text(json.dumps(table))
+    assert any("record lacks ['runs']" in p for p in checkpoints.registry_problems(weights_dir))
+    (weights_dir / "TINY.md").unlink()
+    with pytest.raises(FileNotFoundError, match="card"):
+        checkpoints.build("tiny-ae", tmp_path / "three.pt", weights_dir=weights_dir)
+
+
+@pytest.mark.parametrize("spec", [TINY, *checkpoints.CHECKPOINT_RECIPES.values()], ids=lambda r: r.name)
+def test_every_recipe_repeats_its_tensors_on_one_thread(spec, tmp_path):
+    # a shortened run: its first epoch, twice
+    a, b = (checkpoints.train(spec, tmp_path / f"{k}.pt", budget_s=0) for k in "ab")
+    assert a.history == b.history and _same(a.model, b.model)
+
+
+def test_the_shipped_registry_is_complete_within_budget_and_in_the_readme():
+    assert checkpoints.registry_problems() == []
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = readme.index("| name | what | size | card | retrain |"), readme.index("**Converged chapter models.**")
+    table = readme[start:end]
+    for name in checkpoints.registry.shipped_weights():
+        assert f"`{name}`" in table, f"README's weights table lacks {name} (with its size and rebuild time)"
+
+
+def test_size_budgets(weights_dir, monkeypatch):
+    (weights_dir / "big.safetensors").write_bytes(b"0" * 1000)
+    (weights_dir / "registry.json").write_text(json.dumps({"big": {"file": "big.safetensors"}}))
+    assert checkpoints.registry_problems(weights_dir) == []
+    monkeypatch.setattr(checkpoints, "MAX_FILE_BYTES", 999)
+    monkeypatch.setattr(checkpoints, "MAX_TOTAL_BYTES", 500)
+    assert checkpoints.registry_problems(weights_dir) == ["big: 0.0 MB, over 0 MB",
+                                                          "the registry holds 0.0 MB, over 0 MB"]
+
+
+def test_the_command_resumes_and_reports(weights_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoints.registry, "WEIGHTS_DIR", weights_dir)
+    assert cli.main(["train-checkpoint", "tiny-ae", "--budget-minutes", "0"]) == 0
+    assert "run the same command" in capsys.readouterr().err and (tmp_path / "tiny-ae.training.pt").exists()
+    assert cli.main(["train-checkpoint", "tiny-ae"]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["kind"] == "checkpoint" and entry["command"] == "python -m adlib train-checkpoint tiny-ae"
+    assert not (tmp_path / "tiny-ae.training.pt").exists()
+    assert cli.main(["train-checkpoint", "nothing"]) == 2
