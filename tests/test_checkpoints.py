@@ -82,8 +82,11 @@ def test_a_recipe_in_chunks_ships_and_loads_back_the_same_tensors_with_retrain_o
     assert isinstance(loaded.record, TrainingRecord) and loaded.record == retrained.record
     assert loaded.history == retrained.history and retrained.seconds > 0
     assert loaded.record.converged == retrained.record.converged  # the book's rule reads the shipped record
-    assert "20 optimiser steps (official 20)" in loaded.summary(loaded=True)
-    assert "recorded with the shipped file" in loaded.summary(True) and "trained here" in retrained.summary(False)
+    assert "20 optimiser steps (official 20)" in loaded.summary()
+    assert "recorded with the shipped file" in loaded.summary() and "trained here" in retrained.summary()
+    ax = loaded.plot()
+    assert [line.get_label() for line in ax.get_lines()] == ["training loss", "held-out loss", "official schedule"]
+    assert list(ax.get_lines()[0].get_xdata()) == [5, 10, 15, 20]  # optimiser steps, not epochs
     assert checkpoints.registry_problems(weights_dir) == []
 
 

@@ -74,7 +74,8 @@ CHECKPOINT_RECIPES: dict[str, CheckpointRecipe] = {}
 class TrainedCheckpoint:
     """A trained model and how it was trained: ``history`` (one dict per epoch, as fit returns it), ``record`` (the
     :class:`adlib.eval.claims.TrainingRecord` the convergence rule judges), ``seconds`` of training (this call's when
-    retrained, the recorded ones when loaded) and ``finished`` (False: stopped by a budget, resumable).
+    retrained, the recorded ones when ``loaded`` from the shipped file) and ``finished`` (False: stopped by a
+    budget, resumable). :meth:`summary` and :meth:`plot` are what a chapter shows of it.
 
     Used by: ``adlib.recipes.checkpoints.load_or_train``.
     """
@@ -84,16 +85,36 @@ class TrainedCheckpoint:
     record: TrainingRecord
     seconds: float
     finished: bool = True
+    loaded: bool = False
 
-    def summary(self, loaded: bool) -> str:
-        """One line for the chapter: steps against the official schedule, the convergence verdict of the book's rule
-        and the training time (``loaded``: the recorded one of the shipped file; else this run's)."""
+    def summary(self) -> str:
+        """One line: steps against the official schedule, the convergence verdict of the book's rule and the
+        training time (the recorded one of the shipped file, or this run's)."""
         r = self.record
         official = "no official schedule" if r.official_steps is None else f"official {r.official_steps:,}"
         verdict = "converged" if r.converged else "not converged"
-        where = "recorded with the shipped file" if loaded else "trained here"
+        where = "recorded with the shipped file" if self.loaded else "trained here"
         return (f"{r.name}: {r.steps:,} optimiser steps ({official}); loss change over the last fifth "
                 f"{r.change:+.1%}: {verdict} by the book's rule; {self.seconds:.0f} s of training ({where})")
+
+    def plot(self, ax: Any = None) -> Any:
+        """The whole recorded training curve: loss (and held-out loss) against optimiser steps, the last fifth
+        (where the convergence rule looks) shaded and the official schedule's length marked when it is in view."""
+        import matplotlib.pyplot as plt
+
+        ax = plt.subplots(figsize=(5, 3))[1] if ax is None else ax
+        r = self.record
+        per_epoch = r.steps / max(1, len(r.loss))
+        steps = [per_epoch * (i + 1) for i in range(len(r.loss))]
+        ax.plot(steps, r.loss, marker=".", label="training loss")
+        if r.held_out:
+            ax.plot(steps, r.held_out, marker=".", label="held-out loss")
+        ax.axvspan(steps[-max(1, len(steps) // 5)], steps[-1], color="grey", alpha=0.15, label="last fifth")
+        if r.official_steps is not None and r.official_steps <= 1.2 * r.steps:
+            ax.axvline(r.official_steps, color="black", ls="--", lw=1, label="official schedule")
+        ax.set(xlabel="optimiser steps", ylabel="loss", title=r.name)
+        ax.legend(fontsize=8)
+        return ax
 
 
 def recipe(name: str) -> CheckpointRecipe:
@@ -190,7 +211,7 @@ def load_or_train(name: str, retrain: bool = False, weights_dir: str | Path | No
                             tuple(rec["lr"]))
     history = [{"epoch": i + 1, "loss": v} | ({"held_out": rec["held_out"][i]} if rec["held_out"] else {})
                | ({"lr": rec["lr"][i]} if rec["lr"] else {}) for i, v in enumerate(rec["loss"])]
-    return TrainedCheckpoint(training.model, history, record, float(rec["seconds"]))
+    return TrainedCheckpoint(training.model, history, record, float(rec["seconds"]), loaded=True)
 
 
 def build(name: str, state_file: str | Path | None = None, budget_s: float | None = None,
