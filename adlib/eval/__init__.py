@@ -1,1 +1,2 @@
-"""Evaluation: metrics, the claims' verdicts and the scorecard glue, and the one-class protocol."""
+"""Evaluation: what a detector returns (``scores.Scores``), metrics, the one-class protocol, the claims' verdicts,
+per-object tables and ablations, and the scorecard glue."""

@@ -1,2 +1,2 @@
-"""Methods: one module (or small package) per method of the book, each built on ``methods.base``'s detector
-protocol where it scores images."""
+"""Methods: one module (or small package) per method of the book. Those that score images build on one of the three
+kinds of detector of ``methods.base`` (memory bank, trained, zero-shot)."""
