@@ -21,3 +21,17 @@ for var, sub in {
     Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+import pytest  # noqa: E402  (after the environment above: imports below must see it)
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: two threads on a shared 2-core machine are ~50x slower for tiny
+    convolutions, and one thread makes the training tests repeat bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

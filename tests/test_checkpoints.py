@@ -14,13 +14,7 @@ from adlib import cli
 from adlib.eval.claims import TrainingRecord
 from adlib.recipes import checkpoints
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _tiny(seed: int) -> checkpoints.Training:

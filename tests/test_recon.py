@@ -12,14 +12,7 @@ from adlib.core.runtime import seed_everything
 from adlib.methods import autoencoder, ganomaly, vae
 from adlib.training.loop import fit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two threads on a shared 2-core machine are ~50x slower than one for these tiny convolutions.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 SIZES = [(1, 8), (3, 32), (3, 64), (3, 128)]

@@ -13,13 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from adlib.training import loop
 from adlib.training.loop import fit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 DATA = TensorDataset(torch.randn(40, 6, generator=torch.Generator().manual_seed(0)))
