@@ -231,6 +231,12 @@ def test_no_method_overrides_the_protocol() -> None:
         assert "features" not in cls.__dict__ and "inputs" not in cls.__dict__ or method == "students"
 
 
+def test_a_trained_detector_says_it_needs_gradients() -> None:
+    det = catalog.make_detector("ae", **SMALL["ae"])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="outside torch.no_grad"):
+        det.fit(torch.rand(4, 3, 32, 32))
+
+
 def test_students_load_no_backbone_they_do_not_use() -> None:
     det = catalog.make_detector("students")  # the shipped teacher: the backbone would only teach a new one
     assert not any(isinstance(v, torch.nn.Module) for v in vars(det).values())

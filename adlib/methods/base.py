@@ -320,6 +320,8 @@ class TrainedDetector(Detector):
         return torch.cat([self.embed(self.frozen.extractor(b), grid) for b in torch.split(images, self.batch_size)])
 
     def learn(self, images: torch.Tensor) -> None:
+        if not torch.is_grad_enabled():  # a clear message, not a backward() error mid-training
+            raise RuntimeError(f"{type(self).__name__} trains a network: call fit() outside torch.no_grad().")
         self.history = self.train_model(self.inputs(images))
         self.model.eval()
 
