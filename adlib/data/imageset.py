@@ -64,7 +64,7 @@ class ImageSet:
         images = images.astype(np.float32, copy=False)
         if images.size and (images.min() < 0 or images.max() > 1):
             raise ValueError(f"images must be in [0, 1], got values in [{images.min():.3g}, {images.max():.3g}]: "
-                             "do not normalise them (the backbone does).")
+                             "pass them before any normalisation (backbones and CLIP normalise them themselves).")
         n, (h, w) = len(images), images.shape[2:]
         labels, masks = self.labels, self.masks
         if labels is not None:
@@ -139,6 +139,6 @@ class ImageSet:
 def as_image_set(images: "ImageSet | np.ndarray | torch.Tensor") -> ImageSet:
     """``images`` as an :class:`ImageSet`: itself, or a float (N, 3, H, W) array in [0, 1] wrapped unlabelled.
 
-    Used by: ``adlib.methods.base.Detector``.
+    Used by: ``adlib.methods.base.Detector``, ``adlib.features.clip.to_tensor``.
     """
     return images if isinstance(images, ImageSet) else ImageSet(images)

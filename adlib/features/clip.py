@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adlib.core.checksum import sha256sum
-from adlib.data.imageset import ImageSet
+from adlib.data.imageset import ImageSet, as_image_set
 
 #: The tiny CLIP: a ViT with 8 x 8 patches on 64 px images and a small causal text transformer.
 #: open_clip's BPE vocabulary (49408 tokens) is kept so the real tokenizer works unchanged.
@@ -130,15 +130,7 @@ def to_tensor(images: ImageSet | np.ndarray | torch.Tensor, size: int | None = N
 
     Used by: ``adlib.features.clip.encode_images``, ``adlib.methods.aaclip.scoring.anomaly_scores``.
     """
-    x = images.images if isinstance(images, ImageSet) else images
-    if x.dtype in (np.uint8, torch.uint8):
-        raise ValueError("to_tensor takes images in [0, 1], not uint8: wrap (N, H, W, 3) uint8 photos with "
-                         "adlib.data.imageset.ImageSet.from_uint8(photos) first.")
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"Expected an ImageSet or (N, 3, H, W) float images in [0, 1], got shape {tuple(x.shape)}.")
-    if not isinstance(images, ImageSet) and len(x) and (x.min() < 0 or x.max() > 1):
-        raise ValueError(f"Expected images in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]: "
-                         "pass them before any normalisation (to_tensor normalises them for CLIP).")
+    x = as_image_set(images).images  # checked there: float (N, 3, H, W) in [0, 1], never uint8
     # Channels-last, the memory layout CLIP's preprocessing always had (it came from (N, H, W, 3) photos): the
     # convolutions that follow then run the same kernels and give the same bits.
     x = torch.as_tensor(x).float().contiguous(memory_format=torch.channels_last)

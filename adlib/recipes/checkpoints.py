@@ -128,7 +128,7 @@ def recipe(name: str) -> CheckpointRecipe:
 
 
 def _record(name: str, training: Training, history: list[dict[str, float]]) -> TrainingRecord:
-    steps = len(training.loader) * len(history) if hasattr(training.loader, "__len__") else 0
+    steps = len(training.loader) * len(history)  # a recipe's loader knows its steps per epoch
     has = lambda key: bool(history) and key in history[-1]  # noqa: E731
     return training_record(name, history, steps=steps, official_steps=training.official_steps,
                            held_out="held_out" if has("held_out") else None, lr="lr" if has("lr") else None)
@@ -163,11 +163,10 @@ def ship(spec: CheckpointRecipe, trained: TrainedCheckpoint, runs: list[dict[str
     """
     if not trained.finished:
         raise ValueError(f"{spec.name}: the training stopped after {len(trained.history)} epochs; resume it first.")
-    folder = Path(weights_dir) if weights_dir is not None else registry.WEIGHTS_DIR
+    folder = registry.registry_folder(weights_dir)
     path = folder / f"{spec.name}.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in trained.model.state_dict().items()}, str(path))
-    table_path = folder / "registry.json"
-    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    table = registry.shipped_weights(folder)
     replaced = f"replaced by a later run of python -m adlib train-checkpoint {spec.name}"
     earlier = [run | {"discarded": run["discarded"] or replaced}
                for run in table.get(spec.name, {}).get("record", {}).get("runs", [])]
@@ -178,7 +177,7 @@ def ship(spec: CheckpointRecipe, trained: TrainedCheckpoint, runs: list[dict[str
         "record": {"steps": r.steps, "official_steps": r.official_steps, "loss": list(r.loss),
                    "held_out": list(r.held_out), "lr": list(r.lr), "seconds": round(sum(x["seconds"] for x in runs), 1),
                    "runs": earlier + runs}}
-    table_path.write_text(json.dumps(table, indent=1) + "\n")
+    (folder / "registry.json").write_text(json.dumps(table, indent=1) + "\n")
     return table[spec.name]
 
 
@@ -193,18 +192,12 @@ def load_or_train(name: str, retrain: bool = False, weights_dir: str | Path | No
     if retrain:
         with tempfile.TemporaryDirectory() as tmp:
             return train(spec, Path(tmp) / "training.pt")
-    folder = Path(weights_dir) if weights_dir is not None else registry.WEIGHTS_DIR
-    table_path = folder / "registry.json"
-    entry = (json.loads(table_path.read_text()) if table_path.exists() else {}).get(name)
+    entry = registry.shipped_weights(weights_dir).get(name)
     if entry is None or entry.get("kind") != "checkpoint":
         raise FileNotFoundError(f"No shipped checkpoint {name!r}; build it with: python -m adlib train-checkpoint "
                                 f"{name}, or pass retrain=True.")
     training = spec.setup(spec.seed)
-    path = folder / entry["file"]
-    if not path.is_file() or sha256sum(path) != entry["sha256"]:
-        raise ValueError(f"{path} is missing or its sha256 differs from the registry's; rebuild it with: "
-                         f"{entry['command']}")
-    training.model.load_state_dict(load_file(str(path)))
+    training.model.load_state_dict(load_file(str(registry.weights_file(name, weights_dir))))
     training.model.eval()
     rec = entry["record"]
     record = TrainingRecord(name, rec["steps"], rec["official_steps"], tuple(rec["loss"]), tuple(rec["held_out"]),
@@ -225,7 +218,7 @@ def build(name: str, state_file: str | Path | None = None, budget_s: float | Non
     Used by: ``python -m adlib train-checkpoint``.
     """
     spec = recipe(name)
-    folder = Path(weights_dir) if weights_dir is not None else registry.WEIGHTS_DIR
+    folder = registry.registry_folder(weights_dir)
     if not (folder / spec.card).is_file():  # before hours of training, not after
         raise FileNotFoundError(f"{name}: its card {folder / spec.card} is missing; write it first.")
     state = Path(state_file) if state_file is not None else Path(f"{name}.training.pt")
@@ -261,9 +254,8 @@ def registry_problems(weights_dir: str | Path | None = None) -> list[str]:
 
     Used by: ``adlib.recipes.checkpoints.build``.
     """
-    folder = Path(weights_dir) if weights_dir is not None else registry.WEIGHTS_DIR
-    table_path = folder / "registry.json"
-    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    folder = registry.registry_folder(weights_dir)
+    table = registry.shipped_weights(folder)
     problems = [f"{name}: file {e['file']} missing" for name, e in table.items() if not (folder / e["file"]).is_file()]
     sizes = {name: (folder / e["file"]).stat().st_size for name, e in table.items() if (folder / e["file"]).is_file()}
     problems += [f"{name}: {size / 1e6:.1f} MB, over {MAX_FILE_BYTES / 1e6:.0f} MB" for name, size in sizes.items()

@@ -26,28 +26,37 @@ def _checked(path: Path, sha256: str, remedy: str) -> Path:
     return path
 
 
-def shipped_weights() -> dict[str, dict]:
+def registry_folder(folder: str | os.PathLike | None = None) -> Path:
+    """``folder`` as a path, or the package's own registry folder (``adlib/weights``) when None.
+
+    Used by: ``adlib.weights.registry.shipped_weights``, ``adlib.recipes.checkpoints.ship``.
+    """
+    return WEIGHTS_DIR if folder is None else Path(folder)
+
+
+def shipped_weights(folder: str | os.PathLike | None = None) -> dict[str, dict]:
     """The weights shipped with the package (``adlib/weights/registry.json``): name -> file, arch, sha256, ...;
     backbones, the teachers of chapter 6 (``"kind": "teacher"``, loaded by
-    :func:`adlib.methods.students.teacher.load_teacher`) and the tiny CLIP of chapters 9-10 (``"kind": "clip"``,
-    loaded by :func:`adlib.features.clip.load_tiny_clip`).
+    :func:`adlib.methods.students.teacher.load_teacher`), the tiny CLIP of chapters 9-10 (``"kind": "clip"``,
+    loaded by :func:`adlib.features.clip.load_tiny_clip`) and the chapters' converged models (``"kind":
+    "checkpoint"``, :mod:`adlib.recipes.checkpoints`). ``folder``: another registry folder (empty when it has none).
 
     Defined in: "SSL-OCC: self-supervised one-class classification" (``notebooks/05_ssl_occ.ipynb``).
     """
-    registry = WEIGHTS_DIR / "registry.json"
+    registry = registry_folder(folder) / "registry.json"
     return json.loads(registry.read_text()) if registry.exists() else {}
 
 
-def weights_file(weights: str | os.PathLike) -> Path:
+def weights_file(weights: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
     """The file of a shipped name of the registry (its sha256 checked, a mismatch naming the file and the command
-    that rebuilds it) or of a local path.
+    that rebuilds it) or of a local path; ``folder``: another registry folder than the package's.
 
     Used by: ``adlib.features.clip.load_tiny_clip``, ``adlib.weights.registry.load_weights``.
     """
-    registry = shipped_weights()
+    registry = shipped_weights(folder)
     if str(weights) in registry:
         entry = registry[str(weights)]
-        return _checked(WEIGHTS_DIR / entry["file"], entry["sha256"],
+        return _checked(registry_folder(folder) / entry["file"], entry["sha256"],
                         f"reinstall adlib or rebuild it with: {entry['command']}")
     path = Path(weights)
     if not path.is_file():

@@ -121,6 +121,6 @@ def anchor_stats(sim: np.ndarray) -> dict[str, float]:
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     c = len(sim) // 2
-    same = np.mean([sim[2 * i, 2 * i + 1] for i in range(c)])
+    same = np.mean(same_object_cosine(sim))
     other = np.mean([sim[2 * i, 2 * j] for i in range(c) for j in range(c) if i != j])
     return {"cos(normal, anomalous), same object": same, "cos(normal, normal), different objects": other}
