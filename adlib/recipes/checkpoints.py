@@ -14,13 +14,14 @@ sha256, the command that rebuilds it, its card and the training record that ``ad
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -181,6 +182,24 @@ def ship(spec: CheckpointRecipe, trained: TrainedCheckpoint, runs: list[dict[str
     folder = registry.registry_folder(weights_dir)
     path = folder / f"{spec.name}.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in trained.model.state_dict().items()}, str(path))
+    with _locked(folder / "registry.lock"):  # two trainings may finish together: neither entry may be lost
+        return _register(spec, trained, runs, folder, path)
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no parallel trainings to guard against
+        yield
+        return
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _register(spec: CheckpointRecipe, trained: TrainedCheckpoint, runs: list[dict[str, Any]], folder: Path,
+              path: Path) -> dict[str, Any]:
     table = registry.shipped_weights(folder)
     replaced = f"replaced by a later run of python -m adlib train-checkpoint {spec.name}"
     earlier = [run | {"discarded": run["discarded"] or replaced}
