@@ -96,6 +96,19 @@ def test_missing_and_new_chapters_and_claims_fail(recorded, tmp_path) -> None:
         check_expected.main(["--executed", str(executed), "--expected", str(expected), "--write"])
 
 
+def test_rewriting_from_one_executed_chapter_keeps_the_other_chapters(recorded, tmp_path) -> None:
+    executed, expected = recorded
+    other = tmp_path / "other"
+    _write_executed(other, _chapter(number=0.8), stem="02_other")
+    assert check_expected.main(["--executed", str(other), "--expected", str(expected), "--write",
+                                "--reason", "chapter 2 only"]) == 0
+    saved = json.loads(expected.read_text())
+    assert sorted(saved["chapters"]) == ["01_demo", "02_other"]
+    _write_executed(other, _chapter(number=0.7), stem="02_other")
+    diff = check_expected.rewrite(expected, check_expected.read_records(other), "chapter 2 again")
+    assert [line.split(' (')[0] for line in diff] == ["02_other: number 'A / image AUROC': 0.8 -> 0.7"]
+
+
 def test_a_book_build_keeps_the_glued_record_beside_the_notebook(tmp_path) -> None:
     """myst-nb's build strips glued outputs from the executed notebook into ``<stem>.glue.json``, unprefixed."""
     folder = tmp_path / "jupyter_execute"
