@@ -10,13 +10,12 @@ from typing import Sequence
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
 from adlib.core.home import data_home
 from adlib.core.profiles import check_profile
-from adlib.data import download, synthtex
+from adlib.data import download, image_files, synthtex
 from adlib.data.imageset import ImageSet
 
 # MVTec-format folders, from the "Datasets and metrics" chapter (notebooks/02_datasets_and_metrics.ipynb).
@@ -62,18 +61,9 @@ def _mask_key(mask: Path) -> str:
     return mask.stem[: -len("_mask")] if mask.stem.endswith("_mask") else mask.stem
 
 
-def _read_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` as RGB (grey images are replicated), naming the file if it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"Cannot read image {path}: {err}. Replace the file or delete it.") from err
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image as (3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(255.0)
+def _to_tensor(path: Path) -> torch.Tensor:
+    """An image file as (3, H, W) float32 in [0, 1] (:func:`adlib.data.image_files.read_image`)."""
+    return torch.from_numpy(image_files.read_image(path)).permute(2, 0, 1)
 
 
 def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -90,32 +80,8 @@ def read_images(paths: Sequence[str | Path], image_size: int | tuple[int, int] =
     size = _pair(image_size, "image_size")
     if not paths:
         raise ValueError("No image files given.")
-    images = torch.stack([_resize(_to_tensor(_read_rgb(Path(p))), size) for p in paths]).numpy()
+    images = torch.stack([_resize(_to_tensor(Path(p)), size) for p in paths]).numpy()
     return ImageSet(images, files=[str(p) for p in paths])
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """Decode a mask file to (H, W) bool: any non-zero value (in any colour channel) is anomalous.
-
-    Used by: ``adlib.data.mvtec.MVTecDataset``, ``adlib.data.visa.visa_to_mvtec``.
-    """
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"Cannot read mask {path}: {err}. Replace the file or delete it.") from err
-    if arr.ndim == 3:  # drop alpha (non-zero everywhere): LA keeps channel 0, RGB(A) its colours
-        arr = arr[..., : 3 if arr.shape[-1] >= 3 else 1].max(axis=-1)
-    return arr > 0
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"Cannot read image {path}: {err}. Replace the file or delete it.") from err
 
 
 def _pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -252,10 +218,10 @@ class MVTecDataset(Dataset):
                         f"Defect image {image} has no mask: expected {gt_dir / defect / (image.stem + '_mask.png')}. "
                         "Every test image outside good/ needs a binary mask of the same size."
                     )
-                if _image_size(mask) != _image_size(image):
+                if image_files.image_size(mask) != image_files.image_size(image):
                     raise ValueError(
-                        f"Mask {mask} is {_image_size(mask)} (width, height) but its image {image} is "
-                        f"{_image_size(image)}; a mask must have exactly the size of its image."
+                        f"Mask {mask} is {image_files.image_size(mask)} (width, height) but its image {image} is "
+                        f"{image_files.image_size(image)}; a mask must have exactly the size of its image."
                     )
                 samples.append((image, 1, mask, defect))
             if masks:
@@ -282,11 +248,11 @@ class MVTecDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, label, mask_path, defect = self.samples[index]
-        image = _to_tensor(_read_rgb(path))
+        image = _to_tensor(path)
         if mask_path is None:
             mask = torch.zeros((1, *image.shape[1:]), dtype=torch.float32)
         else:
-            mask = torch.from_numpy(read_mask(mask_path)).float()[None]
+            mask = torch.from_numpy(image_files.read_mask(mask_path)).float()[None]
         image = _resize(image, self.image_size)
         # NEAREST_EXACT samples pixel centres as the bilinear image resize does; plain NEAREST shifts
         # the mask by up to a pixel relative to the image.

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm  # text bars: a widget would need JavaScript in the built book
 
-from adlib.data.mvtec import read_mask
+from adlib.data.image_files import read_mask
 
 
 def visa_to_mvtec(
@@ -81,5 +81,5 @@ def visa_to_mvtec(
         shutil.copyfile(src, dst)
         if src_mask is not None and dst_mask is not None:
             dst_mask.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(read_mask(src_mask).astype(np.uint8) * 255).save(dst_mask)
+            Image.fromarray(read_mask(src_mask, label_indices=True).astype(np.uint8) * 255).save(dst_mask)
     return out_root
