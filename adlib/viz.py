@@ -98,12 +98,13 @@ def overlay(
 
 
 def save_overlays(folder: str | Path, images: Any, maps: Any, names: Sequence[str], *,
-                  vmin: float | None = None, vmax: float | None = None) -> list[Path]:
+                  vmin: float | None = None, vmax: float | None = None, overwrite: bool = False) -> list[Path]:
     """Write one PNG per image: its anomaly map (N, H, W) blended onto it (:func:`overlay`), as
     ``folder/<name>.png``. The colour scale is shared by all images ([``vmin``, ``vmax``], default the maps'
-    overall min and max), so a brighter overlay means a higher score. Refuses to overwrite existing files.
+    overall min and max), so a brighter overlay means a higher score. Refuses to overwrite existing files unless
+    ``overwrite``, repeated names and symbolic links always.
 
-    Used by: ``python -m adlib predict``, ``python -m adlib run``.
+    Used by: ``adlib.bench.folders``.
     """
     from PIL import Image
 
@@ -112,10 +113,16 @@ def save_overlays(folder: str | Path, images: Any, maps: Any, names: Sequence[st
     if len(names) != len(maps):
         raise ValueError(f"need one name per map: {len(names)} names for {len(maps)} maps.")
     paths = [folder / f"{name}.png" for name in names]
+    if len(set(paths)) < len(paths):
+        raise ValueError(f"two overlays would be named {next(p for p in paths if paths.count(p) > 1).name}; "
+                         "give every image its own name.")
+    links = [p for p in paths if p.is_symlink()]
+    if links:
+        raise ValueError(f"{links[0]} is a symbolic link; adlib does not write through links.")
     existing = [p for p in paths if p.exists()]
-    if existing:
+    if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists ({len(existing)} of the overlays would be overwritten); "
-                              "choose another folder or delete them first.")
+                              "choose another folder, delete them first or pass --overwrite.")
     lo, hi = (maps.min() if vmin is None else vmin), (maps.max() if vmax is None else vmax)
     for path, image, amap in zip(paths, images, maps):
         path.parent.mkdir(parents=True, exist_ok=True)

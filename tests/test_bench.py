@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from adlib import cli
-from adlib.bench import benchmark, runs
+from adlib.bench import benchmark, folders, runs
 from adlib.eval import metrics
 from test_detectors import _image, make_folder
 
@@ -112,7 +112,7 @@ def test_run_and_bench_share_one_run_path_and_refuse_partial_masks(tmp_path: Pat
     record = benchmark.run_one("patchcore", root, "widget", seed=0, **small)
     assert record["row"]["pixel_auroc"] is None and record["row"]["aupro"] is None and record["counts"] is None
     assert {k: v["aupro"] for k, v in record["by_defect"].items()} == {"dent": None, "scratch": None}
-    result = cli.run("patchcore", root, seed=0, **small)["categories"]["widget"]
+    result = folders.run("patchcore", root, seed=0, **small)["categories"]["widget"]
     # one path: the same seed gives the same image AUROC from both commands
     assert result["aupro"] is None and result["image_auroc"] == record["row"]["image_auroc"]
     assert result["image_auroc"] == roc_auc_score(record["labels"], record["scores"])

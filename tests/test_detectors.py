@@ -14,6 +14,7 @@ from PIL import Image
 from scipy.spatial.distance import mahalanobis
 
 from adlib import cli
+from adlib.bench import folders
 from adlib.core import runtime
 from adlib.data.imageset import ImageSet
 from adlib.eval import metrics, protocol
@@ -332,13 +333,13 @@ def test_cli_run_writes_the_documented_json(tmp_path: Path, capsys: pytest.Captu
     result = json.loads(out.read_text())
     assert {k: result[k] for k in ("method", "backbone", "image_size")} == {
         "method": "patchcore", "backbone": "random-resnet18", "image_size": 32}
-    assert set(result["categories"]["widget"]) == set(cli.COLUMNS) == set(result["mean"])
+    assert set(result["categories"]["widget"]) == set(folders.COLUMNS) == set(result["mean"])
     assert 0 <= result["categories"]["widget"]["aupro"] <= 1
     printed = capsys.readouterr()
-    assert "widget" in printed.out and "mean" in printed.out and "[widget] fit" in printed.err
+    assert "widget" in printed.out and "mean" in printed.out and "[widget] done: image auroc" in printed.err
     assert len(list((tmp_path / "maps/widget").glob("*.png"))) == 4
     # the saved detector scores the same images the same way
-    scores = dict(cli.predict(tmp_path / "m.pt", [root / "widget/test/dent"]))
+    scores = dict(folders.predict(tmp_path / "m.pt", [root / "widget/test/dent"]))
     assert len(scores) == 2 and all(np.isfinite(list(scores.values())))
     assert cli.main(args) == 2  # --out exists: refused, nothing overwritten
     assert "exists" in capsys.readouterr().err
@@ -346,7 +347,7 @@ def test_cli_run_writes_the_documented_json(tmp_path: Path, capsys: pytest.Captu
 
 def test_cli_maskless_folder_gives_image_metrics_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = make_folder(tmp_path / "data", masks=False)
-    result = cli.run("patchknn", root, backbone="random-resnet18", image_size=32, device="cpu")
+    result = folders.run("patchknn", root, backbone="random-resnet18", image_size=32, device="cpu")
     row = result["categories"]["widget"]
     assert row["pixel_auroc"] is None and row["aupro"] is None and 0 <= row["image_auroc"] <= 1
     assert result["mean"]["aupro"] is None

@@ -9,7 +9,7 @@ import png
 import pytest
 from PIL import Image
 
-from adlib import cli
+from adlib.bench import folders
 from adlib.data import image_files
 from adlib.data.mvtec import MVTecDataset
 
@@ -148,7 +148,7 @@ def test_a_16_bit_category_scores_as_its_8_bit_twin(tmp_path: Path, kind: str, o
         else:
             save_png16(path, wide)
 
-    rows = [cli.run("patchcore", _category(tmp_path / name, write), backbone="random-resnet18", image_size=32,
+    rows = [folders.run("patchcore", _category(tmp_path / name, write), backbone="random-resnet18", image_size=32,
                     device="cpu")["categories"]["widget"] for name, write in (("eight", eight), ("sixteen", sixteen))]
     for column in ("image_auroc", "pixel_auroc", "aupro"):
         assert rows[1][column] == pytest.approx(rows[0][column], abs=0.01), column

@@ -45,7 +45,7 @@ def run_category(method: str, root: str | Path, category: str, *, image_size: in
     masks gives image-level metrics only (``test.masks`` None), never all-zero masks that would count its defect
     pixels as normal.
 
-    Used by: ``adlib.bench.benchmark.run_one``, ``python -m adlib run``.
+    Used by: ``adlib.bench.benchmark.run_one``, ``adlib.bench.folders``.
     """
     seed_everything(seed)
     train = mvtec.load_split(root, category, "train", image_size)

@@ -45,7 +45,7 @@ def list_images(folder: str | Path) -> list[Path]:
     """The image files directly in ``folder`` (any of :data:`IMAGE_EXTENSIONS`, any letter case), sorted by name;
     hidden files (``._x.png``) are skipped.
 
-    Used by: ``adlib.data.mvtec.MVTecDataset``, ``python -m adlib predict``.
+    Used by: ``adlib.data.mvtec.MVTecDataset``, ``adlib.bench.folders.predict``.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -75,7 +75,7 @@ def read_images(paths: Sequence[str | Path], image_size: int | tuple[int, int] =
     """Image files (png, jpg, ...) -> an unlabelled :class:`ImageSet` (N, 3, H, W) in [0, 1] with their file
     names, resized as :class:`MVTecDataset` does.
 
-    Used by: ``python -m adlib predict``.
+    Used by: ``adlib.bench.folders.predict``.
     """
     size = _pair(image_size, "image_size")
     if not paths:
@@ -111,15 +111,23 @@ def categories(root: str | Path) -> list[str]:
 
 
 def select_categories(root: str | Path, wanted: Sequence[str] | None = None) -> list[str]:
-    """``wanted`` (None: every category under ``root``), each checked to exist there; an error names the expected
-    layout when ``root`` has no category, and the available ones when a name is unknown.
+    """``wanted`` (None: every category under ``root``), each checked to exist there and listed once; an error names
+    the expected layout when ``root`` has no category (and its parent when ``root`` is a category folder itself),
+    and the available ones when a name is unknown.
 
-    Used by: ``adlib.bench.benchmark.sweep``, ``python -m adlib run``.
+    Used by: ``adlib.bench.benchmark.sweep``, ``adlib.bench.folders.run``.
     """
+    root = Path(root)
     available = categories(root)
     if not available:
+        if (root / "train").is_dir() or (root / "test").is_dir():
+            raise FileNotFoundError(f"{root} is one category folder (it holds train/ or test/), not a root of "
+                                    f"categories: pass its parent, {root.parent}, with --category {root.name}.")
         raise FileNotFoundError(f"No category folders (with train/ or test/) under {root}. Expected layout:\n"
                                 f"{LAYOUT}")
+    twice = sorted({c for c in wanted or () if list(wanted).count(c) > 1})
+    if twice:
+        raise ValueError(f"Category {twice[0]!r} is listed twice; list each category once.")
     unknown = [c for c in wanted or () if c not in available]
     if unknown:
         raise ValueError(f"Unknown category {unknown[0]!r} in {root}. Available categories: {available}.")

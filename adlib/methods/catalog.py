@@ -71,7 +71,7 @@ def load_detector(path: str | Path, device: str = "cpu") -> tuple[Detector, dict
     The file's format version must be the one this version of adlib writes; an older or newer file is refused with
     the command that makes a new one.
 
-    Used by: ``adlib.cli.predict``.
+    Used by: ``adlib.bench.folders.predict``.
     """
     import torch
 
@@ -81,7 +81,11 @@ def load_detector(path: str | Path, device: str = "cpu") -> tuple[Detector, dict
     remake = f"python -m adlib run METHOD --data ROOT --category C --save-model {path}"
     if not path.is_file():
         raise FileNotFoundError(f"No saved detector at {path}; make one with: {remake}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's own message suggests weights_only=False, unsafe for a file of unknown origin
+        raise ValueError(f"{path} is not a detector saved by adlib: torch cannot read it as a saved model "
+                         f"({type(err).__name__}). Make one with: {remake}") from err
     if not isinstance(blob, dict) or not str(blob.get("format", "")).startswith(FORMAT):
         raise ValueError(f"{path} is not a detector saved by adlib ({FORMAT}).")
     version = blob.get("version", 1)
