@@ -218,7 +218,7 @@ def _bench(args: argparse.Namespace) -> None:
     device = str(choose_device(args.device))
     t0 = time.perf_counter()
     records = benchmark.sweep(args.data, args.methods, args.categories, seeds=args.seeds, image_size=args.image_size,
-                              backbone=args.backbone, device=device, n_jobs=args.jobs)
+                              backbone=args.backbone, device=device, n_jobs=args.jobs, progress=True)
     meta = {"data": str(args.data), "methods": args.methods, "categories": sorted({r["category"] for r in records}),
             "seeds": args.seeds, "backbone": args.backbone, "image_size": args.image_size, "device": device,
             "jobs": args.jobs, "wall_s": time.perf_counter() - t0}

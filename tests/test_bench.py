@@ -90,7 +90,9 @@ def test_bench_cli_writes_the_report_and_refuses_to_overwrite(tmp_path: Path, ca
     args = ["bench", "--data", str(root), "--methods", "patchknn", "--image-size", "32", "--device", "cpu",
             "--out", str(tmp_path / "report")]
     assert cli.main(args) == 0
-    assert "| patchknn |" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "| patchknn |" in printed.out
+    assert "[1/1] patchknn on widget (seed 0): " in printed.err and "s to go" in printed.err
     assert json.loads((tmp_path / "report/bench.json").read_text())["settings"]["methods"] == ["patchknn"]
     assert cli.main(args) == 2 and "not an empty folder" in capsys.readouterr().err
     assert cli.main(["bench", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")]) == 2

@@ -107,6 +107,25 @@ def test_greedy_coreset_matches_brute_force() -> None:
         patchcore.greedy_coreset(x, ratio=0)
 
 
+def test_batched_farthest_first_takes_the_one_at_a_time_steps() -> None:
+    # batches of 16 rows out of 300: many passes, each stopped where a row outside the batch could win
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    starts = torch.tensor([5, 17, 230])
+    got = patchcore.farthest_first(x, starts, 40, batch=16)
+    assert got.tolist() == brute_force_coreset(x.numpy(), 40, starts.numpy())
+
+
+def test_a_chunked_coreset_takes_each_chunks_share_once() -> None:
+    x = torch.randn(1000, 8, generator=torch.Generator().manual_seed(4))
+    got = patchcore.greedy_coreset(x, ratio=0.1, projection_dim=None, seed=1, max_rows=300)  # 4 chunks of 250
+    assert len(got) == 100 and len(set(got.tolist())) == 100
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(1))
+    chunk_of = {int(row): c for c in range(4) for row in order[250 * c:250 * (c + 1)]}
+    assert sorted(np.bincount([chunk_of[i] for i in got.tolist()]).tolist()) == [25, 25, 25, 25]
+    assert torch.equal(patchcore.greedy_coreset(x, 0.1, None, seed=1, max_rows=1000),
+                       patchcore.greedy_coreset(x, 0.1, None, seed=1))  # M within max_rows: one greedy
+
+
 def test_reweighted_score_hand_case() -> None:
     d = np.array([1.0, 2.0, 3.0])
     expected = (1 - np.exp(1) / (np.exp(1) + np.exp(2) + np.exp(3))) * 1.0

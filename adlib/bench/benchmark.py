@@ -15,6 +15,8 @@ Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
 from __future__ import annotations
 
 import json
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -155,10 +157,11 @@ def run_one(name: str, root: str | Path, category: str, *, seed: int = 0, image_
 
 def sweep(root: str | Path, names: Sequence[str] = tuple(SWEEP), categories: Sequence[str] | None = None, *,
           seeds: Sequence[int] = (0,), image_size: int = 128, backbone: str = "effnet-lite0", device: str = "cpu",
-          n_jobs: int = 1, keep: Sequence[int] = (), options: dict[str, dict[str, Any]] | None = None
-          ) -> list[dict[str, Any]]:
+          n_jobs: int = 1, keep: Sequence[int] = (), options: dict[str, dict[str, Any]] | None = None,
+          progress: bool = False) -> list[dict[str, Any]]:
     """:func:`run_one` for every bench method x category x seed; ``n_jobs`` processes run them side by side (each
-    process one thread, so timings stay comparable); ``options``: {bench name: options for :func:`run_one`}.
+    process one thread, so timings stay comparable); ``options``: {bench name: options for :func:`run_one`};
+    ``progress``: one line on stderr per finished run (done / total, elapsed, estimated remaining).
     Returns the records in that order.
 
     Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
@@ -170,10 +173,19 @@ def sweep(root: str | Path, names: Sequence[str] = tuple(SWEEP), categories: Seq
         raise ValueError(f"Unknown bench method {unknown[0]!r}; choose from {sorted(SWEEP)}.")
     cats = mvtec.select_categories(root, categories)
     jobs = [(n, c, s) for n in names for c in cats for s in seeds]
-    return Parallel(n_jobs=n_jobs)(
+    results = Parallel(n_jobs=n_jobs, return_as="generator")(
         delayed(run_one)(n, root, c, seed=s, image_size=image_size, backbone=backbone, device=device, keep=keep,
                          options=(options or {}).get(n))
         for n, c, s in jobs)
+    records, t0 = [], time.perf_counter()
+    for done, record in enumerate(results, 1):
+        records.append(record)
+        if progress:
+            elapsed = time.perf_counter() - t0
+            print(f"[{done}/{len(jobs)}] {record['name']} on {record['category']} (seed {record['seed']}): "
+                  f"{elapsed:.0f} s elapsed, about {elapsed / done * (len(jobs) - done):.0f} s to go",
+                  file=sys.stderr, flush=True)
+    return records
 
 
 def draws(records: Sequence[dict[str, Any]], n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:

@@ -58,12 +58,17 @@ def _pool_channels(x: torch.Tensor, dim: int | None) -> torch.Tensor:
 
 
 def greedy_coreset(features: torch.Tensor, ratio: float = 0.1, projection_dim: int | None = 128,
-                   n_starts: int = 10, seed: int = 0) -> torch.Tensor:
+                   n_starts: int = 10, seed: int = 0, max_rows: int | None = None) -> torch.Tensor:
     """Indices (round(ratio * M),) of a greedy k-centre coreset of ``features`` (M, D), in order of selection.
 
     Each step adds the feature farthest (Euclidean) from those chosen so far. Distances are computed after a
     random linear projection to ``projection_dim`` (Johnson-Lindenstrauss; None = no projection); the first
     step's distances are the mean distances to ``n_starts`` random features, as the official sampler.
+    The steps run in batches (:func:`farthest_first`), which picks the same features as one step at a time.
+
+    The greedy is quadratic in M (every step measures all M rows). With ``max_rows``, M above it is split at random
+    into equal chunks of at most ``max_rows`` rows, each gets its share of the coreset from its own greedy, and the
+    union is the coreset: linear in M (a composable coreset, as in distributed k-centre clustering).
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
@@ -76,19 +81,58 @@ def greedy_coreset(features: torch.Tensor, ratio: float = 0.1, projection_dim: i
     if projection_dim is not None and projection_dim < d:
         proj = torch.randn(d, projection_dim, generator=gen) / projection_dim ** 0.5
         x = x @ proj.to(x.device)
-    starts = torch.randint(m, (min(n_starts, m),), generator=gen).to(x.device)
+    chunks = 1 if max_rows is None else -(-m // max_rows)
+    order = torch.randperm(m, generator=gen).to(x.device) if chunks > 1 else torch.arange(m, device=x.device)
+    bounds = [round(m * c / chunks) for c in range(chunks + 1)]
+    shares = [round(n_select * bounds[c] / m) for c in range(chunks + 1)]
+    chosen = []
+    for c in range(chunks):
+        rows = order[bounds[c]:bounds[c + 1]]
+        starts = torch.randint(len(rows), (min(n_starts, len(rows)),), generator=gen).to(x.device)
+        part = x if chunks == 1 else x[rows]  # one chunk: no copy of the features
+        chosen.append(rows[farthest_first(part, starts, shares[c + 1] - shares[c])])
+    return torch.cat(chosen).cpu()
+
+
+def farthest_first(x: torch.Tensor, starts: torch.Tensor, n_select: int, batch: int = 512) -> torch.Tensor:
+    """Indices (n_select,) of greedy farthest-first steps over the rows of ``x`` (M, D): each step takes the row
+    farthest from those taken so far, the first from the rows ``starts`` (by mean distance); in order of selection.
+
+    One step at a time, every step reads all M rows for one new centre (memory-bound; quadratic in M). Here each pass
+    takes the ``batch`` rows farthest from the chosen ones and runs the steps among them, on their pairwise distances,
+    for as long as the best of them stays at least as far as the farthest row outside the batch (a row outside can
+    only have come closer since): exactly the centres of the one-at-a-time loop. Then one matrix product brings the
+    new centres' distances to all M rows.
+
+    Used by: ``adlib.methods.patchcore.greedy_coreset``.
+    """
+    m = len(x)
     sq_norms = (x * x).sum(1)
 
-    def dist_to(i: torch.Tensor) -> torch.Tensor:  # (M, len(i)) Euclidean distances to rows i
-        return (sq_norms[:, None] - 2 * x @ x[i].T + sq_norms[i][None]).clamp_min(0).sqrt()
+    def dist(rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:  # (M or len(rows), len(cols))
+        a, a_sq = (x, sq_norms) if rows is None else (x[rows], sq_norms[rows])
+        return (a_sq[:, None] - 2 * a @ x[cols].T + sq_norms[cols][None]).clamp_min(0).sqrt()
 
-    min_dist = dist_to(starts).mean(1)
-    chosen = torch.empty(n_select, dtype=torch.long, device=x.device)
-    for t in range(n_select):
-        i = torch.argmax(min_dist)
-        chosen[t] = i
-        min_dist = torch.minimum(min_dist, dist_to(i[None])[:, 0])
-    return chosen.cpu()
+    min_dist = dist(None, starts).mean(1)
+    chosen = [torch.empty(0, dtype=torch.long, device=x.device)]
+    n_chosen = 0
+    while n_chosen < n_select:
+        far, candidates = torch.topk(min_dist, min(batch + 1, m))
+        outside = far[batch] if m > batch else far.new_tensor(-1.0)  # the farthest row left out of the batch
+        candidates, cand_dist = candidates[:batch], far[:batch].clone()
+        pairwise = dist(candidates, candidates)
+        picked: list[int] = []
+        while n_chosen + len(picked) < n_select:
+            j = int(torch.argmax(cand_dist))
+            if picked and cand_dist[j] < outside:
+                break
+            picked.append(j)
+            cand_dist = torch.minimum(cand_dist, pairwise[:, j])
+        new = candidates[picked]
+        chosen.append(new)
+        n_chosen += len(new)
+        min_dist = torch.minimum(min_dist, dist(None, new).min(1).values)
+    return torch.cat(chosen)
 
 
 def reweighted_score(distances: np.ndarray) -> float:
@@ -127,12 +171,13 @@ class PatchCore(MemoryBankDetector):
                  stride: int | None = 8, patch_size: int = 3, pretrain_dim: int | None = None,
                  target_dim: int | None = None, coreset_ratio: float = 0.1, projection_dim: int | None = 128,
                  n_starts: int = 10, b: int = 9, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
-                 batch_size: int = 32):
+                 batch_size: int = 32, coreset_rows: int | None = 40_000):
         super().__init__(backbone, layers, stride, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
         if b < 1:
             raise ValueError(f"b (neighbours of the reweighting) must be >= 1, got {b}.")
         self.patch_size, self.pretrain_dim, self.target_dim = patch_size, pretrain_dim, target_dim
         self.coreset_ratio, self.projection_dim, self.n_starts, self.b = coreset_ratio, projection_dim, n_starts, b
+        self.coreset_rows = coreset_rows
 
     def embed(self, maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
         return local_patch_features(maps, grid, self.patch_size, self.pretrain_dim, self.target_dim)
@@ -140,12 +185,13 @@ class PatchCore(MemoryBankDetector):
     def hparams(self) -> dict:
         return super().hparams() | {"patch_size": self.patch_size, "pretrain_dim": self.pretrain_dim,
                                     "target_dim": self.target_dim, "coreset_ratio": self.coreset_ratio,
-                                    "projection_dim": self.projection_dim, "n_starts": self.n_starts, "b": self.b}
+                                    "projection_dim": self.projection_dim, "n_starts": self.n_starts, "b": self.b,
+                                    "coreset_rows": self.coreset_rows}
 
     def fit_features(self, features: PatchFeatures) -> None:
         rows = features.patches.permute(0, 2, 3, 1).reshape(-1, features.patches.shape[1])
         self.bank = rows[greedy_coreset(rows, self.coreset_ratio, self.projection_dim, self.n_starts,
-                                        self.seed).to(rows.device)]
+                                        self.seed, self.coreset_rows).to(rows.device)]
         self.restore()
 
     def restore(self) -> None:
