@@ -1,12 +1,13 @@
 """PatchCore's fit time, added memory and quality against the training-set size and the image size.
 
     .venv/bin/python tools/bench_patchcore_scaling.py [--n-train 80 160 320 640 1000] [--sizes 128 256]
-        [--categories moon cell] [--coreset-rows N | --exact] [--out scaling.json]
+        [--categories hubble_deep_field immunohistochemistry] [--coreset-rows N | --exact] [--out scaling.json]
 
 Each run is a fresh process on one thread (so "added MB" is PatchCore's own peak over the process before the fit, not
 memory left by earlier runs) on the held-out validation set (``adlib.data.heldout``, never SynthTex's test split):
-normal crops for training, the SynthTex defect types on other crops for testing. ``--exact`` runs the greedy coreset
-on all patches at once (no chunks), the reference the chunked coreset is judged against. A benchmark, not a test.
+normal crops for training, the SynthTex defect types on other crops for testing. PatchCore's default runs one greedy
+coreset over all patches; ``--coreset-rows N`` the chunked one, to judge it against the default. A benchmark, not a
+test.
 """
 from __future__ import annotations
 
@@ -56,14 +57,15 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[128, 256])
     parser.add_argument("--categories", nargs="+", default=["hubble_deep_field", "immunohistochemistry"])
     rows = parser.add_mutually_exclusive_group()
-    rows.add_argument("--coreset-rows", type=int, help="PatchCore's coreset_rows (default: its own default)")
-    rows.add_argument("--exact", action="store_true", help="one greedy pass over all patches (coreset_rows=None)")
+    rows.add_argument("--coreset-rows", type=int, help="PatchCore's coreset_rows: chunks of at most this many rows")
+    rows.add_argument("--exact", action="store_true", help="one greedy over all patches (coreset_rows=None, the "
+                      "default)")
     parser.add_argument("--out", type=Path, help="append the rows to this JSON list")
     parser.add_argument("--one", nargs=2, type=int, metavar=("N_TRAIN", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     from adlib.methods.patchcore import PatchCore
 
-    coreset_rows = None if args.exact else args.coreset_rows or PatchCore().coreset_rows
+    coreset_rows = None if args.exact else args.coreset_rows if args.coreset_rows else PatchCore().coreset_rows
     if args.one:
         print(json.dumps(one_run(*args.one, args.categories, coreset_rows)))
         return
@@ -72,7 +74,7 @@ def main() -> None:
     for size in args.sizes:
         for n in args.n_train:
             cmd = [sys.executable, __file__, "--one", str(n), str(size), "--categories", *args.categories,
-                   *(["--exact"] if args.exact else ["--coreset-rows", str(coreset_rows)])]
+                   *(["--coreset-rows", str(coreset_rows)] if coreset_rows else ["--exact"])]
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1",
                                   "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
             if done.returncode:

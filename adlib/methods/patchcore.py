@@ -68,7 +68,10 @@ def greedy_coreset(features: torch.Tensor, ratio: float = 0.1, projection_dim: i
 
     The greedy is quadratic in M (every step measures all M rows). With ``max_rows``, M above it is split at random
     into equal chunks of at most ``max_rows`` rows, each gets its share of the coreset from its own greedy, and the
-    union is the coreset: linear in M (a composable coreset, as in distributed k-centre clustering).
+    union is the coreset: linear in M (a composable coreset, as in distributed k-centre clustering), but not as good:
+    on two held-out validation categories with 320 training images at 128 px (82k patches each), chunks of 40,000
+    rows cost 0.049 AUPRO against the one greedy (0.745 vs 0.794; another seed of the one greedy: 0.784), which is
+    why PatchCore's ``coreset_rows`` defaults to None.
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
@@ -160,6 +163,8 @@ class PatchCore(MemoryBankDetector):
     (4,608 and 9,216 values); for the book's small backbones (24-112 channels a stage) the defaults None keep
     one value per channel, the 3 x 3 mean (validation image AUROC 0.865 against 0.822 for the unpooled
     neighbourhood, EfficientNet-Lite0). ``stride`` 8 px: the grid of the paper's first WideResNet stage.
+    ``coreset_rows``: None runs the greedy over all patches at once; a number splits them into chunks of at most
+    that many rows (linear time, lower quality: see :func:`greedy_coreset`).
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
@@ -171,7 +176,7 @@ class PatchCore(MemoryBankDetector):
                  stride: int | None = 8, patch_size: int = 3, pretrain_dim: int | None = None,
                  target_dim: int | None = None, coreset_ratio: float = 0.1, projection_dim: int | None = 128,
                  n_starts: int = 10, b: int = 9, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
-                 batch_size: int = 32, coreset_rows: int | None = 40_000):
+                 batch_size: int = 32, coreset_rows: int | None = None):
         super().__init__(backbone, layers, stride, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
         if b < 1:
             raise ValueError(f"b (neighbours of the reweighting) must be >= 1, got {b}.")
