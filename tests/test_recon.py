@@ -216,3 +216,44 @@ def test_autoencoder_detector_gives_the_caller_its_random_state_back():
     # the detector's own training still repeats exactly: the same seed gives the same history
     again = autoencoder.AutoencoderDetector(epochs=1, latent_dim=4, base_channels=4, seed=7).fit(images)
     assert det.history == again.history
+
+
+def test_kl_per_image_and_active_units_against_an_independent_computation():
+    mu, logvar = torch.randn(5, 3), torch.randn(5, 3)
+    prior = torch.distributions.Normal(torch.zeros(3), torch.ones(3))
+    posterior = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    expected = torch.distributions.kl_divergence(posterior, prior).sum(1)
+    assert torch.allclose(vae.kl_per_image(mu, logvar), expected, atol=1e-5)
+    codes = torch.zeros(100, 4)
+    codes[:, 1] = torch.linspace(-1, 1, 100)  # varies: variance ~0.34
+    codes[:, 3] = 0.01 * torch.linspace(-1, 1, 100)  # varies too little to count
+    assert vae.active_units(codes) == 1 and vae.active_units(codes, threshold=1e-6) == 2
+
+
+def test_the_mnist_recipes_schedule_data_and_held_out_loss():
+    from adlib.recipes import recon_mnist
+
+    # 15 epochs of the nine normal digits of MNIST's 60,000 training images, full batches of 64
+    assert recon_mnist.official_steps(0) == 15 * math.floor((60_000 - 5_923) / 64) == 12_660
+    task = recon_mnist.digit_task(3)
+    assert task.x_train.shape[1:] == (1, 32, 32) and len(task.x_val) == (len(task.x_train) + len(task.x_val)) // 10
+    assert set(task.classes_test[task.y_test == 1]) == {3} and 3 not in set(task.classes_test[task.y_test == 0])
+    training = recon_mnist.setup("ganomaly", 3, seed=0)
+    run = training.model
+    x = torch.from_numpy(task.x_val[:16])
+    run.eval()
+    x_hat, z, z_hat = run(x)
+    by_hand = ganomaly.ganomaly_generator_loss(x, x_hat, z, z_hat, torch.zeros(1), torch.zeros(1), w_adv=0.0)
+    assert recon_mnist.held_out_loss("ganomaly", run, x) == pytest.approx(by_hand["total"].item(), rel=1e-6)
+
+
+def test_ganomaly_run_keeps_the_epoch_means_of_the_game():
+    from adlib.recipes import recon_mnist
+
+    training = recon_mnist.setup("ganomaly", 0, seed=0)
+    batches = iter(training.loader)
+    logged = [training.step(next(batches)) for _ in range(3)]
+    n = len(training.loader)
+    for j, key in enumerate(recon_mnist.CURVES):
+        assert training.model.curves[0, j].item() == pytest.approx(sum(o[key] for o in logged) / n, rel=1e-5)
+    assert int(training.model.steps_done) == 3 and training.model.curves[1:].abs().sum() == 0

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics.pairwise import rbf_kernel
 from sklearn.neighbors import KernelDensity
 
@@ -132,20 +133,6 @@ def test_simclr_step_reduces_loss_and_distribution_augmentation():
     assert torch.equal(seen[0], simclr.rotate(batch, k)) and len(set(k.tolist())) > 1
 
 
-def test_linear_eval_matches_sklearn():
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    d = load_digits()
-    xtr, ytr, xte, yte = d.data[:1000], d.target[:1000], d.data[1000:], d.target[1000:]
-    sc = StandardScaler().fit(xtr)
-    ref = LogisticRegression(max_iter=2000).fit(sc.transform(xtr), ytr).score(sc.transform(xte), yte)
-    assert simclr.linear_eval(xtr, ytr, xte, yte) == pytest.approx(ref)
-    with pytest.raises(ValueError, match="one label per row"):
-        simclr.linear_eval(xtr, ytr[:5], xte, yte)
-
-
 @pytest.fixture
 def feats():
     rng = np.random.default_rng(0)
@@ -236,3 +223,66 @@ def test_cross_view_nce_matches_a_loop():
     assert simclr.cross_view_nce(z2, z1, 0.2).item() != pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="loss must be one of"):
         simclr.simclr_step(torch.nn.Identity(), torch.nn.Identity(), None, lambda x: x, loss="triplet")
+
+
+def test_official_crop_is_a_square_of_whole_pixels_resized_as_tf():
+    # every view must be some square crop of side >= half the image, resized with half-pixel centres
+    torch.manual_seed(0)
+    x = torch.rand(24, 3, 8, 8)
+    aug = ssl_occ.official_augmentation(8, jitter=0.0, gray=0.0, flip=False)
+    out = aug(x)
+    for img, view in zip(x, out):
+        crops = [F.interpolate(img[None, :, oy : oy + w, ox : ox + w], size=(8, 8), mode="bilinear",
+                               align_corners=False)[0]
+                 for w in range(4, 9) for oy in range(9 - w) for ox in range(9 - w)]
+        assert min(float((c - view).abs().max()) for c in crops) < 1e-5
+    assert torch.allclose(ssl_occ.official_augmentation(8, min_scale=1.0, jitter=0.0, gray=0.0, flip=False)(x), x,
+                          atol=1e-6)
+    flipped = ssl_occ.official_augmentation(8, min_scale=1.0, jitter=0.0, gray=0.0)(x)
+    assert all(torch.allclose(f, v, atol=1e-6) or torch.allclose(f, v.flip(-1), atol=1e-6) for f, v in zip(flipped, x))
+    with pytest.raises(ValueError, match="N, 3, S, S"):
+        aug(torch.rand(3, 8, 8))
+
+
+def test_official_jitter_is_always_applied_and_brightness_is_additive():
+    # on a flat grey image contrast, saturation and hue do nothing: what is left is brightness
+    x = torch.full((400, 3, 8, 8), 0.25)
+    torch.manual_seed(0)
+    out = ssl_occ.official_augmentation(8, jitter=0.4, gray=0.0)(x)
+    level = out.mean(dim=(1, 2, 3))
+    assert (out - level.view(-1, 1, 1, 1)).abs().max() < 1e-5
+    assert ((level - 0.25).abs() > 1e-4).all()  # every image jittered (SimCLR's: 80 %)
+    # additive 0.25 + U(-0.4, 0.4), clamped at 0; a factor U(0.6, 1.4) would stay within [0.15, 0.35]
+    assert level.max() > 0.6 and (level == 0).float().mean() > 0.1
+
+
+def test_mlp_head_is_the_official_get_head():
+    rot = ssl_occ.mlp_head(16, [32] * 8, num_class=4)
+    linears = [m for m in rot if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 9 and sum(isinstance(m, torch.nn.BatchNorm1d) for m in rot) == 7
+    assert all(m.bias is None for m in linears[:7]) and linears[7].bias is not None
+    assert rot(torch.randn(5, 16)).shape == (5, 4)
+    clr = ssl_occ.mlp_head(16, [32] * 8 + [128])
+    linears = [m for m in clr if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 9 and linears[-1].bias is None and clr(torch.randn(5, 16)).shape == (5, 128)
+    with pytest.raises(ValueError, match="dims"):
+        ssl_occ.mlp_head(16, [])
+
+
+def test_rotation_score_and_independent_views():
+    torch.manual_seed(0)
+    enc = simclr.ConvEncoder(width=4)
+    clf = torch.nn.Linear(enc.feature_dim, 4)
+    x = torch.rand(6, 3, 8, 8)
+    expected = []
+    with torch.no_grad():
+        enc.eval()
+        for img in x:
+            logp = [torch.log_softmax(clf(enc(torch.rot90(img, r, (1, 2))[None])), 1)[0, r] for r in range(4)]
+            expected.append(-float(sum(logp)))
+    assert np.allclose(ssl_occ.rotation_score(enc, clf, x), expected, atol=1e-5)
+    seen = []
+    opt = torch.optim.SGD([*enc.parameters(), *clf.parameters()], lr=0.01)
+    ssl_occ.rotation_step(enc, clf, opt, augment=lambda v: seen.append(len(v)) or v, independent_views=True)(x)
+    ssl_occ.rotation_step(enc, clf, opt, augment=lambda v: seen.append(len(v)) or v)(x)
+    assert seen == [24, 6]  # four copies augmented one by one, or one view rotated four times

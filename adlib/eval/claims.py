@@ -134,7 +134,7 @@ class TrainingRecord:
     ``held_out`` loss per epoch where there is a held-out set, the learning rate per epoch (``lr``; empty when
     constant), and ``discarded`` (why the run was not used; "" when it was).
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
 
     name: str
@@ -173,7 +173,7 @@ def training_record(name: str, history: Sequence[Mapping[str, float]], *, steps:
     """A :class:`TrainingRecord` from a history (one dict per epoch, as :func:`adlib.training.loop.fit` returns): the
     columns ``loss``, ``held_out`` and ``lr`` name the training loss, held-out loss and learning rate.
 
-    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    Defined in: "Uninformed Students" (``notebooks/06_uninformed_students.ipynb``).
     """
     def column(key: str | None) -> tuple[float, ...]:
         return () if key is None else tuple(float(row[key]) for row in history)

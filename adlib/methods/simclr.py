@@ -200,7 +200,7 @@ class ConvEncoder(nn.Module):
     Four 3x3 conv-BN-ReLU blocks (the last three with stride 2), widths w, 2w, 4w, 4w; quick enough to
     train on two CPU cores in a minute.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Defined in: "SSL-OCC: self-supervised one-class classification" (``notebooks/05_ssl_occ.ipynb``).
     """
 
     def __init__(self, in_channels: int = 3, width: int = 32) -> None:
@@ -225,7 +225,7 @@ class ProjectionHead(nn.Module):
 
     The loss is computed on g's output, but the representation kept for downstream tasks is its input.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Used by: ``adlib.recipes.simclr_digits.setup``.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int | None = None, out_dim: int = 128) -> None:
@@ -245,7 +245,7 @@ def digit_images(x: np.ndarray, size: int = 32, colour_seed: int | None = None) 
     drawn per image from ``numpy.random.default_rng(colour_seed)``. Colour then carries no information about
     the class but tells images apart: the shortcut that SimCLR's colour distortion removes.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Used by: ``adlib.recipes.simclr_digits.coloured_digits``.
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != 64:
@@ -300,22 +300,6 @@ def linear_predict(
     return clf.predict(np.asarray(test_features))
 
 
-def linear_eval(
-    train_features: np.ndarray,
-    train_labels: np.ndarray,
-    test_features: np.ndarray,
-    test_labels: np.ndarray,
-    C: float = 1.0,
-) -> float:
-    """Linear evaluation: top-1 accuracy in [0, 1] of :func:`linear_predict` on the test set.
-
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
-    """
-    if len(test_features) != len(test_labels):
-        raise ValueError("The test features need one label per row; the lengths differ.")
-    return float((linear_predict(train_features, train_labels, test_features, C) == np.asarray(test_labels)).mean())
-
-
 def simclr_step(
     encoder: nn.Module,
     head: nn.Module,
@@ -324,6 +308,7 @@ def simclr_step(
     temperature: float = 0.5,
     distribution_augmentation: bool = False,
     loss: str = "nt_xent",
+    augment2: Callable[[Tensor], Tensor] | None = None,
 ) -> StepFn:
     """A step function for :func:`adlib.training.loop.fit`: one NT-Xent step on two augmented views of a batch.
 
@@ -333,9 +318,10 @@ def simclr_step(
     rotated copies are *different instances* (negatives of each other), not views of one. The official
     code rotates the data set offline (4x larger); drawing one rotation per image and step samples the
     same enlarged set. ``loss``: ``"nt_xent"`` (SimCLR, symmetric) or ``"cross_view"`` (:func:`cross_view_nce`,
-    SSL-OCC's official one-directional loss).
+    SSL-OCC's official one-directional loss). ``augment2``: the second view's own augmentation (the paper's
+    composition study distorts one branch only); None: both views use ``augment``.
 
-    Defined in: "SimCLR: contrastive representations" (``notebooks/04_simclr.ipynb``).
+    Used by: ``adlib.recipes.simclr_digits.setup``.
     """
     if loss not in CONTRASTIVE_LOSSES:
         raise ValueError(f"loss must be one of {sorted(CONTRASTIVE_LOSSES)}, got {loss!r}.")
@@ -346,7 +332,7 @@ def simclr_step(
         x = batch_images(batch)
         if distribution_augmentation:
             x = rotate(x, torch.randint(0, 4, (len(x),)))
-        view1, view2 = augment(x).to(device), augment(x).to(device)
+        view1, view2 = augment(x).to(device), (augment2 or augment)(x).to(device)
         encoder.train()
         head.train()
         z = head(encoder(torch.cat([view1, view2])))

@@ -1,7 +1,7 @@
 """SSL-OCC (Sohn et al., ICLR 2021): rotation prediction, and one-class heads on learned features."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,23 +18,28 @@ def rotation_step(
     classifier: nn.Module,
     optimizer: torch.optim.Optimizer,
     augment: Callable[[Tensor], Tensor] | None = None,
+    independent_views: bool = False,
 ) -> StepFn:
     """A step function for :func:`adlib.training.loop.fit`: 4-way rotation prediction (0, 90, 180, 270 degrees).
 
     Every image of the batch (optionally ``augment``-ed first) appears in its four rotations; the
-    ``classifier`` (features -> 4 logits) learns which one it sees. Returns ``step(batch) ->
-    {"loss": float, "acc": float}``.
+    ``classifier`` (features -> 4 logits) learns which one it sees. ``independent_views``: each of the four
+    copies is augmented on its own before its rotation, as the official code's augmentation list
+    (``cnr0.5+...,+rotate90,+rotate180,+rotate270``); otherwise one augmented image is rotated four times.
+    Returns ``step(batch) -> {"loss": float, "acc": float}``.
 
-    Defined in: "SSL-OCC: self-supervised one-class classification" (``notebooks/05_ssl_occ.ipynb``).
+    Used by: ``adlib.recipes.ssl_occ_digits.setup``.
     """
     device = model_device(encoder)
 
     def step(batch: Any) -> dict[str, float]:
         x = batch_images(batch)
-        if augment is not None:
-            x = augment(x)
         k = torch.arange(4).repeat_interleave(len(x))
-        x4 = rotate(x.repeat(4, 1, 1, 1), k).to(device)
+        if augment is not None and independent_views:
+            x4 = rotate(augment(x.repeat(4, 1, 1, 1)), k).to(device)
+        else:
+            x = x if augment is None else augment(x)
+            x4 = rotate(x.repeat(4, 1, 1, 1), k).to(device)
         k = k.to(device)
         encoder.train()
         classifier.train()
@@ -46,6 +51,137 @@ def rotation_step(
         return {"loss": loss.item(), "acc": (logits.argmax(1) == k).float().mean().item()}
 
     return step
+
+
+@torch.no_grad()
+def rotation_score(encoder: nn.Module, classifier: nn.Module, images: Tensor, batch_size: int = 512) -> np.ndarray:
+    """The rotation classifier's own anomaly score of ``images`` (N, 3, S, S) -> (N,): minus the summed
+    log-probability of the true rotation over the four rotations, in eval mode. The official code's
+    ``dscore`` is the product of those probabilities (anomaly score one minus it): the same ranking.
+
+    Defined in: "SSL-OCC: self-supervised one-class classification" (``notebooks/05_ssl_occ.ipynb``).
+    """
+    encoder.eval()
+    classifier.eval()
+    device = model_device(encoder)
+    scores = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device)
+        total = torch.zeros(len(x), device=device)
+        for r in range(4):
+            k = torch.full((len(x),), r)
+            total += F.log_softmax(classifier(encoder(rotate(x, k))), dim=1)[:, r]
+        scores.append(-total.cpu())
+    return torch.cat(scores).numpy().astype(np.float64)
+
+
+def mlp_head(in_dim: int, dims: Sequence[int], num_class: int = 0) -> nn.Sequential:
+    """The official code's projection head (``model/resnet_util.get_head``): (N, in_dim) -> (N, out).
+
+    Every entry of ``dims`` but the last is Linear (no bias)-BatchNorm-ReLU; the last is a linear layer of
+    ``dims[-1]`` units (with a bias only when a classifier follows); ``num_class`` > 0 adds a linear classifier
+    of that many logits (rotation prediction: ``dims`` eight times 512, ``num_class`` 4; contrastive: eight
+    times 512 then 128, no classifier).
+
+    Defined in: "SSL-OCC: self-supervised one-class classification" (``notebooks/05_ssl_occ.ipynb``).
+    """
+    if not dims:
+        raise ValueError("dims needs at least one layer width.")
+    layers: list[nn.Module] = []
+    width = in_dim
+    for d in dims[:-1]:
+        layers += [nn.Linear(width, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True)]
+        width = d
+    layers.append(nn.Linear(width, dims[-1], bias=num_class > 0))
+    if num_class > 0:
+        layers.append(nn.Linear(dims[-1], num_class))
+    return nn.Sequential(*layers)
+
+
+def official_augmentation(size: int, min_scale: float = 0.5, jitter: float = 0.4, gray: float = 0.2,
+                          flip: bool = True) -> Callable[[Tensor], Tensor]:
+    """The official ``cnr0.5+hflip+jitter_b0.4_c0.4_s0.4_h0.4+gray0.2+blur0.5`` view of a batch (N, 3, S, S) in
+    [0, 1] -> (N, 3, size, size), each image with its own random parameters.
+
+    ``cnr``: a *square* crop whose side is a whole number of pixels drawn uniformly from ``floor(min_scale * S)``
+    to ``S``, at a uniform position, resized bilinearly to ``size``; a horizontal flip (p 0.5); colour jitter
+    *always* applied, its four operations in a random order (per batch here, per image there): brightness
+    *additive* (``x + d``, ``d ~ U(-j, j)``), contrast per channel around the channel's mean (factor
+    ``U(1 - j, 1 + j)``), saturation (a blend with the grey image, as torchvision; TF scales S in HSV) and hue
+    (a rotation of the chroma plane by ``U(-j, j)`` of a turn, clipped to half a turn), clamped to [0, 1]
+    after each; grayscale with p ``gray``. No blur: the official ``RandomBlur`` returns the image unchanged
+    when training (``data/augment_ops.py``), so ``blur0.5`` never acts.
+
+    Used by: ``adlib.recipes.ssl_occ_digits.setup``.
+    """
+    if size < 2 or not 0 < min_scale <= 1 or jitter < 0:
+        raise ValueError(f"Need size >= 2, min_scale in (0, 1], jitter >= 0; got {size}, {min_scale}, {jitter}.")
+
+    def augment(x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3] or not x.is_floating_point():
+            raise ValueError(f"Expected a float batch (N, 3, S, S) in [0, 1]; got {x.dtype} {tuple(x.shape)}.")
+        out = _square_crop(x, size, min_scale, flip)
+        out = _additive_jitter(out, jitter)
+        return _grayscale(out, p=gray)
+
+    return augment
+
+
+def _rand(n: int, low: float, high: float, device: torch.device) -> Tensor:
+    return torch.empty(n, device=device).uniform_(low, high)
+
+
+def _gray(x: Tensor) -> Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _grayscale(x: Tensor, p: float) -> Tensor:
+    """RandomGrayScale(p): the whole image grey with probability p."""
+    apply = (torch.rand(len(x), device=x.device) < p).view(-1, 1, 1, 1)
+    return torch.where(apply, _gray(x).expand_as(x), x)
+
+
+def _square_crop(x: Tensor, size: int, min_scale: float, flip: bool) -> Tensor:
+    """RandomCropAndResize (integer side, TF's ``random_crop`` offsets) and RandomFlipLeftRight as one warp."""
+    n, side, dev = len(x), x.shape[-1], x.device
+    low = int(side * min_scale)
+    w = torch.randint(low, side + 1, (n,), device=dev).float()
+    ox = torch.floor(torch.rand(n, device=dev) * (side - w + 1))
+    oy = torch.floor(torch.rand(n, device=dev) * (side - w + 1))
+    sign = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = sign * w / side, (2 * ox + w) / side - 1
+    theta[:, 1, 1], theta[:, 1, 2] = w / side, (2 * oy + w) / side - 1
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    # TF resizes the cropped image, so samples beyond the crop's outer pixel centres take its edge, not a neighbour
+    corner = torch.stack([ox, oy], 1)
+    low, high = (2 * corner + 1) / side - 1, (2 * corner + 2 * w[:, None] - 1) / side - 1
+    grid = torch.minimum(torch.maximum(grid, low[:, None, None]), high[:, None, None])
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _additive_jitter(x: Tensor, j: float) -> Tensor:
+    """The official ColorJitter(j, j, j, j) on every image: TF's random_brightness/contrast/saturation/hue."""
+    n, dev = len(x), x.device
+    y = x
+    for op in torch.randperm(4).tolist():
+        if op == 0:
+            y = y + _rand(n, -j, j, dev).view(n, 1, 1, 1)
+        elif op == 1:
+            mean = y.mean(dim=(2, 3), keepdim=True)
+            y = (y - mean) * _rand(n, 1 - j, 1 + j, dev).view(n, 1, 1, 1) + mean
+        elif op == 2:
+            f = _rand(n, 1 - j, 1 + j, dev).view(n, 1, 1, 1)
+            y = f * y + (1 - f) * _gray(y)
+        else:
+            angle = 2 * np.pi * _rand(n, -min(0.5, j), min(0.5, j), dev).view(n, 1, 1)
+            rgb2yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
+            yiq = torch.einsum("ij,njhw->nihw", rgb2yiq, y)
+            i, q = yiq[:, 1], yiq[:, 2]
+            yiq = torch.stack([yiq[:, 0], angle.cos() * i - angle.sin() * q, angle.sin() * i + angle.cos() * q], 1)
+            y = torch.einsum("ij,njhw->nihw", torch.linalg.inv(rgb2yiq), yiq)
+        y = y.clamp(0, 1)
+    return y
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:

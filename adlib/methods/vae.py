@@ -57,6 +57,24 @@ def reconstruction_nll(x: torch.Tensor, recon: torch.Tensor, likelihood: str = "
     raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
 
 
+def kl_per_image(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL divergence of the encoder's Gaussian from the prior, in nats: (N, d) x2 -> (N,),
+    ``sum_j -0.5 (1 + logvar_j - mu_j^2 - exp(logvar_j))``. Near 0 for every image: the code carries nothing.
+
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    """
+    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(1)
+
+
+def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
+    """How many code dimensions the encoder uses: those whose mean ``mu`` (N, d) varies across the N images with a
+    variance above ``threshold`` (Burda et al. 2016's measure of a collapsed code; 0 = a constant code).
+
+    Defined in: "Reconstruction: AE, VAE and GANomaly" (``notebooks/03_reconstruction.ipynb``).
+    """
+    return int((mu.var(dim=0) > threshold).sum())
+
+
 def vae_loss(
     x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0,
     likelihood: str = "gaussian",
@@ -77,7 +95,7 @@ def vae_loss(
             f"mu {tuple(mu.shape)} vs logvar {tuple(logvar.shape)}."
         )
     recon_term = reconstruction_nll(x, recon, likelihood).mean()
-    kl_term = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(1).mean()
+    kl_term = kl_per_image(mu, logvar).mean()
     return recon_term + beta * kl_term, recon_term, kl_term
 
 
