@@ -47,7 +47,7 @@ def _format(table: pd.DataFrame) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from adlib.bench.lineup import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, SWEEP
+    from adlib.bench.lineup import BENCH_IMAGE_SIZE, DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, SWEEP
     from adlib.features.backbones import BACKBONES
     from adlib.methods.catalog import METHODS
     from adlib.recipes.pretrain_recipes import RECIPES
@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--data", required=True, type=Path, help="root folder: ROOT/<category>/train/good, test/, ...")
     r.add_argument("--category", nargs="+", help="categories to run (default: all under --data)")
     r.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
-    r.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    r.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
+                   help=f"pixels per side (default {DEFAULT_IMAGE_SIZE}: chosen on the held-out validation set)")
     r.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", type=Path, help="write the results as JSON")
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--categories", nargs="+", help="categories to run (default: all under --data)")
     b.add_argument("--seeds", nargs="+", type=int, default=[0])
     b.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
-    b.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    b.add_argument("--image-size", type=int, default=BENCH_IMAGE_SIZE)
     b.add_argument("--device", choices=("cpu", "cuda"))
     b.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each (CPU only)")
     b.add_argument("--out", type=Path, default=Path("bench"), help="new folder for bench.json, bench.md, bench.png")
