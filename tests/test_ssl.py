@@ -199,7 +199,7 @@ def test_augmentation_switches_and_coloured_digits():
     assert torch.equal(simclr.simclr_augmentation(16, crop=False, colour=False, blur=False)(x), x)  # nothing left
     colour_only = simclr.simclr_augmentation(16, crop=False, blur=False)(x)
     # colour only: the geometry is untouched, so the (per-image standardised) grey level keeps its layout
-    g0, g1 = simclr._gray(x), simclr._gray(colour_only)
+    g0, g1 = simclr.grey_level(x), simclr.grey_level(colour_only)
     corr = [abs(torch.corrcoef(torch.stack([g0[i].flatten(), g1[i].flatten()]))[0, 1]) for i in range(8)]
     assert min(corr) > 0.95
     crop_only = simclr.simclr_augmentation(16, colour=False, blur=False)(x)

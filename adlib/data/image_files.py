@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import png
 from PIL import Image, ImageOps
 
 #: EXIF orientations that swap width and height (transposed or rotated by 90 degrees).
@@ -30,8 +31,6 @@ def _unreadable(path: Path, what: str, err: Exception) -> ValueError:
 
 def _png_16_bit(path: Path) -> np.ndarray | None:
     """A 16-bit PNG as (H, W, C) float32 in [0, 1] (C = 1 grey, 3 colour; alpha dropped), None for any other file."""
-    import png
-
     if path.suffix.lower() != ".png":
         return None
     reader = png.Reader(filename=str(path))
@@ -67,12 +66,8 @@ def read_image(path: str | Path) -> np.ndarray:
             if upright.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 raise ValueError(f"{upright.mode} pixels are only read from 16-bit PNGs; convert the file to PNG")
             return np.asarray(upright.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, png.Error) as err:  # pypng's errors do not derive from OSError
         raise _unreadable(path, "image", err) from err
-    except Exception as err:  # pypng's own errors (png.FormatError and kin) do not derive from OSError
-        if type(err).__module__ == "png":
-            raise _unreadable(path, "image", err) from err
-        raise
 
 
 def _orientation(path: Path) -> int | None:

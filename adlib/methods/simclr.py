@@ -111,7 +111,7 @@ def simclr_augmentation(
             out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         if colour:
             out = _colour_jitter(out, s, p=0.8)
-            out = _grayscale(out, p=0.2)
+            out = random_grayscale(out, p=0.2)
         if blur:
             out = _gaussian_blur(out, kernel, p=0.5)
         return out[0] if single else out
@@ -119,7 +119,11 @@ def simclr_augmentation(
     return augment
 
 
-def _rand(n: int, low: float, high: float, device: torch.device) -> Tensor:
+def random_uniform(n: int, low: float, high: float, device: torch.device) -> Tensor:
+    """(n,) draws from U(low, high): one random parameter per image of a batch.
+
+    Used by: ``adlib.methods.simclr``, ``adlib.methods.ssl_occ``.
+    """
     return torch.empty(n, device=device).uniform_(low, high)
 
 
@@ -144,8 +148,26 @@ def _resized_crop_flip(x: Tensor, size: int, min_scale: float) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _gray(x: Tensor) -> Tensor:
+def grey_level(x: Tensor) -> Tensor:
+    """The luma (ITU-R 601) of a batch (N, 3, H, W) -> (N, 1, H, W).
+
+    Used by: ``adlib.methods.simclr``, ``adlib.methods.ssl_occ``.
+    """
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def rotate_hue(x: Tensor, angle: Tensor) -> Tensor:
+    """A batch (N, 3, H, W) with its chroma (the I, Q plane of YIQ) rotated by ``angle`` (N,) radians per image.
+
+    Used by: ``adlib.methods.simclr``, ``adlib.methods.ssl_occ``.
+    """
+    n = len(x)
+    rgb2yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device)
+    yiq = torch.einsum("ij,njhw->nihw", rgb2yiq, x)
+    c, si = torch.cos(angle).view(n, 1, 1), torch.sin(angle).view(n, 1, 1)
+    i, q = yiq[:, 1], yiq[:, 2]
+    yiq = torch.stack([yiq[:, 0], c * i - si * q, si * i + c * q], dim=1)
+    return torch.einsum("ij,njhw->nihw", torch.linalg.inv(rgb2yiq), yiq)
 
 
 def _colour_jitter(x: Tensor, s: float, p: float) -> Tensor:
@@ -155,36 +177,33 @@ def _colour_jitter(x: Tensor, s: float, p: float) -> Tensor:
     y = x
     for op in torch.randperm(4).tolist():
         if op == 0:  # brightness
-            y = y * _rand(n, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s, dev).view(n, 1, 1, 1)
+            y = y * random_uniform(n, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s, dev).view(n, 1, 1, 1)
         elif op == 1:  # contrast: blend with the mean grey level
-            f = _rand(n, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s, dev).view(n, 1, 1, 1)
-            y = f * y + (1 - f) * _gray(y).mean(dim=(2, 3), keepdim=True)
+            f = random_uniform(n, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s, dev).view(n, 1, 1, 1)
+            y = f * y + (1 - f) * grey_level(y).mean(dim=(2, 3), keepdim=True)
         elif op == 2:  # saturation: blend with the grey image
-            f = _rand(n, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s, dev).view(n, 1, 1, 1)
-            y = f * y + (1 - f) * _gray(y)
+            f = random_uniform(n, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s, dev).view(n, 1, 1, 1)
+            y = f * y + (1 - f) * grey_level(y)
         else:  # hue: rotate the chroma (I, Q) plane by 2 pi h
-            angle = 2 * np.pi * _rand(n, -min(0.5, 0.2 * s), min(0.5, 0.2 * s), dev)
-            rgb2yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
-            yiq = torch.einsum("ij,njhw->nihw", rgb2yiq, y)
-            c, si = torch.cos(angle).view(n, 1, 1), torch.sin(angle).view(n, 1, 1)
-            i, q = yiq[:, 1], yiq[:, 2]
-            yiq = torch.stack([yiq[:, 0], c * i - si * q, si * i + c * q], dim=1)
-            y = torch.einsum("ij,njhw->nihw", torch.linalg.inv(rgb2yiq), yiq)
+            y = rotate_hue(y, 2 * np.pi * random_uniform(n, -min(0.5, 0.2 * s), min(0.5, 0.2 * s), dev))
         y = y.clamp(0, 1)
     return torch.where(apply, y, x)
 
 
-def _grayscale(x: Tensor, p: float) -> Tensor:
-    """v2.RandomGrayscale(p)."""
+def random_grayscale(x: Tensor, p: float) -> Tensor:
+    """v2.RandomGrayscale(p) on a batch (N, 3, H, W): each image grey with probability p.
+
+    Used by: ``adlib.methods.simclr``, ``adlib.methods.ssl_occ``.
+    """
     apply = (torch.rand(len(x), device=x.device) < p).view(-1, 1, 1, 1)
-    return torch.where(apply, _gray(x).expand_as(x), x)
+    return torch.where(apply, grey_level(x).expand_as(x), x)
 
 
 def _gaussian_blur(x: Tensor, kernel: int, p: float) -> Tensor:
     """v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2))], p): separable, reflect padding."""
     n, c, hgt, wid = x.shape
     apply = (torch.rand(n, device=x.device) < p).view(n, 1, 1, 1)
-    sigma = _rand(n, 0.1, 2.0, x.device)
+    sigma = random_uniform(n, 0.1, 2.0, x.device)
     t = torch.arange(kernel, device=x.device, dtype=x.dtype) - kernel // 2
     k = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (n * c, kernel)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adlib.methods.classic import Scorer
-from adlib.methods.simclr import rotate
+from adlib.methods.simclr import grey_level, random_grayscale, random_uniform, rotate, rotate_hue
 from adlib.training.loop import StepFn, batch_images, model_device
 
 
@@ -35,11 +35,11 @@ def rotation_step(
     def step(batch: Any) -> dict[str, float]:
         x = batch_images(batch)
         k = torch.arange(4).repeat_interleave(len(x))
-        if augment is not None and independent_views:
-            x4 = rotate(augment(x.repeat(4, 1, 1, 1)), k).to(device)
+        if augment is None:
+            x4 = x.repeat(4, 1, 1, 1)
         else:
-            x = x if augment is None else augment(x)
-            x4 = rotate(x.repeat(4, 1, 1, 1), k).to(device)
+            x4 = augment(x.repeat(4, 1, 1, 1)) if independent_views else augment(x).repeat(4, 1, 1, 1)
+        x4 = rotate(x4, k).to(device)
         k = k.to(device)
         encoder.train()
         classifier.train()
@@ -122,23 +122,9 @@ def official_augmentation(size: int, min_scale: float = 0.5, jitter: float = 0.4
             raise ValueError(f"Expected a float batch (N, 3, S, S) in [0, 1]; got {x.dtype} {tuple(x.shape)}.")
         out = _square_crop(x, size, min_scale, flip)
         out = _additive_jitter(out, jitter)
-        return _grayscale(out, p=gray)
+        return random_grayscale(out, p=gray)
 
     return augment
-
-
-def _rand(n: int, low: float, high: float, device: torch.device) -> Tensor:
-    return torch.empty(n, device=device).uniform_(low, high)
-
-
-def _gray(x: Tensor) -> Tensor:
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def _grayscale(x: Tensor, p: float) -> Tensor:
-    """RandomGrayScale(p): the whole image grey with probability p."""
-    apply = (torch.rand(len(x), device=x.device) < p).view(-1, 1, 1, 1)
-    return torch.where(apply, _gray(x).expand_as(x), x)
 
 
 def _square_crop(x: Tensor, size: int, min_scale: float, flip: bool) -> Tensor:
@@ -166,20 +152,15 @@ def _additive_jitter(x: Tensor, j: float) -> Tensor:
     y = x
     for op in torch.randperm(4).tolist():
         if op == 0:
-            y = y + _rand(n, -j, j, dev).view(n, 1, 1, 1)
+            y = y + random_uniform(n, -j, j, dev).view(n, 1, 1, 1)
         elif op == 1:
             mean = y.mean(dim=(2, 3), keepdim=True)
-            y = (y - mean) * _rand(n, 1 - j, 1 + j, dev).view(n, 1, 1, 1) + mean
+            y = (y - mean) * random_uniform(n, 1 - j, 1 + j, dev).view(n, 1, 1, 1) + mean
         elif op == 2:
-            f = _rand(n, 1 - j, 1 + j, dev).view(n, 1, 1, 1)
-            y = f * y + (1 - f) * _gray(y)
+            f = random_uniform(n, 1 - j, 1 + j, dev).view(n, 1, 1, 1)
+            y = f * y + (1 - f) * grey_level(y)
         else:
-            angle = 2 * np.pi * _rand(n, -min(0.5, j), min(0.5, j), dev).view(n, 1, 1)
-            rgb2yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
-            yiq = torch.einsum("ij,njhw->nihw", rgb2yiq, y)
-            i, q = yiq[:, 1], yiq[:, 2]
-            yiq = torch.stack([yiq[:, 0], angle.cos() * i - angle.sin() * q, angle.sin() * i + angle.cos() * q], 1)
-            y = torch.einsum("ij,njhw->nihw", torch.linalg.inv(rgb2yiq), yiq)
+            y = rotate_hue(y, 2 * np.pi * random_uniform(n, -min(0.5, j), min(0.5, j), dev))
         y = y.clamp(0, 1)
     return y
 

@@ -134,7 +134,8 @@ def held_out_loss(kind: str, model: torch.nn.Module, x: torch.Tensor) -> float:
     model.eval()
     if kind == "ganomaly":
         x_hat, z, z_hat = model(x)
-        value = 50.0 * (x - x_hat).abs().mean() + (z - z_hat).pow(2).mean()
+        # no discriminator features: x stands in for both, and w_adv 0 drops the term
+        value = ganomaly.ganomaly_generator_loss(x, x_hat, z, z_hat, x, x, w_adv=0.0)["total"]
     else:
         out = model(x)
         recon = out if kind == "ae" else out[0]
