@@ -10,8 +10,14 @@ from PIL import Image
 
 from adlib import cli
 from adlib.bench import folders, runs
+from adlib.core import runtime
 
 SMALL = ["--backbone", "random-resnet18", "--image-size", "32", "--device", "cpu"]
+
+
+def _in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run each category here instead of in a new process, so that a patched ``runs.run_category`` applies."""
+    monkeypatch.setattr(runtime, "in_fresh_processes", lambda fn, calls, **kw: (fn(**call) for call in calls))
 
 
 def _category(root: Path, name: str) -> None:
@@ -63,6 +69,7 @@ def test_each_category_is_saved_when_done_and_ctrl_c_keeps_it(data: Path, tmp_pa
             raise KeyboardInterrupt
         return real(method, root, category, **kw)
 
+    _in_this_process(monkeypatch)
     monkeypatch.setattr(runs, "run_category", interrupted_on_beta)
     out = tmp_path / "r.json"
     assert cli.main(_run(data, "--out", str(out))) == 130
@@ -124,6 +131,7 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(data: Pat
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
+    _in_this_process(monkeypatch)
     monkeypatch.setattr(runs, "run_category", broken)
     assert cli.main(_run(data)) == 2
     assert capsys.readouterr().err.strip().endswith("error: a bug (ZeroDivisionError; --debug shows the traceback)")

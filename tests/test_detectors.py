@@ -111,8 +111,9 @@ def test_batched_farthest_first_takes_the_one_at_a_time_steps() -> None:
     # batches of 16 rows out of 300: many passes, each stopped where a row outside the batch could win
     x = torch.randn(300, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     starts = torch.tensor([5, 17, 230])
-    got = patchcore.farthest_first(x, starts, 40, batch=16)
-    assert got.tolist() == brute_force_coreset(x.numpy(), 40, starts.numpy())
+    expected = brute_force_coreset(x.numpy(), 40, starts.numpy())
+    assert patchcore.farthest_first(x, starts, 40, batch=16).tolist() == expected
+    assert patchcore.farthest_first(x, starts, 40, batch=16, block=7).tolist() == expected  # rows in cache blocks
 
 
 def test_a_chunked_coreset_takes_each_chunks_share_once() -> None:
@@ -445,3 +446,14 @@ def test_peak_memory_without_proc(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime, "open", no_proc, raising=False)
     without = runtime.PeakMemory.rss_mb()
     assert without >= 0.5 * on_linux and without > 10  # the process's peak resident set, in MB
+
+
+def test_each_call_runs_in_a_new_process_and_its_error_comes_back() -> None:
+    import os
+
+    calls = [{"key": "PATH"}] * 3
+    assert list(runtime.in_fresh_processes(os.getenv, calls, n_jobs=2)) == [os.getenv("PATH")] * 3
+    pids = list(runtime.in_fresh_processes(os.getpid, [{}] * 3, n_jobs=1))
+    assert len(set(pids)) == 3 and os.getpid() not in pids  # never a reused worker, never this process
+    with pytest.raises(ValueError, match="Expecting value"):
+        list(runtime.in_fresh_processes(json.loads, [{"s": "7"}, {"s": "seven"}]))

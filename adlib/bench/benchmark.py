@@ -26,6 +26,7 @@ import pandas as pd
 
 from adlib.bench import runs
 from adlib.bench.lineup import SWEEP
+from adlib.core.runtime import in_fresh_processes
 from adlib.data import mvtec
 from adlib.eval import claims, metrics
 
@@ -159,24 +160,22 @@ def sweep(root: str | Path, names: Sequence[str] = tuple(SWEEP), categories: Seq
           seeds: Sequence[int] = (0,), image_size: int = 128, backbone: str = "effnet-lite0", device: str = "cpu",
           n_jobs: int = 1, keep: Sequence[int] = (), options: dict[str, dict[str, Any]] | None = None,
           progress: bool = False) -> list[dict[str, Any]]:
-    """:func:`run_one` for every bench method x category x seed; ``n_jobs`` processes run them side by side (each
-    process one thread, so timings stay comparable); ``options``: {bench name: options for :func:`run_one`};
+    """:func:`run_one` for every bench method x category x seed, each in a new process (so ``added_mb`` is the run's
+    own memory, not what an earlier run left behind), ``n_jobs`` side by side on one thread each (so timings stay
+    comparable); ``options``: {bench name: options for :func:`run_one`};
     ``progress``: one line on stderr per finished run (done / total, elapsed, estimated remaining).
     Returns the records in that order.
 
     Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
     """
-    from joblib import Parallel, delayed
-
     unknown = [n for n in names if n not in SWEEP]
     if unknown:
         raise ValueError(f"Unknown bench method {unknown[0]!r}; choose from {sorted(SWEEP)}.")
     cats = mvtec.select_categories(root, categories)
     jobs = [(n, c, s) for n in names for c in cats for s in seeds]
-    results = Parallel(n_jobs=n_jobs, return_as="generator")(
-        delayed(run_one)(n, root, c, seed=s, image_size=image_size, backbone=backbone, device=device, keep=keep,
-                         options=(options or {}).get(n))
-        for n, c, s in jobs)
+    results = in_fresh_processes(run_one, [
+        {"name": n, "root": root, "category": c, "seed": s, "image_size": image_size, "backbone": backbone,
+         "device": device, "keep": keep, "options": (options or {}).get(n)} for n, c, s in jobs], n_jobs=n_jobs)
     records, t0 = [], time.perf_counter()
     for done, record in enumerate(results, 1):
         records.append(record)

@@ -19,8 +19,8 @@ from adlib.bench.lineup import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE
 if TYPE_CHECKING:
     import pandas as pd
 
-#: The columns of a run's row: quality, then cost (seconds, and the memory the fit and scoring added to the process,
-#: MB over what it held before the fit; the first category also pays for loading the backbone).
+#: The columns of a run's row: quality, then cost (seconds, and the memory the detector added, MB: its backbone, fit
+#: and scoring, over what the category's own new process held with the images read).
 COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "fit_s", "predict_s", "added_mb")
 #: What a float32 patch feature costs per training pixel, for the memory estimate (a 1,000-d feature per 8 x 8 px).
 _BANK_BYTES_PER_PIXEL = 1000 * 4 / 64
@@ -141,7 +141,9 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
     """
     import numpy as np
 
-    from adlib.core.runtime import choose_device
+    import torch
+
+    from adlib.core.runtime import choose_device, in_fresh_processes
     from adlib.data import mvtec
     from adlib.methods import catalog
 
@@ -159,10 +161,15 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
     document = {"method": method, "backbone": backbone if uses_backbone else None, "image_size": image_size,
                 "device": device, "seed": seed, "options": options, "categories": {}, "mean": None,
                 "complete": False}
-    for cat in cats:
-        document["categories"][cat] = _run_one_category(
-            method, root, cat, image_size=image_size, backbone=backbone, device=device, seed=seed, options=options,
-            save_maps=maps_dir, save_model=model_paths[cat], overwrite=overwrite)
+    for cat in cats:  # each in a new process, so that "added_mb" is the category's own memory
+        call = {"method": method, "root": root, "category": cat, "image_size": image_size, "backbone": backbone,
+                "device": device, "seed": seed, "options": options, "save_maps": maps_dir,
+                "save_model": model_paths[cat], "overwrite": overwrite}
+        _say(f"[{cat}] fitting {method} ...")
+        ((row, lines),) = in_fresh_processes(_run_one_category, [call], threads=torch.get_num_threads())
+        for line in lines:
+            _say(line)
+        document["categories"][cat] = row
         rows = document["categories"].values()
         if len(rows) == len(cats):
             document["mean"] = {k: None if any(r[k] is None for r in rows) else float(np.mean([r[k] for r in rows]))
@@ -175,27 +182,28 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
 
 def _run_one_category(method: str, root: Path, category: str, *, image_size: int, backbone: str, device: str,
                       seed: int, options: dict[str, Any], save_maps: Path | None, save_model: Path | None,
-                      overwrite: bool) -> dict[str, float | None]:
-    """:func:`adlib.bench.runs.run_category` with the command's messages, overlays and saved model; the row."""
+                      overwrite: bool) -> tuple[dict[str, float | None], list[str]]:
+    """:func:`adlib.bench.runs.run_category` with the command's overlays and saved model; the row and the lines to
+    print (returned, not printed: this runs in a process of its own, whose output would bypass the caller's)."""
     from adlib import viz
     from adlib.bench import runs
 
     run = runs.run_category(method, root, category, image_size=image_size, backbone=backbone, device=device,
                             seed=seed, options=options)
     note = "" if run.test.masks is not None else " (no ground-truth masks: image-level metrics only)"
-    _say(f"[{category}] {run.n_train} train / {len(run.test)} test images at {image_size} px{note}")
     row = {k: run.row[k] for k in COLUMNS}
     quality = ", ".join(f"{k.replace('_', ' ')} {row[k]:.3f}" for k in COLUMNS[:3] if row[k] is not None)
-    _say(f"[{category}] done: {quality}; fit {row['fit_s']:.1f} s, predict {row['predict_s']:.1f} s, "
-         f"{row['added_mb']:.0f} MB added")
+    lines = [f"[{category}] {run.n_train} train / {len(run.test)} test images at {image_size} px{note}",
+             f"[{category}] done: {quality}; fit {row['fit_s']:.1f} s, predict {row['predict_s']:.1f} s, "
+             f"{row['added_mb']:.0f} MB added"]
     if save_maps is not None:
         names = unique_names([Path(d) / Path(p).name for d, p in zip(run.test.defects, run.test.files)])
         viz.save_overlays(save_maps / category, run.test.images, run.scores.maps, names, overwrite=overwrite)
-        _say(f"[{category}] {len(names)} overlays in {save_maps / category}")
+        lines.append(f"[{category}] {len(names)} overlays in {save_maps / category}")
     if save_model is not None:
         run.detector.save(save_model, image_size=image_size, category=category, data=str(root))
-        _say(f"[{category}] detector saved to {save_model}")
-    return row
+        lines.append(f"[{category}] detector saved to {save_model}")
+    return row, lines
 
 
 def unique_names(paths: Sequence[Path]) -> list[str]:

@@ -1,15 +1,19 @@
-"""Seeding, device choice and peak-memory measurement."""
+"""Seeding, device choice, peak-memory measurement and runs in fresh processes."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import random
 import sys
 import threading
-from typing import Any, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
+
+T = TypeVar("T")
 
 
 def seed_everything(seed: int = 0) -> int:
@@ -104,3 +108,29 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+
+def in_fresh_processes(fn: Callable[..., T], calls: Sequence[dict[str, Any]], n_jobs: int = 1,
+                       threads: int = 1) -> Iterator[T]:
+    """``fn(**kwargs)`` for each ``kwargs`` of ``calls``, each in a new process that has run nothing else, ``n_jobs``
+    at a time on ``threads`` torch threads each; yields the results in call order, re-raises a call's error.
+
+    A process that ran an earlier call keeps the memory it freed, so the next call's peak barely rises: a new
+    process per call makes the memory a call adds its own. The processes are forked from a server that has only
+    imported ``fn``'s module and the main script (multiprocessing's "forkserver", so no call pays for the imports;
+    "spawn" where the platform has no fork server). On an error or Ctrl-C the calls not yet started are cancelled.
+
+    Used by: ``adlib.bench.benchmark.sweep``, ``adlib.bench.folders.run``.
+    """
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["__main__", fn.__module__])  # a script's main module too, imported once
+    pool = ProcessPoolExecutor(n_jobs, mp_context=context, max_tasks_per_child=1, initializer=torch.set_num_threads,
+                               initargs=(threads,))
+    try:
+        futures = [pool.submit(fn, **kwargs) for kwargs in calls]
+        for future in futures:
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
