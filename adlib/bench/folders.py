@@ -140,7 +140,6 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
     import numpy as np
-
     import torch
 
     from adlib.core.runtime import choose_device, in_fresh_processes
