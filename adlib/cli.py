@@ -5,7 +5,12 @@ images, benchmark every method, or remake the weights shipped in ``adlib/weights
     python -m adlib run patchcore --data ROOT [--category C ...] [--backbone effnet-lite0] [--image-size 128]
                         [--device cpu|cuda] [--seed 0] [--out results.json] [--save-maps DIR] [--save-model FILE]
                         [--set KEY=VALUE ...]
-    python -m adlib predict --model FILE IMAGES_OR_FOLDERS... [--out scores.csv] [--save-maps DIR]
+                        [--calibrate]
+    python -m adlib fit [METHOD] (--data ROOT [--category C ...] | --good DIR) [--target-fpr 0.05]
+                        [--calibration-share 0.2] --save-model FILE
+    python -m adlib calibrate --model FILE --good DIR [--target-fpr A]
+    python -m adlib predict --model FILE IMAGES_OR_FOLDERS... [--out scores.csv] [--save-maps DIR | --report DIR]
+                            [--target-fpr A]
     python -m adlib bench --data ROOT [--methods patchcore padim ...] [--categories ...] [--seeds 0 1 2]
                           [--jobs 2] [--out DIR]
     python -m adlib pretrain RECIPE --out FILE [--steps N ...] [--validate] [--checkpoint FILE]
@@ -41,12 +46,14 @@ def _say(text: str) -> None:
 
 
 def _format(table: pd.DataFrame) -> str:
-    fmt = {c: (lambda v: f"{v:.3f}") if c in ("image_auroc", "pixel_auroc", "aupro") else (lambda v: f"{v:.1f}")
-           for c in table.columns}
+    three = ("image_auroc", "pixel_auroc", "aupro", "false_alarm_rate", "detection_rate")
+    fmt = {c: (lambda v: f"{v:.3f}") if c in three else (lambda v: f"{v:.4g}") if c == "threshold" else
+           (lambda v: f"{v:.1f}") for c in table.columns}
     return table.to_string(formatters=fmt, na_rep="-")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from adlib.bench.deploy import CALIBRATION_SHARE, TARGET_FPR
     from adlib.bench.lineup import BENCH_IMAGE_SIZE, DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, SWEEP
     from adlib.features.backbones import BACKBONES
     from adlib.methods.catalog import METHODS
@@ -75,13 +82,45 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-large", action="store_true",
                    help="run an --image-size above twice the inputs' size or above the free memory's estimate")
 
-    p = sub.add_parser("predict", help="score new images with a saved detector")
+    r.add_argument("--calibrate", action="store_true",
+                   help="also fit on all but a calibration share of train/good, set the threshold for --target-fpr "
+                        "and report the test split's false-alarm and detection rates at it")
+    r.add_argument("--target-fpr", type=float, default=TARGET_FPR, help=f"with --calibrate (default {TARGET_FPR})")
+
+    f = sub.add_parser("fit", help="fit a detector on good images only and calibrate its threshold",
+                       description="Fit on the good images minus a held-out share, set the threshold for a target "
+                       "false-alarm rate on that share (split conformal) and save both (adlib.bench.deploy).")
+    f.add_argument("method", nargs="?", default="patchcore", choices=sorted(METHODS))
+    f.add_argument("--data", type=Path, help="root folder: ROOT/<category>/train/good (test/ is not needed)")
+    f.add_argument("--category", nargs="+", help="categories under --data (default: all)")
+    f.add_argument("--good", type=Path, help="a plain folder of good images (searched recursively)")
+    f.add_argument("--target-fpr", type=float, default=TARGET_FPR,
+                   help=f"false-alarm rate the threshold guarantees on new good images (default {TARGET_FPR})")
+    f.add_argument("--calibration-share", type=float, default=CALIBRATION_SHARE,
+                   help=f"share of the good images held out to calibrate (default {CALIBRATION_SHARE})")
+    f.add_argument("--save-model", required=True, type=Path, help="file to write (FILE_<category> for several)")
+    f.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
+    f.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    f.add_argument("--device", choices=("cpu", "cuda"))
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", type=_option)
+    f.add_argument("--overwrite", action="store_true", help="replace --save-model")
+
+    a = sub.add_parser("calibrate", help="set a saved detector's threshold again from new good images")
+    a.add_argument("--model", required=True, type=Path)
+    a.add_argument("--good", required=True, type=Path, help="good images the detector was not fitted on")
+    a.add_argument("--target-fpr", type=float, help="default: the model's")
+    a.add_argument("--device", choices=("cpu", "cuda"))
+
+    p = sub.add_parser("predict", help="score new images with a saved detector: score, p-value, decision")
     p.add_argument("--model", required=True, type=Path)
-    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("images", nargs="+", help="image files or folders of images (searched recursively)")
     p.add_argument("--device", choices=("cpu", "cuda"))
-    p.add_argument("--out", type=Path, help="write path,score rows as CSV")
-    p.add_argument("--save-maps", type=Path, help="write one heatmap overlay PNG per image here")
-    p.add_argument("--overwrite", action="store_true", help="replace --out and --save-maps files")
+    p.add_argument("--out", type=Path, help="write path,score,p_value,anomalous rows as CSV")
+    p.add_argument("--save-maps", type=Path, help="write one figure per image here (original and heatmap)")
+    p.add_argument("--report", type=Path, help="write the figures and an HTML page (flagged images first) here")
+    p.add_argument("--target-fpr", type=float, help="decide at this false-alarm rate instead of the stored one")
+    p.add_argument("--overwrite", action="store_true", help="replace --out, --save-maps and --report files")
 
     b = sub.add_parser("bench", help="every method on one MVTec-format folder: quality with intervals, cost")
     b.add_argument("--data", required=True, type=Path, help="root folder: ROOT/<category>/train/good, test/, ...")
@@ -190,7 +229,7 @@ def _run(args: argparse.Namespace) -> None:
     result = folders.run(args.method, args.data, args.category, backbone=args.backbone, image_size=args.image_size,
                          device=args.device, seed=args.seed, save_maps=args.save_maps, save_model=args.save_model,
                          options=dict(args.set), overwrite=args.overwrite, allow_large=args.allow_large,
-                         on_category=save)
+                         on_category=save, calibrate=args.calibrate, target_fpr=args.target_fpr)
     backbone = result["backbone"] or "no backbone"
     print(f"{args.method} with {backbone} at {args.image_size} px on {result['device']} "
           f"({time.perf_counter() - t0:.0f} s)")
@@ -199,16 +238,57 @@ def _run(args: argparse.Namespace) -> None:
         _say(f"results written to {args.out}")
 
 
-def _predict(args: argparse.Namespace) -> None:
-    from adlib.bench import folders
+def _fit(args: argparse.Namespace) -> None:
+    from adlib.bench import deploy
+    from adlib.eval.decisions import calibration_split
 
-    folders.check_output(args.out, "--out", args.overwrite)
-    rows = folders.predict(args.model, args.images, args.device, args.save_maps, overwrite=args.overwrite)
-    for path, score in rows:
-        print(f"{score:.6g}\t{path}")
+    folders = deploy.good_folders(args.data, args.category, args.good)
+    model = args.save_model
+    paths = {name: model if len(folders) == 1 else model.with_name(f"{model.stem}_{name}{model.suffix}")
+             for name in folders}
+    for name, good in folders.items():  # every output and every split before the first fit
+        deploy.check_output(paths[name], "--save-model", args.overwrite)
+        calibration_split(len(deploy.images_under(good)), args.calibration_share, args.target_fpr, args.seed)
+    for name, good in folders.items():
+        done = deploy.fit(args.method, good, paths[name], target_fpr=args.target_fpr,
+                          calibration_share=args.calibration_share, image_size=args.image_size,
+                          backbone=args.backbone, device=args.device, seed=args.seed, options=dict(args.set),
+                          overwrite=args.overwrite)
+        print(f"[{name}] {args.method} fitted on {done['fitted_on']} good images, calibrated on "
+              f"{done['calibrated_on']}: threshold {done['threshold']:.6g} for a false-alarm rate of at most "
+              f"{args.target_fpr:g}; saved to {paths[name]}")
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from adlib.bench import deploy
+
+    done = deploy.calibrate(args.model, args.good, args.target_fpr, args.device)
+    old = "none" if done["old_threshold"] is None else f"{done['old_threshold']:.6g}"
+    print(f"{args.model}: calibrated on {done['calibrated_on']} good images, threshold {old} -> "
+          f"{done['threshold']:.6g} (false-alarm rate at most {done['target_fpr']:g}); the fitted detector is "
+          "unchanged")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from adlib.bench import deploy
+
+    deploy.check_output(args.out, "--out", args.overwrite)  # before scoring, not after
+    rows = deploy.predict(args.model, args.images, args.device, args.save_maps, args.report, args.target_fpr,
+                          overwrite=args.overwrite)
+    columns = ("path", "score", "p_value", "anomalous")
+    for row in rows:
+        print("\t".join("" if row[c] is None else f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
+                        for c in columns[1:] + columns[:1]))
     if args.out is not None:
         with open(args.out, "w", newline="") as f:
-            csv.writer(f).writerows([("path", "score"), *rows])
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows([["" if row[c] is None else row[c] for c in columns] for row in rows])
+    flagged = sum(bool(r["anomalous"]) for r in rows)
+    where = ", ".join(str(p) for p in (args.out, args.report, args.save_maps) if p is not None) or "stdout only"
+    decided = "no decisions (the model stores no calibration)" if rows[0]["anomalous"] is None else \
+        f"{flagged} flagged as anomalous"
+    _say(f"{len(rows)} images scored, {decided}; written: {where}")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -283,8 +363,9 @@ def _train_checkpoint(args: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in entry.items() if k != "record"}, indent=1))
 
 
-COMMANDS = {"list": _list, "run": _run, "predict": _predict, "bench": _bench, "pretrain": _pretrain,
-            "train-clip": _train_clip, "distill-teacher": _distill_teacher, "train-checkpoint": _train_checkpoint}
+COMMANDS = {"list": _list, "run": _run, "fit": _fit, "calibrate": _calibrate, "predict": _predict, "bench": _bench,
+            "pretrain": _pretrain, "train-clip": _train_clip, "distill-teacher": _distill_teacher,
+            "train-checkpoint": _train_checkpoint}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -131,6 +131,42 @@ def save_overlays(folder: str | Path, images: Any, maps: Any, names: Sequence[st
     return paths
 
 
+def save_decision_figure(path: str | Path, image: Any, score_map: Any, scale: tuple[float, float], title: str,
+                         dpi: int = 100) -> Path:
+    """Write ``path`` (PNG): the original ``image`` (H, W, 3) in [0, 1] beside its ``score_map`` (h, w, any size,
+    resized to H x W) blended onto it on the fixed colour ``scale`` (lo, hi) with a colour bar, ``title`` above; each
+    panel at the image's own size. A fixed scale gives one image the same colours alone or in any batch.
+
+    Used by: ``adlib.bench.deploy.predict``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    path = Path(path)
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link; adlib does not write through links.")
+    rgb = _as_rgb(image)
+    h, w = rgb.shape[:2]
+    amap = F.interpolate(torch.as_tensor(to_numpy(score_map, np.float32))[None, None], size=(h, w),
+                         mode="bilinear", align_corners=False)[0, 0].numpy()
+    lo, hi = scale
+    zoom = max(1.0, 256 / max(h, w))  # small images are drawn larger, so the title and colour bar stay readable
+    pw, ph, right, top = w * zoom, h * zoom, 110, 40  # panel and margins, in pixels
+    fig_w, fig_h = 2 * pw + 8 + right, ph + top + 4
+    fig = plt.figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi)
+    for k, shown in enumerate((rgb, overlay(rgb, amap, vmin=lo, vmax=hi))):
+        ax = fig.add_axes(((k * (pw + 8)) / fig_w, 4 / fig_h, pw / fig_w, ph / fig_h))
+        ax.imshow(shown, interpolation="nearest" if zoom > 1 else "antialiased")
+        ax.set_axis_off()
+    bar = fig.add_axes(((2 * pw + 20) / fig_w, 4 / fig_h + 0.1 * ph / fig_h, 12 / fig_w, 0.8 * ph / fig_h))
+    fig.colorbar(ScalarMappable(Normalize(lo, hi), cmap="jet"), cax=bar, label="pixel score")
+    fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def heatmap_grid(
     images: Any,
     masks: Any,

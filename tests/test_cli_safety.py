@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from adlib import cli
-from adlib.bench import folders, runs
+from adlib.bench import deploy, folders, runs
 from adlib.core import runtime
 
 SMALL = ["--backbone", "random-resnet18", "--image-size", "32", "--device", "cpu"]
@@ -117,7 +117,7 @@ def test_predict_keeps_every_overlay_and_refuses_a_non_model_file(data: Path, tm
     model = tmp_path / "m.pt"
     assert cli.main(_run(data, "--category", "alpha", "--save-model", str(model))) == 0
     maps = tmp_path / "pmaps"
-    rows = folders.predict(model, [data / "alpha/test/good", data / "alpha/test/dent"], save_maps=maps)
+    rows = deploy.predict(model, [data / "alpha/test/good", data / "alpha/test/dent"], save_maps=maps)
     assert len(rows) == 4 and len(list(maps.glob("*.png"))) == 4  # 0.png and 1.png in both folders
     assert folders.unique_names([Path("a/x.png"), Path("a/x.jpg"), Path("b/x.png")]) == ["a_x", "a_x_2", "b_x"]
     junk = tmp_path / "notes.pt"

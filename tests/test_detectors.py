@@ -14,7 +14,7 @@ from PIL import Image
 from scipy.spatial.distance import mahalanobis
 
 from adlib import cli
-from adlib.bench import folders
+from adlib.bench import deploy, folders
 from adlib.core import runtime
 from adlib.data.imageset import ImageSet
 from adlib.eval import metrics, protocol
@@ -359,8 +359,8 @@ def test_cli_run_writes_the_documented_json(tmp_path: Path, capsys: pytest.Captu
     assert "widget" in printed.out and "mean" in printed.out and "[widget] done: image auroc" in printed.err
     assert len(list((tmp_path / "maps/widget").glob("*.png"))) == 4
     # the saved detector scores the same images the same way
-    scores = dict(folders.predict(tmp_path / "m.pt", [root / "widget/test/dent"]))
-    assert len(scores) == 2 and all(np.isfinite(list(scores.values())))
+    scores = [row["score"] for row in deploy.predict(tmp_path / "m.pt", [root / "widget/test/dent"])]
+    assert len(scores) == 2 and all(np.isfinite(scores))
     assert cli.main(args) == 2  # --out exists: refused, nothing overwritten
     assert "exists" in capsys.readouterr().err
 

@@ -1,4 +1,5 @@
-"""``python -m adlib run`` and ``predict`` as functions, safe on real folders.
+"""``python -m adlib run`` as a function, safe on real folders (``fit``, ``calibrate`` and ``predict``:
+:mod:`adlib.bench.deploy`).
 
 Everything that can fail cheaply fails before the first fit: the categories (each once), every input file's header,
 the image size against the inputs and the machine's memory, the ``--set`` options against the method's keywords, and
@@ -22,18 +23,24 @@ if TYPE_CHECKING:
 #: The columns of a run's row: quality, then cost (seconds, and the memory the detector added, MB: its backbone, fit
 #: and scoring, over what the category's own new process held with the images read).
 COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "fit_s", "predict_s", "added_mb")
+#: ``run --calibrate`` adds: the threshold and the test split's false-alarm and detection rates at it.
+CALIBRATED_COLUMNS = ("threshold", "false_alarm_rate", "detection_rate")
 #: What a float32 patch feature costs per training pixel, for the memory estimate (a 1,000-d feature per 8 x 8 px).
 _BANK_BYTES_PER_PIXEL = 1000 * 4 / 64
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
+    """Print a progress or status line on stderr (stdout is the command's result).
+
+    Used by: ``adlib.bench.folders.run``, ``adlib.bench.deploy.predict``.
+    """
     print(text, file=sys.stderr, flush=True)
 
 
 def check_options(method: str, options: dict[str, Any]) -> None:
     """Refuse an option ``method`` does not take, or a value of another type than its default's (an int is a float).
 
-    Used by: ``adlib.bench.folders.run``.
+    Used by: ``adlib.bench.folders.run``, ``adlib.bench.deploy.fit``.
     """
     from adlib.methods import catalog
 
@@ -56,7 +63,7 @@ def check_output(path: Path | None, what: str, overwrite: bool, folder: bool = F
     missing or read-only parent folder, the wrong kind, or a file (a non-empty folder) already there without
     ``overwrite``.
 
-    Used by: ``adlib.bench.folders.run``, ``adlib.bench.folders.predict``.
+    Used by: ``adlib.bench.folders.run``, ``adlib.bench.deploy``.
     """
     if path is None:
         return
@@ -132,10 +139,13 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
         image_size: int = DEFAULT_IMAGE_SIZE, device: str | None = None, seed: int = 0,
         save_maps: str | Path | None = None, save_model: str | Path | None = None,
         options: dict[str, Any] | None = None, overwrite: bool = False, allow_large: bool = False,
-        on_category: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        on_category: Callable[[dict[str, Any]], None] | None = None, calibrate: bool = False,
+        target_fpr: float = 0.05) -> dict[str, Any]:
     """``python -m adlib run`` as a function: check everything, then every category in turn, then the mean; returns
     the JSON document. ``on_category`` gets the document after each category (``"complete": False`` until the
-    last one, the mean ``None`` until then).
+    last one, the mean ``None`` until then). ``calibrate`` adds each category's ``false_alarm_rate`` and
+    ``detection_rate`` at a threshold for ``target_fpr`` (:func:`calibrated_rates`: a second fit on
+    all but a calibration share; the row's metrics keep the fit on every training image).
 
     Defined in: "Datasets and metrics" (``notebooks/02_datasets_and_metrics.ipynb``).
     """
@@ -163,16 +173,17 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
     for cat in cats:  # each in a new process, so that "added_mb" is the category's own memory
         call = {"method": method, "root": root, "category": cat, "image_size": image_size, "backbone": backbone,
                 "device": device, "seed": seed, "options": options, "save_maps": maps_dir,
-                "save_model": model_paths[cat], "overwrite": overwrite}
-        _say(f"[{cat}] fitting {method} ...")
+                "save_model": model_paths[cat], "overwrite": overwrite,
+                "target_fpr": target_fpr if calibrate else None}
+        say(f"[{cat}] fitting {method} ...")
         ((row, lines),) = in_fresh_processes(_run_one_category, [call], threads=torch.get_num_threads())
         for line in lines:
-            _say(line)
+            say(line)
         document["categories"][cat] = row
         rows = document["categories"].values()
         if len(rows) == len(cats):
             document["mean"] = {k: None if any(r[k] is None for r in rows) else float(np.mean([r[k] for r in rows]))
-                                for k in COLUMNS}
+                                for k in rows_columns(rows)}
             document["complete"] = True
         if on_category is not None:
             on_category(document)
@@ -181,11 +192,12 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
 
 def _run_one_category(method: str, root: Path, category: str, *, image_size: int, backbone: str, device: str,
                       seed: int, options: dict[str, Any], save_maps: Path | None, save_model: Path | None,
-                      overwrite: bool) -> tuple[dict[str, float | None], list[str]]:
+                      overwrite: bool, target_fpr: float | None) -> tuple[dict[str, float | None], list[str]]:
     """:func:`adlib.bench.runs.run_category` with the command's overlays and saved model; the row and the lines to
     print (returned, not printed: this runs in a process of its own, whose output would bypass the caller's)."""
     from adlib import viz
     from adlib.bench import runs
+    from adlib.data import mvtec
 
     run = runs.run_category(method, root, category, image_size=image_size, backbone=backbone, device=device,
                             seed=seed, options=options)
@@ -195,6 +207,16 @@ def _run_one_category(method: str, root: Path, category: str, *, image_size: int
     lines = [f"[{category}] {run.n_train} train / {len(run.test)} test images at {image_size} px{note}",
              f"[{category}] done: {quality}; fit {row['fit_s']:.1f} s, predict {row['predict_s']:.1f} s, "
              f"{row['added_mb']:.0f} MB added"]
+    if target_fpr is not None:
+        from adlib.methods import catalog
+
+        train = mvtec.load_split(root, category, "train", image_size)
+        row |= calibrated_rates(lambda: catalog.make_detector(method, **catalog.run_options(
+            method, category, backbone, {"device": device, "seed": seed} | options)), train, run.test, target_fpr,
+            seed=seed)
+        lines.append(f"[{category}] at a threshold for a false-alarm rate of {target_fpr:g} (fitted without a "
+                     f"calibration share): false alarms {row['false_alarm_rate']:.3f}, detections "
+                     f"{row['detection_rate']:.3f} of the test images")
     if save_maps is not None:
         names = unique_names([Path(d) / Path(p).name for d, p in zip(run.test.defects, run.test.files)])
         viz.save_overlays(save_maps / category, run.test.images, run.scores.maps, names, overwrite=overwrite)
@@ -205,11 +227,28 @@ def _run_one_category(method: str, root: Path, category: str, *, image_size: int
     return row, lines
 
 
+def calibrated_rates(make_detector: Callable[[], Any], train: Any, test: Any, target_fpr: float,
+                     calibration_share: float = 0.2, seed: int = 0) -> dict[str, float]:
+    """``run --calibrate``: a second detector (``make_detector()``) fitted on ``train`` (an ImageSet of good images)
+    minus a calibration share, its threshold for ``target_fpr`` from that share, and the false-alarm and detection
+    rates it gives on the labelled ``test`` ImageSet.
+
+    Used by: ``adlib.bench.folders._run_one_category``.
+    """
+    from adlib.eval import decisions
+
+    fit_idx, cal_idx = decisions.calibration_split(len(train), calibration_share, target_fpr, seed)
+    det = make_detector()
+    det.fit(train[fit_idx])
+    threshold = decisions.conformal_threshold(det.predict(train[cal_idx]).image, target_fpr)
+    return {"threshold": threshold, **decisions.rates(test.labels, det.predict(test).image, threshold)}
+
+
 def unique_names(paths: Sequence[Path]) -> list[str]:
     """One overlay name per input path: ``<parent>_<stem>``, numbered (``_2``, ``_3``) where two paths still share it
     (``a.png`` and ``a.jpg`` in one folder), so no overlay overwrites another.
 
-    Used by: ``adlib.bench.folders.predict``.
+    Used by: ``adlib.bench.deploy.predict``.
     """
     names: list[str] = []
     for path in paths:
@@ -230,36 +269,14 @@ def results_table(result: dict[str, Any]) -> pd.DataFrame:
     import pandas as pd
 
     rows = {**result["categories"], **({"mean": result["mean"]} if result["mean"] is not None else {})}
-    return pd.DataFrame(rows).T[list(COLUMNS)].astype(float)
+    return pd.DataFrame(rows).T[rows_columns(result["categories"].values())].astype(float)
 
 
-def predict(model: str | Path, inputs: Sequence[str | Path], device: str | None = None,
-            save_maps: str | Path | None = None, overwrite: bool = False) -> list[tuple[str, float]]:
-    """Score unlabelled images (files, or folders of images) with a saved detector: [(path, image score)]; with
-    ``save_maps`` one overlay per image, named by :func:`unique_names`.
+def rows_columns(rows: Any) -> list[str]:
+    """:data:`COLUMNS`, then ``run --calibrate``'s columns where every row has them.
 
-    Used by: ``python -m adlib predict``.
+    Used by: ``adlib.bench.folders.run``, ``adlib.bench.folders.results_table``.
     """
-    from adlib import viz
-    from adlib.core.runtime import choose_device
-    from adlib.data import mvtec
-    from adlib.methods import catalog
-
-    maps_dir = None if save_maps is None else Path(save_maps)
-    check_output(maps_dir, "--save-maps", overwrite, folder=True)
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += mvtec.list_images(item)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"No image or folder {item}.")
-    if not paths:
-        raise FileNotFoundError(f"No images ({', '.join(mvtec.IMAGE_EXTENSIONS)}) in {list(map(str, inputs))}.")
-    det, _ = catalog.load_detector(model, str(choose_device(device)))
-    images = mvtec.read_images(paths, tuple(det.image_shape))
-    scores = det.predict(images)
-    if maps_dir is not None:
-        viz.save_overlays(maps_dir, images.images, scores.maps, unique_names(paths), overwrite=overwrite)
-    return [(str(p), float(s)) for p, s in zip(paths, scores.image)]
+    rows = list(rows)
+    extra = [k for k in CALIBRATED_COLUMNS if rows and all(k in r for r in rows)]
+    return list(COLUMNS) + extra

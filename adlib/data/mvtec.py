@@ -45,7 +45,7 @@ def list_images(folder: str | Path) -> list[Path]:
     """The image files directly in ``folder`` (any of :data:`IMAGE_EXTENSIONS`, any letter case), sorted by name;
     hidden files (``._x.png``) are skipped.
 
-    Used by: ``adlib.data.mvtec.MVTecDataset``, ``adlib.bench.folders.predict``.
+    Used by: ``adlib.data.mvtec.MVTecDataset``.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -75,7 +75,7 @@ def read_images(paths: Sequence[str | Path], image_size: int | tuple[int, int] =
     """Image files (png, jpg, ...) -> an unlabelled :class:`ImageSet` (N, 3, H, W) in [0, 1] with their file
     names, resized as :class:`MVTecDataset` does.
 
-    Used by: ``adlib.bench.folders.predict``.
+    Used by: ``adlib.bench.deploy``.
     """
     size = _pair(image_size, "image_size")
     if not paths:

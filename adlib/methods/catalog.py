@@ -71,7 +71,7 @@ def load_detector(path: str | Path, device: str = "cpu") -> tuple[Detector, dict
     The file's format version must be the one this version of adlib writes; an older or newer file is refused with
     the command that makes a new one.
 
-    Used by: ``adlib.bench.folders.predict``.
+    Used by: ``adlib.bench.deploy``.
     """
     import torch
 
