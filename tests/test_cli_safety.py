@@ -83,6 +83,46 @@ def test_each_category_is_saved_when_done_and_ctrl_c_keeps_it(data: Path, tmp_pa
     assert sorted(saved["categories"]) == ["alpha", "beta"] and saved["complete"] is True and saved["mean"]
 
 
+def test_a_real_ctrl_c_stops_the_category_process_and_keeps_the_finished_ones(data: Path, tmp_path: Path) -> None:
+    """SIGINT to the whole process group, as a terminal sends it: the category's own process stops too, no traceback,
+    exit 130, the finished categories stay in --out and no process is left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for i in range(40):  # gamma: enough images that its fit is still running when the signal comes
+        arr = (np.random.default_rng(100 + i).uniform(0.4, 0.6, (40, 40, 3)) * 255).astype(np.uint8)
+        (data / "gamma/train/good").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(data / "gamma/train/good" / f"{i}.png")
+    for split in ("test/good", "test/dent", "ground_truth/dent"):
+        for f in (data / "alpha" / split).iterdir():
+            (data / "gamma" / split).mkdir(parents=True, exist_ok=True)
+            (data / "gamma" / split / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "r.json"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "adlib", "run", "patchcore", "--data", str(data), "--backbone",
+                             "random-resnet18", "--image-size", "128", "--allow-large", "--device", "cpu", "--out",
+                             str(out)], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    for line in proc.stderr:
+        if line.startswith("[gamma] fitting"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(json.loads(out.read_text())["categories"]) == ["alpha", "beta"]
+    for _ in range(100):  # the group empties: no category process (or fork server) is left running
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("processes of the interrupted run are still running 10 s after it exited")
+
+
 def test_leftover_overlays_and_links_are_refused_before_fitting(data: Path, tmp_path: Path, capsys) -> None:
     maps = tmp_path / "maps"
     (maps / "alpha").mkdir(parents=True)
