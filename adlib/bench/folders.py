@@ -176,7 +176,8 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
                 "save_model": model_paths[cat], "overwrite": overwrite,
                 "target_fpr": target_fpr if calibrate else None}
         say(f"[{cat}] fitting {method} ...")
-        ((row, lines),) = in_fresh_processes(_run_one_category, [call], threads=torch.get_num_threads())
+        ((row, lines),) = in_fresh_processes(_run_one_category, [call], threads=torch.get_num_threads(),
+                                             preload=("adlib.bench.runs", "adlib.viz"))
         for line in lines:
             say(line)
         document["categories"][cat] = row

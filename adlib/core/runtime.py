@@ -111,21 +111,25 @@ class PeakMemory:
 
 
 def in_fresh_processes(fn: Callable[..., T], calls: Sequence[dict[str, Any]], n_jobs: int = 1,
-                       threads: int = 1) -> Iterator[T]:
+                       threads: int = 1, preload: Sequence[str] = ()) -> Iterator[T]:
     """``fn(**kwargs)`` for each ``kwargs`` of ``calls``, each in a new process that has run nothing else, ``n_jobs``
     at a time on ``threads`` torch threads each; yields the results in call order, re-raises a call's error.
 
     A process that ran an earlier call keeps the memory it freed, so the next call's peak barely rises: a new
     process per call makes the memory a call adds its own. The processes are forked from a server that has only
-    imported ``fn``'s module and the main script (multiprocessing's "forkserver", so no call pays for the imports;
-    "spawn" where the platform has no fork server). On an error or Ctrl-C the calls not yet started are cancelled.
+    imported ``fn``'s module, the modules in ``preload``, this one and the main script (multiprocessing's
+    "forkserver", so no call pays for those imports; "spawn" where the platform has no fork server). The server
+    starts at a process's first call and keeps its imports: a later call with another ``fn`` imports what is
+    missing in each new process. On an error or Ctrl-C the calls not yet started are cancelled.
 
     Used by: ``adlib.bench.benchmark.sweep``, ``adlib.bench.folders.run``.
     """
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(["__main__", fn.__module__])  # a script's main module too, imported once
+        # imported once, in the server: a script's main module, torch (for the initializer), fn's module and what
+        # fn imports when it runs
+        context.set_forkserver_preload(["__main__", __name__, fn.__module__, *preload])
     pool = ProcessPoolExecutor(n_jobs, mp_context=context, max_tasks_per_child=1, initializer=torch.set_num_threads,
                                initargs=(threads,))
     try:
