@@ -53,8 +53,14 @@ def _format(table: pd.DataFrame) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from adlib.bench.deploy import CALIBRATION_SHARE, TARGET_FPR
-    from adlib.bench.lineup import BENCH_IMAGE_SIZE, DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, SWEEP
+    from adlib.bench.lineup import (
+        BENCH_IMAGE_SIZE,
+        CALIBRATION_SHARE,
+        DEFAULT_BACKBONE,
+        DEFAULT_IMAGE_SIZE,
+        SWEEP,
+        TARGET_FPR,
+    )
     from adlib.features.backbones import BACKBONES
     from adlib.methods.catalog import METHODS
     from adlib.recipes.pretrain_recipes import RECIPES
@@ -253,7 +259,7 @@ def _fit(args: argparse.Namespace) -> None:
         done = deploy.fit(args.method, good, paths[name], target_fpr=args.target_fpr,
                           calibration_share=args.calibration_share, image_size=args.image_size,
                           backbone=args.backbone, device=args.device, seed=args.seed, options=dict(args.set),
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, category=name)
         print(f"[{name}] {args.method} fitted on {done['fitted_on']} good images, calibrated on "
               f"{done['calibrated_on']}: threshold {done['threshold']:.6g} for a false-alarm rate of at most "
               f"{args.target_fpr:g}; saved to {paths[name]}")

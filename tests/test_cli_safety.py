@@ -151,6 +151,7 @@ def test_guards_image_size_memory_duplicates_and_options(data: Path, capsys, mon
                             "expects a float for coreset_ratio")
     _refused_before_any_fit(capsys, ["run", "patchcore", "--data", str(data), *SMALL, "--set", "coreset_ration=0.5"],
                             "no option 'coreset_ration'")
+    _refused_before_any_fit(capsys, _run(data, "--calibrate"), "needs 19 calibration images")  # 3 train images
 
 
 def test_predict_keeps_every_overlay_and_refuses_a_non_model_file(data: Path, tmp_path: Path, capsys) -> None:

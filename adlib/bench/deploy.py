@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from adlib.bench.folders import check_options, check_output, say, unique_names
+from adlib.bench.lineup import CALIBRATION_SHARE, TARGET_FPR
 
-#: ``fit``'s defaults: the share of the good images held out to calibrate, and the target false-alarm rate.
-CALIBRATION_SHARE, TARGET_FPR = 0.2, 0.05
 #: Images scored at a time by ``predict`` (a folder of any size never sits in memory whole).
 PREDICT_BATCH = 32
 
@@ -73,9 +72,10 @@ def calibration_record(scores: Any, maps: Any, target_fpr: float) -> dict[str, A
 def fit(method: str, good: Path, save_model: Path, *, target_fpr: float = TARGET_FPR,
         calibration_share: float = CALIBRATION_SHARE, image_size: int | None = None, backbone: str | None = None,
         device: str | None = None, seed: int = 0, options: dict[str, Any] | None = None,
-        overwrite: bool = False) -> dict[str, Any]:
+        overwrite: bool = False, category: str | None = None) -> dict[str, Any]:
     """Fit ``method`` on the good images under ``good`` minus a held-out calibration share, calibrate on that share
-    and save the model with its calibration (:func:`calibration_record`); returns a summary.
+    and save the model with its calibration (:func:`calibration_record`); returns a summary. ``category`` names
+    the object for a method that needs it (default: the folder's name). Every image is read before the fit.
 
     Used by: ``python -m adlib fit``.
     """
@@ -95,10 +95,11 @@ def fit(method: str, good: Path, save_model: Path, *, target_fpr: float = TARGET
     fit_paths, cal_paths = [paths[i] for i in fit_idx], [paths[i] for i in cal_idx]
     device = str(choose_device(device))
     seed_everything(seed)
-    det = catalog.make_detector(method, **catalog.run_options(method, good.name, backbone,
+    fit_set, cal_set = mvtec.read_images(fit_paths, image_size), mvtec.read_images(cal_paths, image_size)
+    det = catalog.make_detector(method, **catalog.run_options(method, category or good.name, backbone,
                                                               {"device": device, "seed": seed} | options))
-    det.fit(mvtec.read_images(fit_paths, image_size))
-    scores = det.predict(mvtec.read_images(cal_paths, image_size))
+    det.fit(fit_set)
+    scores = det.predict(cal_set)
     record = calibration_record(scores.image, scores.maps, target_fpr)
     if overwrite and save_model.exists():
         save_model.unlink()

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from adlib.bench.lineup import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE
+from adlib.bench.lineup import CALIBRATION_SHARE, DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, TARGET_FPR
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -140,7 +140,7 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
         save_maps: str | Path | None = None, save_model: str | Path | None = None,
         options: dict[str, Any] | None = None, overwrite: bool = False, allow_large: bool = False,
         on_category: Callable[[dict[str, Any]], None] | None = None, calibrate: bool = False,
-        target_fpr: float = 0.05) -> dict[str, Any]:
+        target_fpr: float = TARGET_FPR) -> dict[str, Any]:
     """``python -m adlib run`` as a function: check everything, then every category in turn, then the mean; returns
     the JSON document. ``on_category`` gets the document after each category (``"complete": False`` until the
     last one, the mean ``None`` until then). ``calibrate`` adds each category's ``false_alarm_rate`` and
@@ -166,6 +166,11 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
         check_output(model_paths[cat], "--save-model", overwrite)
         check_output(None if maps_dir is None else maps_dir / cat, "--save-maps", overwrite, folder=True)
     check_inputs(root, cats, image_size, allow_large)
+    if calibrate:  # a calibration share too small for the target is refused now, not after a fit
+        from adlib.eval.decisions import calibration_split
+
+        for cat in cats:
+            calibration_split(len(mvtec.MVTecDataset(root, cat, "train", image_size)), CALIBRATION_SHARE, target_fpr)
     device = str(choose_device(device))
     document = {"method": method, "backbone": backbone if uses_backbone else None, "image_size": image_size,
                 "device": device, "seed": seed, "options": options, "categories": {}, "mean": None,
@@ -215,9 +220,9 @@ def _run_one_category(method: str, root: Path, category: str, *, image_size: int
         row |= calibrated_rates(lambda: catalog.make_detector(method, **catalog.run_options(
             method, category, backbone, {"device": device, "seed": seed} | options)), train, run.test, target_fpr,
             seed=seed)
-        lines.append(f"[{category}] at a threshold for a false-alarm rate of {target_fpr:g} (fitted without a "
-                     f"calibration share): false alarms {row['false_alarm_rate']:.3f}, detections "
-                     f"{row['detection_rate']:.3f} of the test images")
+        lines.append(f"[{category}] a second fit without {CALIBRATION_SHARE:.0%} of train/good, its threshold for a "
+                     f"false-alarm rate of {target_fpr:g} set on them: false alarms {row['false_alarm_rate']:.3f}, "
+                     f"detections {row['detection_rate']:.3f} of the test images")
     if save_maps is not None:
         names = unique_names([Path(d) / Path(p).name for d, p in zip(run.test.defects, run.test.files)])
         viz.save_overlays(save_maps / category, run.test.images, run.scores.maps, names, overwrite=overwrite)
@@ -229,7 +234,7 @@ def _run_one_category(method: str, root: Path, category: str, *, image_size: int
 
 
 def calibrated_rates(make_detector: Callable[[], Any], train: Any, test: Any, target_fpr: float,
-                     calibration_share: float = 0.2, seed: int = 0) -> dict[str, float]:
+                     calibration_share: float = CALIBRATION_SHARE, seed: int = 0) -> dict[str, float]:
     """``run --calibrate``: a second detector (``make_detector()``) fitted on ``train`` (an ImageSet of good images)
     minus a calibration share, its threshold for ``target_fpr`` from that share, and the false-alarm and detection
     rates it gives on the labelled ``test`` ImageSet.

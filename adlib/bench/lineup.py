@@ -16,6 +16,9 @@ DEFAULT_BACKBONE = "effnet-lite0"  # the book's best offline backbone (ImageNet 
 DEFAULT_IMAGE_SIZE = 256
 #: ``bench``'s image size: its line-up trains networks (AE, students, CFA), four times slower at 256 px.
 BENCH_IMAGE_SIZE = 128
+#: ``fit``'s and ``run --calibrate``'s defaults: the share of the good images held out to calibrate, and the target
+#: false-alarm rate of the threshold (:mod:`adlib.eval.decisions`).
+CALIBRATION_SHARE, TARGET_FPR = 0.2, 0.05
 
 #: bench name -> (method of :data:`adlib.methods.catalog.METHODS`, its options): the settings its chapter uses in the
 #: book profile, i.e. the detector's defaults (``python -m adlib list``) except SPADE's K = 5 nearest images
