@@ -246,12 +246,11 @@ def _run(args: argparse.Namespace) -> None:
 
 def _fit(args: argparse.Namespace) -> None:
     from adlib.bench import deploy
+    from adlib.bench.folders import model_paths
     from adlib.eval.decisions import calibration_split
 
     folders = deploy.good_folders(args.data, args.category, args.good)
-    model = args.save_model
-    paths = {name: model if len(folders) == 1 else model.with_name(f"{model.stem}_{name}{model.suffix}")
-             for name in folders}
+    paths = model_paths(args.save_model, list(folders))
     for name, good in folders.items():  # every output and every split before the first fit
         deploy.check_output(paths[name], "--save-model", args.overwrite)
         calibration_split(len(deploy.images_under(good)), args.calibration_share, args.target_fpr, args.seed)

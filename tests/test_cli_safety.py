@@ -157,6 +157,8 @@ def test_guards_image_size_memory_duplicates_and_options(data: Path, capsys, mon
 def test_predict_keeps_every_overlay_and_refuses_a_non_model_file(data: Path, tmp_path: Path, capsys) -> None:
     model = tmp_path / "m.pt"
     assert cli.main(_run(data, "--category", "alpha", "--save-model", str(model))) == 0
+    assert cli.main(_run(data, "--category", "alpha", "--save-model", str(model))) == 2  # exists: refused
+    assert cli.main(_run(data, "--category", "alpha", "--save-model", str(model), "--overwrite")) == 0  # replaced
     maps = tmp_path / "pmaps"
     rows = deploy.predict(model, [data / "alpha/test/good", data / "alpha/test/dent"], save_maps=maps)
     assert len(rows) == 4 and len(list(maps.glob("*.png"))) == 4  # 0.png and 1.png in both folders

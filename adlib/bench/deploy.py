@@ -101,9 +101,8 @@ def fit(method: str, good: Path, save_model: Path, *, target_fpr: float = TARGET
     det.fit(fit_set)
     scores = det.predict(cal_set)
     record = calibration_record(scores.image, scores.maps, target_fpr)
-    if overwrite and save_model.exists():
-        save_model.unlink()
-    det.save(save_model, image_size=image_size, data=str(good), calibration=record | {"share": calibration_share})
+    det.save(save_model, overwrite, image_size=image_size, data=str(good),
+             calibration=record | {"share": calibration_share})
     return {"model": str(save_model), "fitted_on": len(fit_paths), "calibrated_on": len(cal_paths),
             "threshold": record["threshold"], "target_fpr": target_fpr}
 
@@ -115,8 +114,6 @@ def calibrate(model: Path, good: Path, target_fpr: float | None = None, device: 
 
     Used by: ``python -m adlib calibrate``.
     """
-    import torch
-
     from adlib.core.runtime import choose_device
     from adlib.data import mvtec
     from adlib.methods import catalog
@@ -129,11 +126,7 @@ def calibrate(model: Path, good: Path, target_fpr: float | None = None, device: 
         raise FileNotFoundError(f"No images ({', '.join(mvtec.IMAGE_EXTENSIONS)}) under {good}.")
     scores = det.predict(mvtec.read_images(paths, tuple(det.image_shape)))
     record = calibration_record(scores.image, scores.maps, target)
-    blob = torch.load(model, map_location="cpu", weights_only=True)
-    blob["meta"] = meta | {"calibration": record | {"share": None, "good": str(good)}}
-    partial = model.with_name(f".{model.name}.partial")
-    torch.save(blob, partial)
-    partial.replace(model)
+    det.save(model, True, **(meta | {"calibration": record | {"share": None, "good": str(good)}}))
     return {"model": str(model), "calibrated_on": len(paths), "target_fpr": target,
             "old_threshold": old.get("threshold"), "threshold": record["threshold"]}
 
@@ -190,13 +183,13 @@ def predict(model: str | Path, inputs: Sequence[str | Path], device: str | None 
         batch = paths[lo:lo + PREDICT_BATCH]
         scores = det.predict(mvtec.read_images(batch, tuple(det.image_shape)))
         p = decisions.conformal_p_values(cal["scores"], scores.image) if cal else [None] * len(batch)
+        scale = cal["map_scale"] if cal else (float(np.min(scores.maps)), float(np.max(scores.maps)))
         for k, path in enumerate(batch):
             score = float(scores.image[k])
             row = {"path": str(path), "score": score, "p_value": None if cal is None else float(p[k]),
                    "anomalous": None if cal is None else bool(score > threshold)}
             rows.append(row)
             if maps_dir is not None:
-                scale = cal["map_scale"] if cal else (float(np.min(scores.maps)), float(np.max(scores.maps)))
                 row["figure"] = str(viz.save_decision_figure(maps_dir / f"{names[lo + k]}.png",
                                                              image_files.read_image(path), scores.maps[k],
                                                              scale, _title(row, threshold)))

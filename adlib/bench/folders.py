@@ -127,8 +127,11 @@ def _free_memory() -> int | None:
         return None
 
 
-def _model_paths(save_model: Path | None, cats: Sequence[str]) -> dict[str, Path | None]:
-    """One file per category: FILE itself for one category, FILE's stem + _<category> for several."""
+def model_paths(save_model: Path | None, cats: Sequence[str]) -> dict[str, Path | None]:
+    """One file per category: FILE itself for one category, FILE's stem + _<category> for several.
+
+    Used by: ``adlib.bench.folders.run``, ``python -m adlib fit``.
+    """
     if save_model is None:
         return {c: None for c in cats}
     return {c: save_model if len(cats) == 1 else save_model.with_name(f"{save_model.stem}_{c}{save_model.suffix}")
@@ -161,9 +164,9 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
     uses_backbone = "backbone" in inspect.signature(catalog.detector_class(method)).parameters  # method known
     check_options(method, options)
     cats = mvtec.select_categories(root, categories)
-    model_paths = _model_paths(model_file, cats)
+    model_files = model_paths(model_file, cats)
     for cat in cats:
-        check_output(model_paths[cat], "--save-model", overwrite)
+        check_output(model_files[cat], "--save-model", overwrite)
         check_output(None if maps_dir is None else maps_dir / cat, "--save-maps", overwrite, folder=True)
     check_inputs(root, cats, image_size, allow_large)
     if calibrate:  # a calibration share too small for the target is refused now, not after a fit
@@ -178,7 +181,7 @@ def run(method: str, root: str | Path, categories: Sequence[str] | None = None, 
     for cat in cats:  # each in a new process, so that "added_mb" is the category's own memory
         call = {"method": method, "root": root, "category": cat, "image_size": image_size, "backbone": backbone,
                 "device": device, "seed": seed, "options": options, "save_maps": maps_dir,
-                "save_model": model_paths[cat], "overwrite": overwrite,
+                "save_model": model_files[cat], "overwrite": overwrite,
                 "target_fpr": target_fpr if calibrate else None}
         say(f"[{cat}] fitting {method} ...")
         ((row, lines),) = in_fresh_processes(_run_one_category, [call], threads=torch.get_num_threads(),
@@ -228,7 +231,7 @@ def _run_one_category(method: str, root: Path, category: str, *, image_size: int
         viz.save_overlays(save_maps / category, run.test.images, run.scores.maps, names, overwrite=overwrite)
         lines.append(f"[{category}] {len(names)} overlays in {save_maps / category}")
     if save_model is not None:
-        run.detector.save(save_model, image_size=image_size, category=category, data=str(root))
+        run.detector.save(save_model, overwrite, image_size=image_size, category=category, data=str(root))
         lines.append(f"[{category}] detector saved to {save_model}")
     return row, lines
 

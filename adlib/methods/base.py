@@ -172,14 +172,14 @@ class Detector:
             setattr(self, name, state[name].to(self.device))
         self.restore()
 
-    def save(self, path: str | Path, **meta: Any) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False, **meta: Any) -> Path:
         """Write the fitted detector to ``path``: a torch file of the format name and version, the method, its
         :meth:`hparams`, its fitted tensors and ``meta`` (e.g. the image size it expects). Refuses to overwrite an
-        existing file."""
+        existing file unless ``overwrite`` (then it is replaced in one step)."""
         if self.image_shape is None:
             raise RuntimeError("Fit the detector before saving it.")
         path = Path(path)
-        if path.exists():
+        if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; choose another file name or delete it first.")
         hparams = self.hparams()
         if any(isinstance(v, nn.Module) for v in hparams.values()):
@@ -187,8 +187,10 @@ class Detector:
                             "backbone name of adlib.features.cnn.BACKBONES to save it.")
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().cpu() for name, tensor in self.state().items()}
+        partial = path.with_name(f".{path.name}.partial")
         torch.save({"format": FORMAT, "version": FORMAT_VERSION, "method": self.method, "hparams": hparams,
-                    "state": state, "image_shape": list(self.image_shape), "meta": meta}, path)
+                    "state": state, "image_shape": list(self.image_shape), "meta": meta}, partial)
+        partial.replace(path)
         return path
 
 
