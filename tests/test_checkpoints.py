@@ -2,12 +2,14 @@
 helper with RETRAIN off and on; the registry's own files and records."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -83,6 +85,21 @@ def test_a_recipe_in_chunks_ships_and_loads_back_the_same_tensors_with_retrain_o
     assert [line.get_label() for line in ax.get_lines()] == ["training loss", "held-out loss", "official schedule"]
     assert list(ax.get_lines()[0].get_xdata()) == [5, 10, 15, 20]  # optimiser steps, not epochs
     assert checkpoints.registry_problems(weights_dir) == []
+
+
+def test_a_half_recipe_ships_fp16_and_gives_the_rounded_model_loaded_or_retrained(weights_dir, tmp_path, monkeypatch):
+    half = dataclasses.replace(TINY, half=True)
+    monkeypatch.setitem(checkpoints.CHECKPOINT_RECIPES, "tiny-ae", half)
+    checkpoints.build("tiny-ae", tmp_path / "h.pt", weights_dir=weights_dir)
+    stored = load_file(str(weights_dir / "tiny-ae.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    loaded = checkpoints.load_or_train("tiny-ae", weights_dir=weights_dir)
+    retrained = checkpoints.load_or_train("tiny-ae", retrain=True)
+    full = checkpoints.train(TINY, tmp_path / "f.pt")
+    assert _same(loaded.model, retrained.model) and not _same(loaded.model, full.model)
+    for key, value in full.model.state_dict().items():  # rounding, nothing else
+        assert torch.equal(loaded.model.state_dict()[key], value.half().float())
+    assert loaded.history == full.history  # the record is the training's, before the rounding
 
 
 def test_an_interrupted_recipe_resumes_bit_for_bit(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import os
 import platform
 from typing import Any, Mapping, Sequence
 
-from adlib.eval.claims import CAUSES, Claim, units_needed
+from adlib.eval.claims import CAUSES, DOUBLING_SHARE, Claim, units_needed
 
 COLOURS = {"holds": "#1a7f37", "contradicted": "#cf222e", "inconclusive": "#9a6700"}
 _BOX = {"holds": "tip", "contradicted": "danger", "inconclusive": "warning"}
@@ -35,7 +35,10 @@ def _training_text(claim: Claim) -> str:
             f"{'/'.join(map(str, steps))}" + (f" (official schedule: {'/'.join(map(str, official))})"
                                               if official else ""))
     if claim.doubled is not None:
-        text += f"; twice the training moves the difference by {claim.doubled - claim.ours:+.3f}"
+        moved, allowed = claim.doubled - claim.ours, DOUBLING_SHARE * claim.half_width
+        text += (f"; twice the training moves the difference by {moved:+.3f} ("
+                 + (f"under {allowed:.3f}, a quarter of the half-width: converged by the doubling check)"
+                    if abs(moved) < allowed else f"not under {allowed:.3f}, a quarter of the half-width)"))
     return text
 
 

@@ -56,7 +56,9 @@ class Training:
 @dataclass(frozen=True)
 class CheckpointRecipe:
     """A registry name, its one-line ``summary``, its ``card`` (a markdown file beside the registry) and ``setup``:
-    a function of the seed that builds the same untrained :class:`Training` every time it is called.
+    a function of the seed that builds the same untrained :class:`Training` every time it is called. ``half``: the
+    trained model's floating-point tensors are rounded to float16, and shipped so (half the file; the model a
+    chapter uses is the rounded one whether loaded or retrained).
 
     Used by: ``adlib.recipes.checkpoints.recipe``.
     """
@@ -66,6 +68,7 @@ class CheckpointRecipe:
     card: str
     setup: Callable[[int], Training]
     seed: int = 0
+    half: bool = False
 
 
 #: The chapters' checkpoint recipes by registry name, filled by the modules of :data:`RECIPE_MODULES` on import.
@@ -164,14 +167,20 @@ def train(spec: CheckpointRecipe, checkpoint: str | Path, *, budget_s: float | N
                   state=training.state, seed=spec.seed, config=training.config | {"recipe": spec.name},
                   progress=progress, budget_s=budget_s)
     training.model.eval()
+    if spec.half and len(history) == training.epochs:
+        with torch.no_grad():  # what ships: the same numbers loaded or retrained
+            for tensor in training.model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.half())
     return TrainedCheckpoint(training.model, history, _record(spec.name, training, history),
                              time.perf_counter() - t0, len(history) == training.epochs)
 
 
 def ship(spec: CheckpointRecipe, trained: TrainedCheckpoint, runs: list[dict[str, Any]],
          weights_dir: str | Path | None = None) -> dict[str, Any]:
-    """Write a finished training's model to ``<weights_dir>/<name>.safetensors`` (fp32) and its entry to the
-    registry there (default: the package's ``adlib/weights``): sha256, the rebuild command, the card and the record
+    """Write a finished training's model to ``<weights_dir>/<name>.safetensors`` (fp32; fp16 for a ``half`` recipe)
+    and its entry to the registry there (default: the package's ``adlib/weights``): sha256, the rebuild command, the
+    card and the record
     (steps, official steps, loss, held-out loss and learning rate per epoch, and ``runs``: every run made for it,
     with ``"discarded"`` saying why one was not shipped). An entry shipped before under the name moves into ``runs``
     as discarded. Returns the entry.
@@ -182,7 +191,8 @@ def ship(spec: CheckpointRecipe, trained: TrainedCheckpoint, runs: list[dict[str
         raise ValueError(f"{spec.name}: the training stopped after {len(trained.history)} epochs; resume it first.")
     folder = registry.registry_folder(weights_dir)
     path = folder / f"{spec.name}.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in trained.model.state_dict().items()}, str(path))
+    stored = lambda v: v.half() if spec.half and v.is_floating_point() else v  # noqa: E731
+    save_file({k: stored(v.detach().cpu()).contiguous() for k, v in trained.model.state_dict().items()}, str(path))
     with _locked(folder / "registry.lock"):  # two trainings may finish together: neither entry may be lost
         return _register(spec, trained, runs, folder, path)
 
