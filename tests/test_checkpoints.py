@@ -177,3 +177,17 @@ def test_the_command_resumes_and_reports(weights_dir, tmp_path, monkeypatch, cap
     assert entry["kind"] == "checkpoint" and entry["command"] == "python -m adlib train-checkpoint tiny-ae"
     assert not (tmp_path / "tiny-ae.training.pt").exists()
     assert cli.main(["train-checkpoint", "nothing"]) == 2
+
+
+def test_chapter_5s_doubled_runs_begin_with_the_shipped_runs():
+    # the doubling check compares a run with its own continuation: the first half of every -x2 record must be the
+    # shipped encoder's record, epoch for epoch (a retrained x1 without its x2, or the reverse, breaks this)
+    from adlib.recipes import ssl_occ_digits
+
+    table = checkpoints.registry.shipped_weights()
+    for c in ssl_occ_digits.CLASSES:
+        for m in ssl_occ_digits.DOUBLED:
+            once = table[ssl_occ_digits.name_of(m, c)]["record"]
+            twice = table[ssl_occ_digits.name_of(m, c, 2)]["record"]
+            assert twice["steps"] == 2 * once["steps"]
+            assert twice["loss"][: len(once["loss"])] == once["loss"]
