@@ -167,13 +167,14 @@ def train(spec: CheckpointRecipe, checkpoint: str | Path, *, budget_s: float | N
                   state=training.state, seed=spec.seed, config=training.config | {"recipe": spec.name},
                   progress=progress, budget_s=budget_s)
     training.model.eval()
-    if spec.half and len(history) == training.epochs:
+    finished = len(history) == training.epochs
+    if spec.half and finished:
         with torch.no_grad():  # what ships: the same numbers loaded or retrained
             for tensor in training.model.state_dict().values():
                 if tensor.is_floating_point():
                     tensor.copy_(tensor.half())
     return TrainedCheckpoint(training.model, history, _record(spec.name, training, history),
-                             time.perf_counter() - t0, len(history) == training.epochs)
+                             time.perf_counter() - t0, finished)
 
 
 def ship(spec: CheckpointRecipe, trained: TrainedCheckpoint, runs: list[dict[str, Any]],
