@@ -7,7 +7,7 @@ import torch
 
 from adlib.data.imageset import ImageSet
 from adlib.features import vit
-from adlib.methods import base, spade
+from adlib.methods import base, catalog, spade
 
 
 def _data(seed: int = 0):
@@ -81,6 +81,25 @@ def test_spade_detector_carries_the_global_feature_beside_the_patches():
     np.testing.assert_allclose(scores.image, image)
     np.testing.assert_allclose(scores.maps, base.to_pixel_maps(patch_maps, 32, det.sigma))
     np.testing.assert_array_equal(scores.extras["neighbours"], extras["neighbours"])  # (N, k) indices into train
+
+def test_spade_global_feature_from_the_final_stage_is_not_a_patch_feature(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.rand(4, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    det = spade.SPADEDetector(backbone="random-resnet18", k=2, global_stage=4)
+    maps = det.extractor(test)
+    assert [m.shape[1] for m in maps] == [64, 128, 512]  # stages 1, 2 and the final stage 4
+    feats = det.features(test)
+    torch.testing.assert_close(feats.pooled, maps[-1].mean(dim=(2, 3)))
+    assert feats.patches.shape[1] == 64 + 128 and det.layers == (1, 2) and det.hparams()["global_stage"] == 4
+    det.fit(ImageSet(train))
+    loaded, _ = catalog.load_detector(det.save(tmp_path / "spade.pt"))
+    assert loaded.layers == (1, 2) and loaded.global_stage == 4
+    np.testing.assert_allclose(loaded.predict(ImageSet(test)).image, det.predict(ImageSet(test)).image)
+    inside = spade.SPADEDetector(backbone="random-resnet18", k=2, global_stage=2)  # one of the patch layers
+    torch.testing.assert_close(inside.features(test).pooled, inside.extractor(test)[-1].mean(dim=(2, 3)))
+    with pytest.raises(ValueError, match="global_stage"):
+        spade.SPADEDetector(backbone="random-resnet18", layers=(2, 3), global_stage=1)
+
 
 @pytest.fixture(scope="module")
 def tiny_vit() -> torch.nn.Module:

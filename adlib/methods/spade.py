@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from adlib.core.arrays import to_numpy
+from adlib.features.backbones import BACKBONES
 from adlib.features.cnn import aggregate_patches
 from adlib.methods.base import MemoryBankDetector, PatchFeatures, PatchScores
 
@@ -89,9 +90,14 @@ class SPADE:
 class SPADEDetector(MemoryBankDetector):
     """SPADE behind the detector protocol: image score = mean distance of the global feature to the ``k``
     nearest training images; pixel map from the patches of those images (:class:`SPADE`). Paper: k = 50,
-    kappa = 1. The global feature is the spatial mean of the last requested stage (the paper pools the
-    network's last stage, which the shallow backbones here do not compute). ``backbone`` may be a module (e.g. a
-    ViT's :class:`adlib.features.vit.ViTStages`, with ``stride`` = its patch size): its last map gives the global one.
+    kappa = 1, the global feature the spatial mean of the network's final stage.
+
+    ``global_stage``: the stage whose spatial mean is the global feature (the paper: the final one, e.g. 4 for a
+    ResNet or an EfficientNet); it is computed beside the patch ``layers`` but is not one of them. None: the last
+    of the patch ``layers`` (a backbone whose weights end there, e.g. the book's fractal ResNet-18). ``backbone``
+    may be a module (e.g. a ViT's :class:`adlib.features.vit.ViTStages`, with ``stride`` = its patch size): with
+    ``global_stage`` its last map is the global one and the others are the patch maps; without, its last map is
+    both.
 
     Used by: ``adlib.methods.catalog.METHODS``.
     """
@@ -100,20 +106,33 @@ class SPADEDetector(MemoryBankDetector):
     fitted = ("train_global", "train_patches")
 
     def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None, stride: int | None = 8,
-                 k: int = 50, kappa: int = 1, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
-                 batch_size: int = 32):
-        super().__init__(backbone, layers, stride, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
+                 k: int = 50, kappa: int = 1, global_stage: int | None = None, sigma: float = 4.0, device: str = "cpu",
+                 seed: int = 0, batch_size: int = 32):
+        named = isinstance(backbone, str)
+        if layers is not None:
+            patch_layers = tuple(layers)
+        else:  # the backbone's default stages, as feature_extractor chooses them
+            patch_layers = (BACKBONES[backbone][2] if backbone in BACKBONES else (1, 2)) if named else None
+        extra = global_stage is not None and (not named or global_stage not in patch_layers)
+        if named and extra and global_stage < max(patch_layers):
+            raise ValueError(f"global_stage {global_stage} must be a patch layer or deeper than layers {patch_layers}.")
+        extract = patch_layers + (global_stage,) if named and extra else patch_layers
+        super().__init__(backbone, extract, stride, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
+        self.layers, self.global_stage, self._extra = patch_layers, global_stage, extra
         self.k, self.kappa = k, kappa
         self.spade = SPADE(k, kappa)
 
     def hparams(self) -> dict:
-        return super().hparams() | {"k": self.k, "kappa": self.kappa}
+        return super().hparams() | {"layers": self.layers, "k": self.k, "kappa": self.kappa,
+                                    "global_stage": self.global_stage}
 
     def embed(self, maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-        return aggregate_patches(maps, grid=grid)
+        return aggregate_patches(maps[:-1] if self._extra else maps, grid=grid)
 
     def pool(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        return maps[-1].mean(dim=(2, 3))  # any backbone, a CNN's stages or a ViT's blocks
+        if self.global_stage is None or self._extra:
+            return maps[-1].mean(dim=(2, 3))  # a CNN's stage or a ViT's block, computed last
+        return maps[self.layers.index(self.global_stage)].mean(dim=(2, 3))
 
     def fit_features(self, features: PatchFeatures) -> None:
         self.train_global, self.train_patches = features.pooled, features.patches
