@@ -1,6 +1,8 @@
 """adlib.data.imageset.ImageSet: what it refuses, and that indexing and joining keep every field aligned."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,15 @@ def test_as_image_set_wraps_arrays_and_passes_sets_through() -> None:
     wrapped = as_image_set(s.images)
     assert isinstance(wrapped, ImageSet) and wrapped.labels is None
     np.testing.assert_array_equal(wrapped.images, s.images)
+
+
+def test_tensor_shares_memory_unless_the_images_are_read_only():
+    images = np.zeros((2, 3, 4, 4), np.float32)
+    shared = ImageSet(images)
+    assert np.shares_memory(shared.tensor().numpy(), shared.images)
+    frozen = ImageSet(images)
+    frozen.images.setflags(write=False)  # as joblib's memory-mapped arrays arrive in a worker
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps an array it may not write
+        tensor = frozen.tensor()
+    assert torch.equal(tensor, torch.zeros(2, 3, 4, 4)) and not np.shares_memory(tensor.numpy(), frozen.images)

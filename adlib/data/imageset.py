@@ -124,8 +124,9 @@ class ImageSet:
         return tuple(self.images.shape[2:])  # type: ignore[return-value]
 
     def tensor(self) -> torch.Tensor:
-        """The images as a float32 torch tensor (N, 3, H, W), sharing memory with ``images``."""
-        return torch.from_numpy(self.images)
+        """The images as a float32 torch tensor (N, 3, H, W), sharing memory with ``images`` (a copy when they are
+        read-only, as joblib hands them to its workers: torch cannot share memory it may not write)."""
+        return torch.from_numpy(self.images if self.images.flags.writeable else self.images.copy())
 
     def picture(self, i: int) -> np.ndarray:
         """Image ``i`` as (H, W, 3) for ``matplotlib``'s ``imshow``."""
