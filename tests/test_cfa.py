@@ -202,3 +202,66 @@ def test_a_detector_without_descriptor_saves_and_loads(tmp_path):
     loaded, _ = catalog.load_detector(raw.save(tmp_path / "raw.pt"))
     assert not loaded.adapt and isinstance(loaded.model.descriptor, torch.nn.Identity)
     np.testing.assert_allclose(loaded.predict(test).maps, raw.predict(test).maps)
+
+
+# ----------------------------------------------------------------------------- the schedule: until held-out is flat
+def test_held_out_split_holds_out_the_same_tenth_whatever_the_seed():
+    fit_part, held = cfa.held_out_split(60)
+    assert len(held) == 6 and len(fit_part) == 54
+    assert sorted(np.concatenate([fit_part, held]).tolist()) == list(range(60))
+    np.testing.assert_array_equal(cfa.held_out_split(60)[1], held)
+    assert len(cfa.held_out_split(9)[1]) == 0  # too few images to hold any out
+
+
+def test_is_flat_needs_the_official_steps_and_a_flat_held_out_loss():
+    flat = [{"loss": 100.0 - i, "held_out": 5.0} for i in range(50)]
+    falling = [{"loss": 5.0, "held_out": 100.0 - i} for i in range(50)]
+    assert cfa.is_flat(flat, steps_per_epoch=100, min_steps=1800)
+    assert not cfa.is_flat(flat, steps_per_epoch=10, min_steps=1800)  # 500 steps: too few
+    assert not cfa.is_flat(falling, steps_per_epoch=100)  # the held-out loss, not the training loss, decides
+    assert cfa.is_flat([{"loss": 5.0}] * 50, steps_per_epoch=100)  # nothing held out: the training loss
+
+
+def test_passes_shuffle_each_pass_and_drop_its_last_incomplete_batch():
+    batches = list(cfa.Passes(10, 4, 3, torch.Generator().manual_seed(0)))
+    assert len(batches) == len(cfa.Passes(10, 4, 3, torch.Generator())) == 6
+    for p in range(3):
+        seen = batches[2 * p] + batches[2 * p + 1]
+        assert len(set(seen)) == 8 and set(seen) <= set(range(10))  # no repeat within a pass
+    assert batches[:2] != batches[2:4]  # a new order each pass
+
+
+def test_training_until_flat_stops_at_the_rule_and_keeps_the_held_out_loss():
+    torch.manual_seed(0)
+    feats = torch.randn(12, 6, 4, 4)
+    model = cfa.CFA(6).init_bank(feats[:10])
+    history = cfa.train_cfa(model, feats[:10], feats[10:], min_steps=20, max_epochs=200, passes=1, batch_size=2,
+                            lr=0.01, progress=False)
+    assert all("held_out" in row for row in history)
+    assert cfa.is_flat(history, 5, 20) and len(history) < 200
+    assert not any(cfa.is_flat(history[:n], 5, 20) for n in range(1, len(history)))  # the first epoch it holds
+
+
+def test_the_detector_builds_its_bank_from_the_images_it_does_not_hold_out():
+    g = torch.Generator().manual_seed(0)
+    train = ImageSet(torch.rand(10, 3, 32, 32, generator=g))
+    raw = cfa.CFADetector(**SMALL).without_descriptor().fit(train)
+    features = raw.inputs(train.tensor())
+    fit_part, _ = cfa.held_out_split(10)
+    torch.testing.assert_close(raw.model.bank, cfa.memory_bank(features[fit_part]))
+
+
+def test_shipped_descriptors_stop_where_their_rule_first_holds():
+    from adlib.recipes import cfa_synthtex
+    from adlib.weights import registry
+
+    table = registry.shipped_weights()
+    names = [cfa_synthtex.name_of(c, s) for c in cfa_synthtex.synthtex.CATEGORIES for s in cfa_synthtex.SEEDS]
+    assert all(name in table for name in names)
+    for name in names:
+        rec = table[name]["record"]
+        history = [{"loss": loss, "held_out": held} for loss, held in zip(rec["loss"], rec["held_out"])]
+        per_epoch = rec["steps"] // len(history)
+        assert rec["steps"] >= cfa.OFFICIAL_STEPS and rec["official_steps"] == cfa.OFFICIAL_STEPS
+        flat_at = [n for n in range(1, len(history) + 1) if cfa.is_flat(history[:n], per_epoch)]
+        assert (flat_at[0] if flat_at else cfa.MAX_EPOCHS) == len(history), name

@@ -306,6 +306,9 @@ def test_evaluate_matches_the_metrics() -> None:
     assert image_only["pixel_auroc"] is None and image_only["aupro"] is None
     with pytest.raises(ValueError, match="labelled test set"):
         protocol.evaluate(det, ImageSet(train), ImageSet(test))
+    fitted, again = protocol.evaluate(det, None, ImageSet(test, labels, masks))  # fitted already: scored only
+    assert fitted["fit_s"] is None and fitted["image_auroc"] == row["image_auroc"]
+    np.testing.assert_array_equal(again.maps, out.maps)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

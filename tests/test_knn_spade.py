@@ -99,6 +99,8 @@ def test_spade_global_feature_from_the_final_stage_is_not_a_patch_feature(tmp_pa
     torch.testing.assert_close(inside.features(test).pooled, inside.extractor(test)[-1].mean(dim=(2, 3)))
     with pytest.raises(ValueError, match="global_stage"):
         spade.SPADEDetector(backbone="random-resnet18", layers=(2, 3), global_stage=1)
+    with pytest.raises(ValueError, match="global_stage=None"):  # the fractal ResNet-18 ships stages 0-2
+        spade.SPADEDetector(backbone="book-resnet18", global_stage=4)
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,19 @@ def test_a_budget_stops_at_an_epoch_end_and_the_same_call_resumes_bit_for_bit(tm
         fit(step, loader, epochs=3, budget_s=60, progress=False)
 
 
+def test_until_stops_after_the_first_epoch_it_holds_and_a_finished_run_resumes_as_finished(tmp_path):
+    model, opt, loader, step = _setup(0, True)
+    two = lambda history: len(history) >= 2  # noqa: E731
+    ckpt = tmp_path / "ckpt.pt"
+    history = fit(step, loader, epochs=5, checkpoint=ckpt, state={"model": model, "opt": opt}, progress=False,
+                  until=two)
+    m, o, ld, s = _setup(1, True)
+    again = fit(s, ld, epochs=5, checkpoint=ckpt, state={"model": m, "opt": o}, progress=False, until=two)
+    assert len(history) == 2 and again == history  # nothing trained after the rule held
+    for (name, a), b in zip(model.state_dict().items(), m.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_history_holds_per_epoch_means_of_the_step_outputs():
     calls = []
 
@@ -173,6 +186,8 @@ def test_loss_change_compares_the_last_two_fifths():
     # fifths of 2 epochs: the second-last averages 4, the last 2 -> -50 %
     assert loop.loss_change(history) == pytest.approx(-0.5)
     assert loop.loss_change([{"loss": 2.0}, {"loss": 1.0}]) == pytest.approx(-0.5)
+    assert loop.loss_change([{"loss": 0.0}] * 4) == 0.0  # a loss that reached zero is flat, not 0 / 0
+    assert loop.loss_change([{"loss": 0.0}, {"loss": 1.0}]) == float("inf")
     with pytest.raises(ValueError, match="at least 2 epochs"):
         loop.loss_change([{"loss": 1.0}])
 

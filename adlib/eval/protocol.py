@@ -10,8 +10,9 @@ from adlib.eval import metrics
 from adlib.eval.scores import Scores
 
 
-def evaluate(detector: Any, train: ImageSet, test: ImageSet) -> tuple[dict[str, float | None], Scores]:
-    """Fit ``detector`` on ``train``, score ``test`` (labelled) and measure it.
+def evaluate(detector: Any, train: ImageSet | None, test: ImageSet) -> tuple[dict[str, float | None], Scores]:
+    """Fit ``detector`` on ``train``, score ``test`` (labelled) and measure it. ``train`` None: the detector is
+    fitted already (e.g. a shipped model), only scored; ``fit_s`` is then None.
 
     Returns the row ``{"image_auroc", "pixel_auroc", "aupro", "fit_s", "predict_s", "peak_mb"}`` (pixel metrics
     None when ``test.masks`` is None: a folder without ground truth) and the detector's :class:`Scores`.
@@ -24,7 +25,8 @@ def evaluate(detector: Any, train: ImageSet, test: ImageSet) -> tuple[dict[str, 
                          "detector.predict.")
     with PeakMemory(detector.device) as memory:
         t0 = time.perf_counter()
-        detector.fit(train)
+        if train is not None:
+            detector.fit(train)
         t1 = time.perf_counter()
         scores = detector.predict(test)
         t2 = time.perf_counter()
@@ -33,5 +35,5 @@ def evaluate(detector: Any, train: ImageSet, test: ImageSet) -> tuple[dict[str, 
     if test.masks is not None:
         row["pixel_auroc"] = metrics.pixel_auroc(test.masks, scores.maps)
         row["aupro"] = metrics.aupro(test.masks, scores.maps)
-    row |= {"fit_s": t1 - t0, "predict_s": t2 - t1, "peak_mb": memory.peak_mb}
+    row |= {"fit_s": None if train is None else t1 - t0, "predict_s": t2 - t1, "peak_mb": memory.peak_mb}
     return row, scores

@@ -25,7 +25,8 @@ METHODS = {
     "padim": ("adlib.methods.padim:PaDiM",
               "PaDiM (Defard et al. 2021): a Gaussian per patch position, Mahalanobis distance"),
     "cfa": ("adlib.methods.cfa:CFADetector",
-            "CFA (Lee et al. 2022): patch descriptor + memory bank trained with hypersphere losses"),
+            "CFA (Lee et al. 2022): patch descriptor + memory bank trained with hypersphere losses, until a "
+            "held-out loss is flat (minutes; --set epochs=3: the official 30 passes)"),
     "students": ("adlib.methods.students.ensemble:StudentsDetector",
                  "Uninformed Students (Bergmann et al. 2020): students regress a distilled teacher; error + variance"),
     "ae": ("adlib.methods.autoencoder:AutoencoderDetector",

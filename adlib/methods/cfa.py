@@ -9,11 +9,14 @@ softmin-weighted distance to its nearest memory feature.
 
 Every paper hyperparameter is a keyword argument whose default is the paper's (official code):
 ``k = j = 3``, ``alpha = 0.1``, ``r`` initialised at ``1e-5`` and learned, ``nu = 1e-3``,
-``gamma_c = gamma_d = 1``; AdamW (lr 1e-3, weight decay 5e-4, AMSGrad), batch size 4, 30 epochs.
+``gamma_c = gamma_d = 1``; AdamW (lr 1e-3, weight decay 5e-4, AMSGrad), batch size 4; at least the official
+steps (:data:`OFFICIAL_STEPS`), then on until a held-out loss is flat (:func:`is_flat`).
 
 Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
 """
 from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -22,9 +25,20 @@ from sklearn.cluster import KMeans
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adlib.eval.claims import CONVERGED_CHANGE
 from adlib.features.cnn import aggregate_patches
 from adlib.methods.base import PatchScores, TrainedDetector
-from adlib.training.loop import fit
+from adlib.training.loop import fit, loss_change
+
+#: The official schedule in optimiser steps on an average MVTec AD category: its 15 categories hold 3,629 training
+#: images (about 242 each), 60 batches of 4 an epoch, 30 epochs (the official code's default).
+OFFICIAL_STEPS = 30 * (round(3629 / 15) // 4)
+#: Passes over the images per epoch (a history row; the stopping rule is asked after each): a flat loss takes thousands.
+PASSES = 10
+#: The most epochs a run "until flat" may train; a run stopped here keeps a record that says it is not flat.
+MAX_EPOCHS = 500
+#: The share of the normal training images held out for the stopping rule's loss (never a test image).
+HELD_OUT_SHARE = 0.1
 
 
 def add_coords(x: torch.Tensor) -> torch.Tensor:
@@ -184,45 +198,129 @@ class CFA(nn.Module):
         return torch.cat(scores).reshape(-1, h, w).double().cpu().numpy()
 
 
-def train_cfa(model: CFA, features: torch.Tensor, *, epochs: int = 30, lr: float = 1e-3,
-              weight_decay: float = 5e-4, batch_size: int = 4, seed: int = 0,
-              progress: bool = True) -> list[dict[str, float]]:
-    """Train the descriptor and the radius on normal features (N, C, h, w) for a fixed number of epochs.
+def held_out_split(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(fit, held_out)`` of ``n`` normal training images: :data:`HELD_OUT_SHARE` of them held out for the
+    loss curve (seeded with 0 whatever the training seed, so every run and arm sees the same split; none when
+    ``n < 10``).
 
-    AdamW with AMSGrad, shuffled batches, last incomplete batch dropped, as the official code (which
-    also evaluates on the test set after every epoch and reports the best epoch; we do not). Returns
-    the history of :func:`adlib.training.loop.fit` (mean loss, att, rep and the radius per epoch).
+    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
+    """
+    held = np.sort(np.random.default_rng(0).permutation(n)[: int(n * HELD_OUT_SHARE)])
+    return np.setdiff1d(np.arange(n), held), held
 
-    Used by: ``adlib.methods.cfa.CFADetector``.
+
+def is_flat(history: list[dict[str, float]], steps_per_epoch: int, min_steps: int = OFFICIAL_STEPS) -> bool:
+    """CFA's stopping rule: at least ``min_steps`` optimiser steps, and the held-out loss (else the training loss)
+    flat by the book's rule: it moves less than ``CONVERGED_CHANGE`` from the second-last fifth of the epochs to
+    the last (:func:`adlib.training.loop.loss_change`).
+
+    Used by: ``adlib.methods.cfa.cfa_training``.
+    """
+    if len(history) < 5 or len(history) * steps_per_epoch < min_steps:
+        return False
+    return abs(loss_change(history, "held_out" if "held_out" in history[-1] else "loss")) < CONVERGED_CHANGE
+
+
+class Passes(torch.utils.data.Sampler):
+    """Batches of ``batch_size`` of ``n`` indices for ``passes`` passes, each a new shuffle (``generator``) whose last
+    incomplete batch is dropped.
+
+    Used by: ``adlib.methods.cfa.cfa_training``.
+    """
+
+    def __init__(self, n: int, batch_size: int, passes: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.passes, self.generator = n, batch_size, passes, generator
+
+    def __iter__(self):
+        for _ in range(self.passes):
+            order = torch.randperm(self.n, generator=self.generator).tolist()
+            for i in range(0, self.n - self.batch_size + 1, self.batch_size):
+                yield order[i:i + self.batch_size]
+
+    def __len__(self) -> int:
+        return self.passes * (self.n // self.batch_size)
+
+
+class CFATraining(NamedTuple):
+    """One CFA training for :func:`adlib.training.loop.fit`: ``model``, ``step``, ``loader``, the ``state`` to
+    checkpoint, the most ``epochs`` and the stopping rule ``until`` (None: all ``epochs``).
+
+    Used by: ``adlib.methods.cfa.cfa_training``, ``adlib.methods.cfa.CFADetector``.
+    """
+
+    model: "CFA"
+    step: Callable[[Any], dict[str, float]]
+    loader: DataLoader
+    state: dict[str, Any]
+    epochs: int
+    until: Callable[[list[dict[str, float]]], bool] | None
+
+
+def cfa_training(model: CFA, features: torch.Tensor, held_out: torch.Tensor | None = None, *,
+                 epochs: int | None = None, min_steps: int = OFFICIAL_STEPS, max_epochs: int = MAX_EPOCHS,
+                 passes: int = PASSES, lr: float = 1e-3, weight_decay: float = 5e-4, batch_size: int = 4,
+                 seed: int = 0) -> CFATraining:
+    """The training of ``model`` on normal features (N, C, h, w): AdamW with AMSGrad, shuffled batches, the last
+    incomplete batch of each pass dropped, as the official code; an epoch is ``passes`` passes (:class:`Passes`).
+    ``epochs`` fixed, or None: until :func:`is_flat` (at least ``min_steps`` steps, at most ``max_epochs`` epochs).
+    The last step of an epoch adds the loss of the held-out features ``held_out`` (M, C, h, w) as ``"held_out"``,
+    and every step the radius.
+
+    Used by: ``adlib.methods.cfa.train_cfa``, ``adlib.methods.cfa.CFADetector``.
     """
     if len(features) < batch_size:
         raise ValueError(f"need at least batch_size={batch_size} training images, got {len(features)}.")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, amsgrad=True)
-    loader = DataLoader(TensorDataset(features), batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)  # the loader's: fit checkpoints its state
+    loader = DataLoader(TensorDataset(features), batch_sampler=Passes(len(features), batch_size, passes, generator),
+                        generator=generator)
+    done = {"steps": 0}
 
     def step(batch: list[torch.Tensor]) -> dict[str, float]:
         opt.zero_grad()
         out = model.loss(batch[0])
         out["loss"].backward()
         opt.step()
-        return {**{key: v.item() for key, v in out.items()}, "radius": model.radius.item()}
+        row = {**{key: v.item() for key, v in out.items()}, "radius": model.radius.item()}
+        done["steps"] += 1
+        if held_out is not None and len(held_out) and done["steps"] % len(loader) == 0:  # an epoch's last step
+            with torch.no_grad():
+                row["held_out"] = model.loss(held_out)["loss"].item()
+        return row
 
-    history = fit(step, loader, epochs=epochs, seed=seed, progress=progress)
+    until = None if epochs is not None else (lambda h: is_flat(h, len(loader), min_steps))
+    return CFATraining(model, step, loader, {"model": model, "opt": opt}, epochs or max_epochs, until)
+
+
+def train_cfa(model: CFA, features: torch.Tensor, held_out: torch.Tensor | None = None, *,
+              epochs: int | None = None, min_steps: int = OFFICIAL_STEPS, max_epochs: int = MAX_EPOCHS,
+              passes: int = PASSES, lr: float = 1e-3, weight_decay: float = 5e-4, batch_size: int = 4, seed: int = 0,
+              progress: bool = True) -> list[dict[str, float]]:
+    """Train the descriptor and the radius on normal features (N, C, h, w) (:func:`cfa_training`) for ``epochs``, or
+    until the held-out features' loss is flat (None). Unlike the official code, no test-set epoch selection.
+    Returns the history of :func:`adlib.training.loop.fit` (loss, att, rep, radius and held-out loss per epoch).
+
+    Used by: ``adlib.methods.cfa.CFADetector``.
+    """
+    t = cfa_training(model, features, held_out, epochs=epochs, min_steps=min_steps, max_epochs=max_epochs,
+                     passes=passes, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
+    history = fit(t.step, t.loader, epochs=t.epochs, seed=seed, progress=progress, until=t.until)
     model.eval()
     return history
 
 
 class CFADetector(TrainedDetector):
     """CFA behind the detector protocol: frozen patch features (:func:`adlib.features.cnn.aggregate_patches`),
-    a :class:`CFA` descriptor and memory bank trained for ``epochs`` with :func:`train_cfa`, softmin scores.
+    a :class:`CFA` descriptor and memory bank trained with :func:`train_cfa`, softmin scores.
 
     The paper's hyperparameters are the keyword defaults (``gamma_c = gamma_d = 1``, ``k = j = 3``,
-    ``alpha = 0.1``, ``nu = 1e-3``, ``radius = 1e-5``, 30 epochs, AdamW lr 1e-3, weight decay 5e-4, batch 4);
-    the number of epochs is fixed in advance, never chosen on test images. ``stride`` 8 px by default.
-    ``adapt=False`` is the ablation without the adaptation (:meth:`without_descriptor`): the identity in place of
-    the descriptor, so CFA's compact bank and softmin score see the frozen features, and nothing is trained.
+    ``alpha = 0.1``, ``nu = 1e-3``, ``radius = 1e-5``, AdamW lr 1e-3, weight decay 5e-4, batch 4). ``epochs`` None:
+    at least ``min_steps`` (the official steps), then until the loss of a held-out tenth of the images is flat
+    (:func:`is_flat`), at most ``max_epochs`` of ``passes`` passes; an int: that many. The bank and the training see
+    the other nine tenths (:func:`held_out_split`). ``stride`` 8 px by default. ``adapt=False`` is the ablation
+    without the adaptation (:meth:`without_descriptor`): the identity in place of the descriptor, so CFA's compact
+    bank and softmin score see the frozen features, and nothing is trained.
 
     Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
     """
@@ -231,19 +329,22 @@ class CFADetector(TrainedDetector):
 
     def __init__(self, backbone: str = "effnet-lite0", layers: tuple[int, ...] | None = None, stride: int | None = 8,
                  gamma_c: int = 1, gamma_d: int = 1, k: int = 3, j: int = 3, alpha: float = 0.1, nu: float = 1e-3,
-                 radius: float = 1e-5, epochs: int = 30, lr: float = 1e-3, weight_decay: float = 5e-4,
-                 train_batch_size: int = 4, adapt: bool = True, sigma: float = 4.0, device: str = "cpu",
-                 seed: int = 0, batch_size: int = 32):
+                 radius: float = 1e-5, epochs: int | None = None, min_steps: int = OFFICIAL_STEPS,
+                 max_epochs: int = MAX_EPOCHS, passes: int = PASSES, lr: float = 1e-3, weight_decay: float = 5e-4,
+                 train_batch_size: int = 4, adapt: bool = True, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
+                 batch_size: int = 32):
         super().__init__(backbone, layers, stride, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
         self.gamma_c, self.gamma_d, self.k, self.j, self.alpha, self.nu = gamma_c, gamma_d, k, j, alpha, nu
         self.radius, self.epochs, self.lr, self.weight_decay = radius, epochs, lr, weight_decay
+        self.min_steps, self.max_epochs, self.passes = min_steps, max_epochs, passes
         self.train_batch_size, self.adapt = train_batch_size, bool(adapt)
         self.model: CFA | None = None
 
     def hparams(self) -> dict:
         return super().hparams() | {
             "gamma_c": self.gamma_c, "gamma_d": self.gamma_d, "k": self.k, "j": self.j, "alpha": self.alpha,
-            "nu": self.nu, "radius": self.radius, "epochs": self.epochs, "lr": self.lr,
+            "nu": self.nu, "radius": self.radius, "epochs": self.epochs, "min_steps": self.min_steps,
+            "max_epochs": self.max_epochs, "passes": self.passes, "lr": self.lr,
             "weight_decay": self.weight_decay, "train_batch_size": self.train_batch_size, "adapt": self.adapt}
 
     def without_descriptor(self) -> "CFADetector":
@@ -264,12 +365,29 @@ class CFADetector(TrainedDetector):
             model.descriptor = nn.Identity()
         return model.to(self.device)
 
+    def _split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Build ``model`` with its bank from the :func:`held_out_split` fit part of normal features (N, C, h, w);
+        returns (fit part, held-out part)."""
+        fit_part, held = held_out_split(len(features))
+        self.model = self._new_model(features.shape[1]).init_bank(features[fit_part], self.seed)
+        return features[fit_part], features[held]
+
+    def _schedule(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "min_steps": self.min_steps, "max_epochs": self.max_epochs,
+                "passes": self.passes, "lr": self.lr, "weight_decay": self.weight_decay,
+                "batch_size": self.train_batch_size, "seed": self.seed}
+
+    def training(self, features: torch.Tensor) -> CFATraining:
+        """The training :meth:`fit` runs on normal features (N, C, h, w), set up but not run (``model`` is set on the
+        detector), for a caller that checkpoints it (``adlib.recipes.cfa_synthtex``)."""
+        fit_part, held = self._split(features)  # sets self.model first
+        return cfa_training(self.model, fit_part, held, **self._schedule())
+
     def train_model(self, features: torch.Tensor) -> list[dict[str, float]]:
-        self.model = self._new_model(features.shape[1]).init_bank(features, self.seed)
+        fit_part, held = self._split(features)
         if not self.adapt:
             return []  # nothing to train without a descriptor
-        return train_cfa(self.model, features, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
-                         batch_size=self.train_batch_size, seed=self.seed, progress=False)
+        return train_cfa(self.model, fit_part, held, **self._schedule(), progress=False)
 
     def score_inputs(self, features: torch.Tensor) -> PatchScores:
         return PatchScores(self.model.score_maps(features))

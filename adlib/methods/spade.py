@@ -117,7 +117,13 @@ class SPADEDetector(MemoryBankDetector):
         if named and extra and global_stage < max(patch_layers):
             raise ValueError(f"global_stage {global_stage} must be a patch layer or deeper than layers {patch_layers}.")
         extract = patch_layers + (global_stage,) if named and extra else patch_layers
-        super().__init__(backbone, extract, stride, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
+        try:
+            super().__init__(backbone, extract, stride, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
+        except ValueError as err:  # weights that end before the global stage: say which setting asked for it
+            if extra and "ships stages" in str(err):
+                raise ValueError(f"{err} SPADE's global feature asked for global_stage={global_stage}; pass "
+                                 "global_stage=None (--set global_stage=None) to pool the last patch stage.") from err
+            raise
         self.layers, self.global_stage, self._extra = patch_layers, global_stage, extra
         self.k, self.kappa = k, kappa
         self.spade = SPADE(k, kappa)

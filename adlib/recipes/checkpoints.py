@@ -38,7 +38,8 @@ class Training:
     """One training, set up: ``model`` (its ``state_dict`` is what ships), ``step`` and ``loader`` for
     :func:`adlib.training.loop.fit`, ``state`` (what fit checkpoints: the model, the optimiser, a scheduler),
     ``epochs``, ``official_steps`` (the paper's schedule in optimiser steps, None where there is none) and
-    ``config`` (the settings fit's checkpoint fingerprints). The step function may add ``"held_out"`` (a held-out
+    ``config`` (the settings fit's checkpoint fingerprints), ``until`` (a stopping rule: ``epochs`` is then the most it
+    trains). The step function may add ``"held_out"`` (a held-out
     loss) and ``"lr"`` (the learning rate) to the last step of an epoch: the record keeps them per epoch.
 
     Used by: ``adlib.recipes.checkpoints.CheckpointRecipe``.
@@ -51,6 +52,7 @@ class Training:
     epochs: int
     official_steps: int | None
     config: dict[str, Any] = field(default_factory=dict)
+    until: Callable[[list[dict[str, float]]], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ CHECKPOINT_RECIPES: dict[str, CheckpointRecipe] = {}
 #: The modules that define chapter recipes (each adds its :class:`CheckpointRecipe` s to :data:`CHECKPOINT_RECIPES`);
 #: :func:`recipe` imports them, so a recipe is found without importing its chapter's code first.
 RECIPE_MODULES: tuple[str, ...] = ("adlib.recipes.recon_mnist", "adlib.recipes.ssl_occ_digits",
-                                   "adlib.recipes.simclr_digits")
+                                   "adlib.recipes.simclr_digits", "adlib.recipes.cfa_synthtex")
 
 
 @dataclass
@@ -165,9 +167,9 @@ def train(spec: CheckpointRecipe, checkpoint: str | Path, *, budget_s: float | N
     t0 = time.perf_counter()
     history = fit(training.step, training.loader, epochs=training.epochs, checkpoint=checkpoint,
                   state=training.state, seed=spec.seed, config=training.config | {"recipe": spec.name},
-                  progress=progress, budget_s=budget_s)
+                  progress=progress, budget_s=budget_s, until=training.until)
     training.model.eval()
-    finished = len(history) == training.epochs
+    finished = len(history) == training.epochs or (training.until is not None and training.until(history))
     if spec.half and finished:
         with torch.no_grad():  # what ships: the same numbers loaded or retrained
             for tensor in training.model.state_dict().values():

@@ -239,6 +239,7 @@ def fit(
     progress: bool = True,
     log_every: int = 1,
     budget_s: float | None = None,
+    until: Callable[[list[dict[str, float]]], bool] | None = None,
 ) -> list[dict[str, float]]:
     """Train for ``epochs`` epochs: call ``step_fn(batch)`` (one optimisation step) on every batch.
 
@@ -255,7 +256,8 @@ def fit(
     weights); a checkpoint made with other settings is refused with a ``ValueError``, never overwritten.
     ``budget_s`` (with a checkpoint): stop after the first epoch that ends ``budget_s`` seconds or more after this
     call started; the history returned is then shorter than ``epochs``, and the same call again continues the run
-    (a long training in chunks that each fit a session).
+    (a long training in chunks that each fit a session). ``until``: a stopping rule on the history so far, asked
+    after every epoch (e.g. "the held-out loss is flat"); ``epochs`` is then the most it may train.
 
     ``progress``: a tqdm bar (a widget only in a live notebook, see ``_progress_mode``; set
     ``$ADLIB_PROGRESS`` to ``widget``, ``text``, ``summary`` or ``none`` to choose) and a summary line
@@ -294,6 +296,8 @@ def fit(
             obj.load_state_dict(ckpt["state"][name])
         _set_rng_states(ckpt["rng"], loader)
         history, start = list(ckpt["history"]), ckpt["epoch"]
+        if until is not None and until(history):  # a finished run: nothing left to train
+            return history
     else:
         seed_everything(seed)
 
@@ -347,6 +351,10 @@ def fit(
                     bar.write(line)
                 else:
                     print(line, flush=True)
+            if until is not None and until(history):
+                if progress:
+                    print(f"Stopped after epoch {epoch + 1}/{epochs}: its stopping rule holds.", flush=True)
+                break
             if budget_s is not None and epoch + 1 < epochs and time.perf_counter() - called >= budget_s:
                 if progress:
                     print(f"Stopped after epoch {epoch + 1}/{epochs} (budget {budget_s:.0f} s); the same call resumes "
@@ -371,4 +379,6 @@ def loss_change(history: list[Mapping[str, float]], key: str = "loss") -> float:
         raise ValueError(f"need at least 2 epochs to measure a change, got {len(loss)}.")
     k = max(1, len(loss) // 5)
     before, last = np.mean(loss[-2 * k:-k] or loss[:1]), np.mean(loss[-k:])
+    if before == 0:  # a loss that reached zero: flat while it stays there
+        return 0.0 if last == 0 else float("inf")
     return float((last - before) / abs(before))

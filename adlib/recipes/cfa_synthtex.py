@@ -1,0 +1,86 @@
+"""Chapter 7's converged CFA descriptors: one per SynthTex category and training seed, in the book profile's setting.
+
+The official 30 epochs are about 1,800 optimiser steps on an average MVTec AD category (:data:`cfa.OFFICIAL_STEPS`),
+but only 390 on a SynthTex category of 60 training images, and the loss still falls there. Each recipe trains
+:class:`adlib.methods.cfa.CFADetector`'s default schedule instead: at least the official steps, then on until the
+loss of a held-out tenth of the normal training images is flat by the book's rule (:func:`cfa.is_flat`), at most
+:data:`cfa.MAX_EPOCHS` epochs. That takes minutes per run, more than the chapter's three, so the descriptors are
+trained offline (``python -m adlib train-checkpoint cfa-synthtex-<category>-s<seed>``) and shipped in fp16 with
+their training records; the chapter loads them, else trains them. Card: ``CFA_SYNTHTEX.md``.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from adlib.data import mvtec, synthtex
+from adlib.methods import cfa
+from adlib.recipes.checkpoints import CHECKPOINT_RECIPES, CheckpointRecipe, Training, load_or_train
+
+#: The book profile's setting (chapter 7): SynthTex at 128 px, ImageNet EfficientNet-Lite0 stages 1 and 2 on an
+#: 8-px grid, three training seeds per category.
+IMAGE_SIZE, BACKBONE, LAYERS, STRIDE, SEEDS = 128, "effnet-lite0", (1, 2), 8, (0, 1, 2)
+
+
+def detector(seed: int) -> cfa.CFADetector:
+    """An unfitted CFA detector with the book profile's setting and the paper's hyperparameters.
+
+    Used by: ``adlib.recipes.cfa_synthtex.setup``, ``adlib.recipes.cfa_synthtex.fitted_detector``.
+    """
+    return cfa.CFADetector(BACKBONE, LAYERS, STRIDE, seed=seed)
+
+
+@lru_cache(maxsize=len(synthtex.CATEGORIES))  # every seed of a category reads the same frozen features
+def training_features(category: str) -> torch.Tensor:
+    """The frozen patch features (N, C, 16, 16) of the book profile's SynthTex training images of ``category``.
+
+    Used by: ``adlib.recipes.cfa_synthtex.setup``.
+    """
+    train = mvtec.load_split(mvtec.benchmark_root("book"), category, "train", IMAGE_SIZE)
+    return detector(0).inputs(train.tensor())
+
+
+def setup(category: str, seed: int) -> Training:
+    """The :class:`Training` of the descriptor of ``category`` with ``seed`` (the detector's own schedule).
+
+    Used by: ``adlib.recipes.cfa_synthtex.recipe_of``.
+    """
+    t = detector(seed).training(training_features(category))
+    return Training(t.model, t.step, t.loader, t.state, epochs=t.epochs, official_steps=cfa.OFFICIAL_STEPS,
+                    config={"category": category, "image_size": IMAGE_SIZE}, until=t.until)
+
+
+def name_of(category: str, seed: int) -> str:
+    """The registry name of a descriptor: ``cfa-synthtex-<category>-s<seed>``.
+
+    Used by: ``adlib.recipes.cfa_synthtex``.
+    """
+    return f"cfa-synthtex-{category}-s{seed}"
+
+
+def fitted_detector(category: str, seed: int, retrain: bool = False) -> tuple[cfa.CFADetector, object]:
+    """The detector of ``category`` and ``seed`` fitted with the shipped descriptor (``retrain``: trained here
+    again, the same tensors), and its :class:`adlib.recipes.checkpoints.TrainedCheckpoint` (record, seconds).
+
+    Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
+    """
+    trained = load_or_train(name_of(category, seed), retrain=retrain)
+    det = detector(seed)
+    det.model, det.history, det.image_shape = trained.model, trained.history, (IMAGE_SIZE, IMAGE_SIZE)
+    return det, trained
+
+
+def recipe_of(category: str, seed: int) -> CheckpointRecipe:
+    """The :class:`CheckpointRecipe` of one descriptor (its card: ``CFA_SYNTHTEX.md``), shipped in fp16.
+
+    Used by: ``adlib.recipes.cfa_synthtex``.
+    """
+    summary = f"CFA descriptor, SynthTex {category}, seed {seed}, {IMAGE_SIZE} px, {BACKBONE} {LAYERS}"
+    return CheckpointRecipe(name_of(category, seed), summary, "CFA_SYNTHTEX.md", lambda s: setup(category, s),
+                            seed=seed, half=True)
+
+
+for _c in synthtex.CATEGORIES:
+    for _s in SEEDS:
+        CHECKPOINT_RECIPES[name_of(_c, _s)] = recipe_of(_c, _s)
