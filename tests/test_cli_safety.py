@@ -92,7 +92,9 @@ def test_a_real_ctrl_c_stops_the_category_process_and_keeps_the_finished_ones(da
     import sys
     import time
 
-    for i in range(40):  # gamma: enough images that its fit is still running when the signal comes
+    # gamma: enough images that its fit (seconds) is still running when the signal comes, even when this process
+    # reads the "fitting" line late on a busy machine (with 40 images the whole run could end first: exit 0)
+    for i in range(400):
         arr = (np.random.default_rng(100 + i).uniform(0.4, 0.6, (40, 40, 3)) * 255).astype(np.uint8)
         (data / "gamma/train/good").mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(data / "gamma/train/good" / f"{i}.png")
