@@ -16,7 +16,7 @@ import torch
 
 from adlib.data import mvtec, synthtex
 from adlib.methods import cfa
-from adlib.recipes.checkpoints import CHECKPOINT_RECIPES, CheckpointRecipe, Training, load_or_train
+from adlib.recipes.checkpoints import CHECKPOINT_RECIPES, CheckpointRecipe, TrainedCheckpoint, Training, load_or_train
 
 #: The book profile's setting (chapter 7): SynthTex at 128 px, ImageNet EfficientNet-Lite0 stages 1 and 2 on an
 #: 8-px grid, three training seeds per category.
@@ -59,7 +59,7 @@ def name_of(category: str, seed: int) -> str:
     return f"cfa-synthtex-{category}-s{seed}"
 
 
-def fitted_detector(category: str, seed: int, retrain: bool = False) -> tuple[cfa.CFADetector, object]:
+def fitted_detector(category: str, seed: int, retrain: bool = False) -> tuple[cfa.CFADetector, TrainedCheckpoint]:
     """The detector of ``category`` and ``seed`` fitted with the shipped descriptor (``retrain``: trained here
     again, the same tensors), and its :class:`adlib.recipes.checkpoints.TrainedCheckpoint` (record, seconds).
 
