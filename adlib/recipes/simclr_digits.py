@@ -98,4 +98,4 @@ RUNS = [(p, s) for p in ("crop-colour", "colour", "crop50-colour", "crop") for s
 for _policy, _seed in RUNS:
     checkpoints.CHECKPOINT_RECIPES[name(_policy, _seed)] = checkpoints.CheckpointRecipe(
         name(_policy, _seed), f"SimCLR ConvEncoder on coloured digits, policy {_policy}, seed {_seed}",
-        "SIMCLR_DIGITS.md", lambda seed, p=_policy: setup(p, seed), seed=_seed)
+        "SIMCLR_DIGITS.md", lambda seed, p=_policy: setup(p, seed), seed=_seed, half=True)

@@ -106,14 +106,14 @@ def name_of(method: str, normal_class: int, factor: int = 1) -> str:
 
 
 def recipe_of(method: str, normal_class: int, factor: int = 1) -> CheckpointRecipe:
-    """The :class:`CheckpointRecipe` of one encoder (its card: ``SSL_OCC.md``); the doubled runs ship in fp16.
+    """The :class:`CheckpointRecipe` of one encoder (its card: ``SSL_OCC.md``), shipped in fp16.
 
     Used by: ``adlib.recipes.ssl_occ_digits``.
     """
     summary = (f"{METHODS[method][0]} encoder, painted digit {normal_class} normal, width {WIDTH}, "
                f"{factor * EPOCHS[method]} epochs")
     return CheckpointRecipe(name_of(method, normal_class, factor), summary, "SSL_OCC.md",
-                            lambda s: setup(method, normal_class, s, factor), half=factor != 1)
+                            lambda s: setup(method, normal_class, s, factor), half=True)
 
 
 for _c in CLASSES:
