@@ -5,6 +5,7 @@ import contextlib
 import multiprocessing
 import os
 import random
+import signal
 import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -120,7 +121,8 @@ def in_fresh_processes(fn: Callable[..., T], calls: Sequence[dict[str, Any]], n_
     imported ``fn``'s module, the modules in ``preload``, this one and the main script (multiprocessing's
     "forkserver", so no call pays for those imports; "spawn" where the platform has no fork server). The server
     starts at a process's first call and keeps its imports: a later call with another ``fn`` imports what is
-    missing in each new process. On an error or Ctrl-C the calls not yet started are cancelled.
+    missing in each new process. On an error or Ctrl-C the calls not yet started are cancelled, and the processes
+    already started are waited for.
 
     Used by: ``adlib.bench.benchmark.sweep``, ``adlib.bench.folders.run``.
     """
@@ -130,10 +132,22 @@ def in_fresh_processes(fn: Callable[..., T], calls: Sequence[dict[str, Any]], n_
         # imported once, in the server: a script's main module, torch (for the initializer), fn's module and what
         # fn imports when it runs
         context.set_forkserver_preload(["__main__", __name__, fn.__module__, *preload])
+        # started before Ctrl-C is held below, so that the server and the processes it forks do not inherit the hold
+        multiprocessing.forkserver.ensure_running()
+    # Ctrl-C is held while processes start: one interrupted half-way would be unknown to the pool, the pool would not
+    # wait for it, and it would fail on the semaphores this process removes as it exits. The held Ctrl-C arrives
+    # once every started process is the pool's.
+    hold = hasattr(signal, "pthread_sigmask")
+    if hold:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     pool = ProcessPoolExecutor(n_jobs, mp_context=context, max_tasks_per_child=1, initializer=torch.set_num_threads,
                                initargs=(threads,))
     try:
-        futures = [pool.submit(fn, **kwargs) for kwargs in calls]
+        try:
+            futures = [pool.submit(fn, **kwargs) for kwargs in calls]
+        finally:
+            if hold:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         for future in futures:
             yield future.result()
     finally:
