@@ -460,3 +460,21 @@ def test_each_call_runs_in_a_new_process_and_its_error_comes_back() -> None:
     assert len(set(pids)) == 3 and os.getpid() not in pids  # never a reused worker, never this process
     with pytest.raises(ValueError, match="Expecting value"):
         list(runtime.in_fresh_processes(json.loads, [{"s": "7"}, {"s": "seven"}]))
+
+
+def test_ctrl_c_is_held_only_while_the_processes_start() -> None:
+    # in_fresh_processes blocks SIGINT in this thread while it starts processes; it must never leave it blocked,
+    # or Ctrl-C would be ignored for the rest of the session
+    import os
+    import signal
+
+    held = lambda: signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # noqa: E731
+    assert not held()
+    list(runtime.in_fresh_processes(os.getpid, [{}]))
+    assert not held()
+    with pytest.raises(ValueError, match="Expecting value"):
+        list(runtime.in_fresh_processes(json.loads, [{"s": "seven"}]))
+    assert not held()
+    with pytest.raises(ValueError):  # no worker at all
+        list(runtime.in_fresh_processes(os.getpid, [{}], n_jobs=0))
+    assert not held()

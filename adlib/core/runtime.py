@@ -134,14 +134,14 @@ def in_fresh_processes(fn: Callable[..., T], calls: Sequence[dict[str, Any]], n_
         context.set_forkserver_preload(["__main__", __name__, fn.__module__, *preload])
         # started before Ctrl-C is held below, so that the server and the processes it forks do not inherit the hold
         multiprocessing.forkserver.ensure_running()
+    pool = ProcessPoolExecutor(n_jobs, mp_context=context, max_tasks_per_child=1, initializer=torch.set_num_threads,
+                               initargs=(threads,))  # starts no process yet
     # Ctrl-C is held while processes start: one interrupted half-way would be unknown to the pool, the pool would not
     # wait for it, and it would fail on the semaphores this process removes as it exits. The held Ctrl-C arrives
     # once every started process is the pool's.
     hold = hasattr(signal, "pthread_sigmask")
     if hold:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    pool = ProcessPoolExecutor(n_jobs, mp_context=context, max_tasks_per_child=1, initializer=torch.set_num_threads,
-                               initargs=(threads,))
     try:
         try:
             futures = [pool.submit(fn, **kwargs) for kwargs in calls]
