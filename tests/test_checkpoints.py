@@ -179,15 +179,18 @@ def test_the_command_resumes_and_reports(weights_dir, tmp_path, monkeypatch, cap
     assert cli.main(["train-checkpoint", "nothing"]) == 2
 
 
-def test_chapter_5s_doubled_runs_begin_with_the_shipped_runs():
+def test_the_doubled_runs_of_chapters_3_and_5_begin_with_the_shipped_runs():
     # the doubling check compares a run with its own continuation: the first half of every -x2 record must be the
-    # shipped encoder's record, epoch for epoch (a retrained x1 without its x2, or the reverse, breaks this)
-    from adlib.recipes import ssl_occ_digits
+    # shipped model's record, epoch for epoch (a retrained x1 without its x2, or the reverse, breaks this)
+    from adlib.recipes import recon_mnist, ssl_occ_digits
 
+    pairs = [(ssl_occ_digits.name_of(m, c), ssl_occ_digits.name_of(m, c, 2))
+             for c in ssl_occ_digits.CLASSES for m in ssl_occ_digits.DOUBLED]
+    pairs += [(recon_mnist.name_of(k, a), recon_mnist.name_of(k, a, factor=recon_mnist.DOUBLING))
+              for a in range(10) for k in recon_mnist.KINDS]
     table = checkpoints.registry.shipped_weights()
-    for c in ssl_occ_digits.CLASSES:
-        for m in ssl_occ_digits.DOUBLED:
-            once = table[ssl_occ_digits.name_of(m, c)]["record"]
-            twice = table[ssl_occ_digits.name_of(m, c, 2)]["record"]
-            assert twice["steps"] == 2 * once["steps"]
-            assert twice["loss"][: len(once["loss"])] == once["loss"]
+    for once_name, twice_name in pairs:
+        once, twice = table[once_name]["record"], table[twice_name]["record"]
+        assert twice["steps"] == 2 * once["steps"], twice_name
+        for curve in ("loss", "held_out"):
+            assert twice[curve][: len(once[curve])] == once[curve], twice_name
