@@ -17,7 +17,7 @@ from adlib import cli
 from adlib.core.checksum import sha256sum
 from adlib.data import image_folders, toyworld
 from adlib.data.imageset import ImageSet
-from adlib.features import clip
+from adlib.features import clip, clip_stems
 from adlib.methods import clipn, winclip
 from adlib.recipes import tiny_clip
 from adlib.weights import registry
@@ -136,16 +136,16 @@ def test_conv_stem_replaces_the_patch_projection(images, tmp_path):
     cfg = dict(SMALL, conv_stem=[8, 16])
     torch.manual_seed(0)
     m = clip.build_tiny_clip(cfg).eval()
-    assert isinstance(m.visual.conv1, clip.ConvStem)
+    assert isinstance(m.visual.conv1, clip_stems.ConvStem)
     glob, patches = clip.encode_images(m, images)
     assert glob.shape == (6, 16) and patches.shape == (6, (32 // 8) ** 2, 16)
     clip.save_clip(m, tmp_path / "w.safetensors", cfg)  # batch-norm buffers travel with the weights
     torch.testing.assert_close(clip.encode_images(clip.load_tiny_clip(tmp_path / "w.safetensors"), images)[0], glob,
                                atol=2e-3, rtol=0)
     with pytest.raises(ValueError, match="power-of-two"):
-        clip.ConvStem(6, 16, [8])
+        clip_stems.ConvStem(6, 16, [8])
     with pytest.raises(ValueError, match="widths"):
-        clip.ConvStem(8, 16, [8])
+        clip_stems.ConvStem(8, 16, [8])
 
 
 def test_shipped_tiny_clip_loads_is_small_and_knows_shapes():
@@ -158,23 +158,55 @@ def test_shipped_tiny_clip_loads_is_small_and_knows_shapes():
     assert clip.zero_shot_accuracy(m, held.images, held.classes, toyworld.SHAPES) > 0.5
 
 
-def test_train_tiny_command_smoke(tmp_path, monkeypatch):
+def test_pretrained_stem_is_a_frozen_imagenet_cnn_that_stays_in_eval_mode(images, tmp_path):
+    cfg = dict(SMALL, pretrained_stem="effnet-lite0")
+    torch.manual_seed(0)
+    m = clip.build_tiny_clip(cfg)
+    stem = m.visual.conv1
+    assert isinstance(stem, clip_stems.PretrainedStem)
+    assert not any(p.requires_grad for p in stem.trunk.parameters()) and stem.proj.weight.requires_grad
+    m.train()
+    assert not stem.trunk.training and stem.proj.training  # ImageNet's batch-norm statistics stay
+    x = clip.to_tensor(images, 32)
+    # the trunk sees the images as its weights expect, whatever CLIP's normalisation did to them
+    torch.testing.assert_close(stem.trunk(x * stem.clip_std + stem.clip_mean)[-1],
+                               stem.trunk(torch.from_numpy(images.images))[-1], atol=1e-4, rtol=0)
+    assert stem(x).shape == (6, 32, 4, 4)  # stride 8, the patch size
+    glob, patches = clip.encode_images(m.eval(), images)
+    clip.save_clip(m, tmp_path / "w.safetensors", cfg)
+    torch.testing.assert_close(clip.encode_images(clip.load_tiny_clip(tmp_path / "w.safetensors"), images)[0], glob,
+                               atol=2e-3, rtol=0)
+
+
+def _train_clip_command(out, monkeypatch, *extra: str) -> dict:
+    """Run ``python -m adlib train-clip`` for 2 steps of a small CLIP into ``out``; its card."""
     monkeypatch.setattr(tiny_clip, "TINY_CONFIG", SMALL)
-    out = tmp_path / "tiny.safetensors"
     n_threads = torch.get_num_threads()
     try:
         argv = ["train-clip", "--out", str(out), "--steps", "2", "--batch-size", "8", "--pairs", "16", "--eval", "10",
-                "--threads", "1", "--defect-rate", "0.5", "--name-defect-rate", "1"]
+                *extra]
         assert cli.main(argv) == 0
     finally:
         torch.set_num_threads(n_threads)
-    card = clip.tiny_clip_card(out)
+    return clip.tiny_clip_card(out)
+
+
+def test_train_tiny_command_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "tiny.safetensors"
+    card = _train_clip_command(out, monkeypatch, "--threads", "1", "--defect-rate", "0.5", "--name-defect-rate", "1")
     assert card["train"]["steps"] == 2 and card["sha256"] == sha256sum(out)
     assert card["train"]["world"] == {"defect_rate": 0.5, "name_defect_rate": 1.0, "image_size": 32}
     # The settings that differ from the defaults; --out and --threads do not change the weights.
     assert card["command"] == (clip.TRAIN_COMMAND + " --steps 2 --batch-size 8 --pairs 16 --eval 10 "
                                "--defect-rate 0.5 --name-defect-rate 1.0")
     clip.load_tiny_clip(out)
+
+
+def test_train_tiny_command_on_the_caption_world(tmp_path, monkeypatch):
+    card = _train_clip_command(tmp_path / "tiny.safetensors", monkeypatch, "--caption-world", "--no-defect-words")
+    assert card["train"]["world"]["caption_world"]["defect_words"] is False
+    assert card["command"].endswith("--eval 10 --caption-world --no-defect-words")  # flags, no values
+    assert 0 <= card["eval"]["zero_shot_shape_accuracy"] <= 1
 
 
 def test_tiny_clip_training_resumes_bit_exactly_after_an_interruption(tmp_path, monkeypatch):

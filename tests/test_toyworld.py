@@ -53,16 +53,6 @@ def test_defect_changes_pixels_only_inside_its_mask(defect):
         assert np.abs(good[mask] - bad[mask]).max() > 0.05
 
 
-def test_shape_areas_match_geometry():
-    r, size, centre = 20.0, 64, np.array([32.0, 32.0])
-    circle = tw.shape_mask("circle", size, centre, r, 0.0).sum()
-    assert abs(circle - np.pi * r**2) / (np.pi * r**2) < 0.03
-    square = tw.shape_mask("square", size, centre, r, 0.3).sum()  # circumradius 0.95 r: area 2 (0.95 r)^2
-    assert abs(square - 2 * (0.95 * r) ** 2) / (2 * (0.95 * r) ** 2) < 0.06
-    ring = tw.shape_mask("ring", size, centre, r, 0.0).sum()
-    assert abs(ring - np.pi * r**2 * (1 - 0.55**2)) / (np.pi * r**2 * (1 - 0.55**2)) < 0.06
-
-
 def test_captions_name_defects_only_when_asked():
     scene = tw.Scene("star", "blue", "small", "grass", "crack")
     rng = np.random.default_rng(0)
@@ -109,8 +99,8 @@ def test_bad_input_is_rejected():
         tw.sample(2, shapes=("dragon",))
     with pytest.raises(ValueError, match="probabilities"):
         tw.sample(2, defect_rate=1.5)
-    with pytest.raises(ValueError, match="Unknown shape"):
-        tw.shape_mask("dragon", 32, np.array([16.0, 16.0]), 8.0, 0.0)
+    with pytest.raises(ValueError, match="Unknown defect"):
+        tw.render(tw.Scene("star", "red", "small", "wood", "burn"), 32, np.random.default_rng(0))  # not this world's
 
 
 def test_scenes_of_and_labelled_set():

@@ -20,21 +20,19 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
-from skimage.draw import polygon as _polygon
 
+from adlib.data import drawing
 from adlib.data.imageset import ImageSet
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring",
-                           "hexagon", "heart", "moon", "arrow")
+SHAPES: tuple[str, ...] = drawing.SHAPES[:10]
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.12, 0.10), "orange": (0.95, 0.55, 0.05), "yellow": (0.95, 0.88, 0.15),
     "green": (0.15, 0.65, 0.20), "blue": (0.12, 0.30, 0.85), "purple": (0.55, 0.20, 0.70),
     "white": (0.93, 0.93, 0.93), "black": (0.10, 0.10, 0.10),
 }
 SIZES: tuple[str, ...] = ("small", "large")
-BACKGROUNDS: tuple[str, ...] = ("plain", "wood", "grass", "stone")
-DEFECTS: tuple[str, ...] = ("crack", "hole", "stain", "broken")
+BACKGROUNDS: tuple[str, ...] = drawing.BACKGROUNDS
+DEFECTS: tuple[str, ...] = drawing.DEFECTS[:4]
 #: The adjective a caption uses when it names a defect.
 DEFECT_WORDS: dict[str, str] = {"crack": "cracked", "hole": "holed", "stain": "stained", "broken": "broken"}
 
@@ -71,125 +69,7 @@ class ToyData(NamedTuple):
     scenes: list[Scene]
 
 
-# --------------------------------------------------------------------------- drawing
-
-
-def _regular(n: int, radius: float, angle: float, inner: float | None = None) -> np.ndarray:
-    """Vertices (k, 2) of a regular polygon, or of a star when ``inner`` (radius ratio) is given."""
-    k = 2 * n if inner else n
-    t = angle + np.arange(k) * 2 * np.pi / k
-    r = np.full(k, radius)
-    if inner:
-        r[1::2] *= inner
-    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
-
-
-def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return points @ np.array([[c, s], [-s, c]])
-
-
-def _poly_mask(points: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
-    mask = np.zeros((size, size), bool)
-    rr, cc = _polygon(points[:, 1] + centre[1], points[:, 0] + centre[0], (size, size))
-    mask[rr, cc] = True
-    return mask
-
-
-def shape_mask(shape: str, size: int, centre: np.ndarray, radius: float, angle: float) -> np.ndarray:
-    """(size, size) bool mask of one object; ``centre`` is (x, y) in pixels.
-
-    Used by: ``adlib.data.toyworld.render``.
-    """
-    yy, xx = np.mgrid[0:size, 0:size].astype(float)
-    x, y = xx - centre[0], yy - centre[1]
-    r = np.hypot(x, y)
-    if shape == "circle":
-        return r <= radius
-    if shape == "ring":
-        return (r <= radius) & (r >= 0.55 * radius)
-    if shape == "moon":
-        dx, dy = _rotate(np.array([[0.45 * radius, 0.0]]), angle)[0]
-        return (r <= radius) & (np.hypot(x - dx, y - dy) > 0.8 * radius)
-    if shape == "heart":
-        u, v = _rotate(np.stack([x, y], -1).reshape(-1, 2), -0.3 * np.sin(angle)).T
-        u, v = u.reshape(x.shape) / (0.85 * radius), -v.reshape(x.shape) / (0.85 * radius) + 0.15
-        return (u**2 + v**2 - 1) ** 3 - u**2 * v**3 <= 0
-    if shape == "square":
-        pts = _regular(4, radius * 0.95, angle + np.pi / 4)
-    elif shape == "triangle":
-        pts = _regular(3, radius, angle - np.pi / 2)
-    elif shape == "hexagon":
-        pts = _regular(6, radius, angle)
-    elif shape == "star":
-        pts = _regular(5, radius, angle - np.pi / 2, inner=0.45)
-    elif shape == "cross":
-        a, b = radius, 0.33 * radius
-        pts = _rotate(np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a],
-                                [-b, b], [-a, b], [-a, -b], [-b, -b]]), angle)
-    elif shape == "arrow":
-        a = radius
-        pts = _rotate(np.array([[-a, -0.25 * a], [0.1 * a, -0.25 * a], [0.1 * a, -0.65 * a], [a, 0],
-                                [0.1 * a, 0.65 * a], [0.1 * a, 0.25 * a], [-a, 0.25 * a]]), angle)
-    else:
-        raise ValueError(f"Unknown shape {shape!r}; choose one of {SHAPES}.")
-    return _poly_mask(pts, centre, size)
-
-
-def _smooth_noise(size: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    n = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)
-    return n / (n.std() + 1e-8)
-
-
-def background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(size, size, 3) float image in [0, 1] of one background kind.
-
-    Used by: ``adlib.data.toyworld.Scene``, ``adlib.data.toyworld.render``.
-    """
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    if kind == "plain":
-        tone = rng.uniform(0.35, 0.75)
-        img = np.full((size, size, 3), tone) + 0.03 * _smooth_noise(size, size / 4, rng)[..., None]
-    elif kind == "wood":
-        theta = rng.uniform(-0.3, 0.3)
-        u = xx * np.cos(theta) + yy * np.sin(theta) + 0.05 * _smooth_noise(size, size / 8, rng)
-        grain = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(5, 9) * u)
-        img = np.array([0.55, 0.36, 0.18]) * (0.75 + 0.3 * grain[..., None])
-    elif kind == "grass":
-        blades = ndimage.gaussian_filter(rng.standard_normal((size, size)), (2.0, 0.5))
-        img = np.array([0.22, 0.50, 0.16]) * (1 + 0.35 * blades[..., None] / (blades.std() + 1e-8))
-    elif kind == "stone":
-        n = _smooth_noise(size, 2.5, rng) + 0.5 * _smooth_noise(size, 0.8, rng)
-        img = np.full((size, size, 3), 0.55) + 0.08 * n[..., None]
-    else:
-        raise ValueError(f"Unknown background {kind!r}; choose one of {BACKGROUNDS}.")
-    return np.clip(img, 0, 1)
-
-
-def _crack(size: int, obj: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A thin random walk across the object; the mask is the walked pixels inside it."""
-    ys, xs = np.nonzero(obj)
-    k = rng.integers(len(ys))
-    p, heading = np.array([xs[k], ys[k]], float), rng.uniform(0, 2 * np.pi)
-    mask = np.zeros((size, size), bool)
-    for _ in range(3 * size):
-        heading += rng.normal(0, 0.35)
-        p += (np.cos(heading), np.sin(heading))
-        x, y = int(round(p[0])), int(round(p[1]))
-        if not (0 <= x < size and 0 <= y < size):
-            break
-        mask[y, x] = True
-    mask = ndimage.binary_dilation(mask, iterations=int(rng.integers(0, 2)) if size >= 64 else 0) | mask
-    return mask & obj
-
-
-def _blob(size: int, obj: np.ndarray, radius: float, rng: np.random.Generator) -> np.ndarray:
-    """An irregular disc centred on a pixel of the object, clipped to it."""
-    ys, xs = np.nonzero(obj)
-    k = rng.integers(len(ys))
-    yy, xx = np.mgrid[0:size, 0:size]
-    wobble = 1 + 0.3 * _smooth_noise(size, size / 10, rng)
-    return (np.hypot(xx - xs[k], yy - ys[k]) <= radius * wobble) & obj
+# --------------------------------------------------------------------------- scenes
 
 
 def render(scene: Scene, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -197,46 +77,10 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> tuple[np.ndarra
 
     Used by: ``adlib.data.toyworld.sample``.
     """
-    bg = background(scene.background, size, rng)
-    radius = size * (rng.uniform(0.20, 0.26) if scene.size == "small" else rng.uniform(0.33, 0.40))
-    margin = radius + 1
-    centre = rng.uniform(margin, size - margin, 2)
-    obj = shape_mask(scene.shape, size, centre, radius, rng.uniform(0, 2 * np.pi))
-    if obj.sum() < 8:  # a degenerate draw (tiny image): fall back to a disc so every object is visible
-        obj = shape_mask("circle", size, centre, radius, 0.0)
-    colour = np.clip(np.array(COLOURS[scene.colour]) + rng.normal(0, 0.04, 3), 0, 1)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    g = rng.normal(0, 1, 2)
-    shade = 1 + 0.12 * (g[0] * (xx - 0.5) + g[1] * (yy - 0.5)) + 0.03 * _smooth_noise(size, 1.0, rng)
-    fill = np.clip(colour * shade[..., None], 0, 1)
-    image = np.where(obj[..., None], fill, bg)
-    mask = np.zeros((size, size), bool)
-    if scene.defect == "crack":
-        mask = _crack(size, obj, rng)
-        image[mask] = image[mask] * 0.25 + (0.55 if colour.mean() < 0.3 else 0.0)  # visible on dark objects too
-    elif scene.defect == "hole":
-        inner = ndimage.binary_erosion(obj, iterations=2)
-        mask = _blob(size, inner if inner.any() else obj, radius * 0.22, rng)
-        image[mask] = bg[mask] * 0.8  # the background shows through, a little shadowed
-    elif scene.defect == "stain":
-        mask = _blob(size, obj, radius * rng.uniform(0.2, 0.35), rng)
-        stain = np.array([0.35, 0.25, 0.12])
-        image[mask] = 0.35 * image[mask] + 0.65 * stain
-    elif scene.defect == "broken":
-        # A half-plane cut through the object near its rim removes a chunk; the background shows.
-        normal = rng.normal(size=2)
-        normal /= np.linalg.norm(normal)
-        offset = radius * rng.uniform(0.45, 0.65)
-        side = ((xx * size - centre[0]) * normal[0] + (yy * size - centre[1]) * normal[1]) > offset
-        mask = side & obj
-        image[mask] = bg[mask]
-    elif scene.defect != "good":
+    if scene.defect != "good" and scene.defect not in DEFECTS:
         raise ValueError(f"Unknown defect {scene.defect!r}; choose 'good' or one of {DEFECTS}.")
-    if scene.defect != "good" and not mask.any():  # the draw missed the object: mark its centre pixel
-        cy, cx = np.argwhere(obj)[len(np.argwhere(obj)) // 2]
-        mask[cy, cx] = True
-        image[cy, cx] = image[cy, cx] * 0.25
-    return np.clip(image, 0, 1), mask
+    return drawing.draw_object(scene.shape, COLOURS[scene.colour], scene.size == "large", scene.background,
+                               scene.defect, size, rng)
 
 
 def caption(scene: Scene, rng: np.random.Generator, name_defect: bool = False) -> str:

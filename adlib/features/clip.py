@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,15 +34,16 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from adlib.core.checksum import sha256sum
 from adlib.data.imageset import ImageSet, as_image_set
+from adlib.features.clip_stems import ConvStem, PretrainedStem
 
 #: The tiny CLIP: a ViT with 8 x 8 patches on 64 px images and a small causal text transformer.
 #: open_clip's BPE vocabulary (49408 tokens) is kept so the real tokenizer works unchanged.
 #: ``conv_stem``: the ViT's patch embedding is a stack of stride-2 3x3 convolutions with these widths
-#: (see :class:`ConvStem`) instead of one linear patch projection.
+#: (:class:`adlib.features.clip_stems.ConvStem`) instead of one linear patch projection; ``pretrained_stem`` instead:
+#: the first stages of a frozen ImageNet CNN of that name (:class:`adlib.features.clip_stems.PretrainedStem`).
 TINY_CONFIG: dict = {
     "embed_dim": 64,
     "conv_stem": [32, 64],
@@ -60,34 +60,12 @@ TINY_WORLD = {"defect_rate": 0.1, "name_defect_rate": 0.1, "image_size": 64}
 # --------------------------------------------------------------------------- model, text, images
 
 
-class ConvStem(nn.Sequential):
-    """A convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see better").
-
-    (N, 3, S, S) -> (N, width, S / patch, S / patch), like the ViT's linear patch projection it replaces,
-    but through log2(patch) stride-2 3x3 convolutions: one per entry of ``channels`` (with batch norm and
-    GELU), then a last one to ``width`` channels (plain, as the linear projection it replaces). Trained
-    from scratch on a small data set, a ViT with a linear stem learnt the toy world's colours but not its
-    shapes; with this stem it learns both.
-
-    Used by: ``adlib.features.clip.build_tiny_clip``.
-    """
-
-    def __init__(self, patch: int, width: int, channels: Sequence[int]):
-        n = int(math.log2(patch))
-        if 2 ** n != patch or len(channels) != n - 1:
-            raise ValueError(f"A conv stem needs a power-of-two patch and log2(patch) - 1 = {n - 1} widths, "
-                             f"got patch {patch} and {list(channels)}.")
-        layers, c_in = [], 3
-        for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.GELU()]
-            c_in = c
-        super().__init__(*layers, nn.Conv2d(c_in, width, 3, 2, 1))
-
-
 def build_tiny_clip(config: dict | None = None) -> open_clip.CLIP:
     """A randomly initialised ``open_clip.CLIP`` of ``config`` (default :data:`TINY_CONFIG`).
 
-    With a ``conv_stem`` entry the ViT's ``conv1`` (its patch projection) becomes a :class:`ConvStem`.
+    With a ``conv_stem`` entry the ViT's ``conv1`` (its patch projection) becomes a
+    :class:`adlib.features.clip_stems.ConvStem`, with ``pretrained_stem`` a
+    :class:`adlib.features.clip_stems.PretrainedStem`.
 
     Used by: ``adlib.features.clip.load_tiny_clip``, ``adlib.recipes.tiny_clip.train_tiny_clip``.
     """
@@ -96,6 +74,8 @@ def build_tiny_clip(config: dict | None = None) -> open_clip.CLIP:
     if cfg.get("conv_stem"):
         vision = cfg["vision_cfg"]
         model.visual.conv1 = ConvStem(vision["patch_size"], vision["width"], cfg["conv_stem"])
+    elif cfg.get("pretrained_stem"):
+        model.visual.conv1 = PretrainedStem(cfg["vision_cfg"]["width"], cfg["pretrained_stem"])
     return model
 
 

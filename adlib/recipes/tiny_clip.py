@@ -6,6 +6,7 @@ Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import open_clip
 import torch
 
-from adlib.data import toyworld
+from adlib.data import captionworld, toyworld
 from adlib.features.clip import (
     CLASS_TEMPLATES,
     TINY_CONFIG,
@@ -42,6 +43,7 @@ def train_tiny_clip(
     n_eval: int = 1000,
     config: dict | None = None,
     world: dict | None = None,
+    caption_world: captionworld.World | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     command: str = TRAIN_COMMAND,
@@ -50,6 +52,8 @@ def train_tiny_clip(
 
     ``config``: the model (default :data:`TINY_CONFIG`; its ViT image size sets the toy images' size);
     ``world``: the toy-world settings of the captions (default :data:`TINY_WORLD`: defects rare and mostly unnamed);
+    ``caption_world``: train on :mod:`adlib.data.captionworld` with these rates instead (``world`` then gives only the
+    image size), and measure the zero-shot accuracy over its twenty objects;
     ``command``: how to rebuild the file, recorded in its metadata (the CLI passes the one of its settings);
     ``progress``: print progress lines (the loop is :func:`adlib.training.loop.fit`, an epoch of
     :func:`adlib.training.loop.steps_per_epoch` steps); ``checkpoint``: a file to save to after every epoch and resume
@@ -69,7 +73,10 @@ def train_tiny_clip(
     model = build_tiny_clip(config)
     size = config["vision_cfg"]["image_size"]
     world = dict(TINY_WORLD if world is None else world, image_size=size)
-    data = toyworld.sample(n_pairs, seed, **world)
+    if caption_world is None:
+        data = toyworld.sample(n_pairs, seed, **world)
+    else:
+        data = captionworld.sample(n_pairs, seed, image_size=size, world=caption_world)
     images = to_tensor(data.images)  # CLIP's preprocessing, once for all pairs
     tokens = tokenize(data.captions, model)
     del data  # the float images: training reads the preprocessed tensor only
@@ -105,8 +112,15 @@ def train_tiny_clip(
                   config={"steps": steps, "lr": lr, "warmup": warmup, "n_pairs": n_pairs}, progress=progress,
                   log_every=max(1, steps // 20 // per_epoch))
     model.eval()
-    held = toyworld.sample(n_eval, seed + 1, **world)
-    acc = zero_shot_accuracy(model, held.images, held.classes, toyworld.SHAPES)
+    if caption_world is None:
+        held = toyworld.sample(n_eval, seed + 1, **world)
+        acc = zero_shot_accuracy(model, held.images, held.classes, toyworld.SHAPES)
+    else:  # ordinary photos of objects only
+        plain = captionworld.World(style_rate=0.0, background_rate=0.0, digit_rate=0.0)
+        pictures = captionworld.sample(n_eval, seed + 1, image_size=size, world=plain)
+        classes = [captionworld.OBJECTS.index(name) for name in pictures.images.objects]
+        acc = zero_shot_accuracy(model, pictures.images, classes, captionworld.OBJECTS)
+        world = world | {"caption_world": dataclasses.asdict(caption_world)}
     meta = {
         "command": command,
         "train": {"steps": steps, "batch_size": batch_size, "n_pairs": n_pairs, "lr": lr, "weight_decay": weight_decay,

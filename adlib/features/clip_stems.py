@@ -1,0 +1,72 @@
+"""The patch embeddings ("stems") of the tiny CLIP's ViT: a convolutional stem trained with it, or a frozen
+ImageNet CNN (a hybrid ViT). Either replaces open_clip's ``VisionTransformer.conv1``, so the transformer blocks that
+follow, and the adapters AA-CLIP puts on them, stay the same.
+
+Used by: ``adlib.features.clip.build_tiny_clip``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import open_clip
+import torch
+from torch import nn
+
+
+class ConvStem(nn.Sequential):
+    """A convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see better").
+
+    (N, 3, S, S) -> (N, width, S / patch, S / patch), like the ViT's linear patch projection it replaces,
+    but through log2(patch) stride-2 3x3 convolutions: one per entry of ``channels`` (with batch norm and
+    GELU), then a last one to ``width`` channels (plain, as the linear projection it replaces). Trained
+    from scratch on a small data set, a ViT with a linear stem learnt the toy world's colours but not its
+    shapes; with this stem it learns both.
+
+    Used by: ``adlib.features.clip.build_tiny_clip``.
+    """
+
+    def __init__(self, patch: int, width: int, channels: Sequence[int]):
+        n = int(math.log2(patch))
+        if 2 ** n != patch or len(channels) != n - 1:
+            raise ValueError(f"A conv stem needs a power-of-two patch and log2(patch) - 1 = {n - 1} widths, "
+                             f"got patch {patch} and {list(channels)}.")
+        layers, c_in = [], 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.GELU()]
+            c_in = c
+        super().__init__(*layers, nn.Conv2d(c_in, width, 3, 2, 1))
+
+
+class PretrainedStem(nn.Module):
+    """A hybrid ViT's patch embedding (Dosovitskiy et al. 2021, Sec. 3.1): the first stages of a frozen ImageNet
+    CNN (``backbone``, a name of :data:`adlib.features.backbones.BACKBONES`, up to stage ``stage``), then a trained
+    1x1 convolution to ``width`` channels.
+
+    (N, 3, S, S) CLIP-normalised images -> (N, width, S / stride, S / stride); the stride of EfficientNet-Lite0's
+    stage 2 is 8, the tiny CLIP's patch size. The CNN stays frozen and in eval mode (its batch-norm statistics are
+    ImageNet's), and sees the images normalised as its weights expect.
+
+    Used by: ``adlib.features.clip.build_tiny_clip``.
+    """
+
+    def __init__(self, width: int, backbone: str = "effnet-lite0", stage: int = 2):
+        from adlib.features import cnn
+
+        super().__init__()
+        self.trunk = cnn.feature_extractor(backbone, layers=(stage,))
+        self.trunk.requires_grad_(False)
+        channels = self.trunk.net.feature_info.channels()[-1]
+        self.proj = nn.Conv2d(channels, width, 1)
+        self.register_buffer("clip_mean", torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("clip_std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def train(self, mode: bool = True) -> PretrainedStem:
+        super().train(mode)
+        self.trunk.eval()  # frozen: ImageNet's batch-norm statistics, whatever the CLIP around it does
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.trunk(x * self.clip_std + self.clip_mean)[-1])
