@@ -166,10 +166,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     # Defaults None: the tiny CLIP's toy world, adlib.features.clip.TINY_WORLD, read when the training starts.
     c.add_argument("--defect-rate", type=float, help="share of training scenes with a defect (default: TINY_WORLD's)")
-    c.add_argument("--name-defect-rate", type=float,
-                   help="share of the defective scenes whose caption names the defect (default: TINY_WORLD's)")
-    c.add_argument("--caption-world", action="store_true", help="train on adlib.data.captionworld, not the toy world")
-    c.add_argument("--no-defect-words", action="store_true", help="with --caption-world: no caption names a defect")
+    c.add_argument("--name-defect-rate", type=float, help="share of defective scenes whose caption names it (the same)")
+    c.add_argument("--world", choices=("toy", "caption", "caption-no-defect-words"), default="toy",
+                   help="the captions: adlib.data.toyworld's, or captionworld's with or without defect words")
+    c.add_argument("--stem", choices=("conv", "effnet-lite0"), default="conv",
+                   help="the ViT's patch embedding: a trained conv stem, or a frozen ImageNet CNN (a hybrid ViT)")
     c.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 was fastest on the shared 2-core build machine (2 threads oversubscribe)")
     c.add_argument("--checkpoint", help="save here after every epoch; rerun with it to resume")
@@ -340,15 +341,15 @@ def _train_clip(args: argparse.Namespace) -> None:
     world = {k: TINY_WORLD[k] if getattr(args, k) is None else getattr(args, k)
              for k in ("defect_rate", "name_defect_rate")}
     defaults = vars(_parser().parse_args(["train-clip", "--out", ""])) | {k: TINY_WORLD[k] for k in world}
-    changed = [f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")  # a flag has no value
-               for name, value in (vars(args) | world).items()
+    changed = [f"--{name.replace('_', '-')} {value}" for name, value in (vars(args) | world).items()
                if name not in ("command", "out", "checkpoint", "threads") and value != defaults[name]]
+    captions = None if args.world == "toy" else World(defect_words=args.world == "caption")
     torch.set_num_threads(args.threads)
     with contextlib.redirect_stdout(sys.stderr):  # progress on stderr: stdout is the registry entry
         meta = tiny_clip.train_tiny_clip(args.out, steps=args.steps, batch_size=args.batch_size, n_pairs=args.pairs,
                                          seed=args.seed, n_eval=args.eval, checkpoint=args.checkpoint, world=world,
-                                         caption_world=World(defect_words=not args.no_defect_words)
-                                         if args.caption_world else None, command=" ".join([TRAIN_COMMAND, *changed]))
+                                         caption_world=captions, stem={"conv": None}.get(args.stem, args.stem),
+                                         command=" ".join([TRAIN_COMMAND, *changed]))
     print(json.dumps(meta, indent=1))  # the fields of the file's entry in adlib/weights/registry.json
 
 

@@ -17,7 +17,7 @@ from adlib import cli
 from adlib.core.checksum import sha256sum
 from adlib.data import image_folders, toyworld
 from adlib.data.imageset import ImageSet
-from adlib.features import clip, clip_stems
+from adlib.features import clip, clip_parts
 from adlib.methods import clipn, winclip
 from adlib.recipes import tiny_clip
 from adlib.weights import registry
@@ -136,16 +136,16 @@ def test_conv_stem_replaces_the_patch_projection(images, tmp_path):
     cfg = dict(SMALL, conv_stem=[8, 16])
     torch.manual_seed(0)
     m = clip.build_tiny_clip(cfg).eval()
-    assert isinstance(m.visual.conv1, clip_stems.ConvStem)
+    assert isinstance(m.visual.conv1, clip_parts.ConvStem)
     glob, patches = clip.encode_images(m, images)
     assert glob.shape == (6, 16) and patches.shape == (6, (32 // 8) ** 2, 16)
     clip.save_clip(m, tmp_path / "w.safetensors", cfg)  # batch-norm buffers travel with the weights
     torch.testing.assert_close(clip.encode_images(clip.load_tiny_clip(tmp_path / "w.safetensors"), images)[0], glob,
                                atol=2e-3, rtol=0)
     with pytest.raises(ValueError, match="power-of-two"):
-        clip_stems.ConvStem(6, 16, [8])
+        clip_parts.ConvStem(6, 16, [8])
     with pytest.raises(ValueError, match="widths"):
-        clip_stems.ConvStem(8, 16, [8])
+        clip_parts.ConvStem(8, 16, [8])
 
 
 def test_shipped_tiny_clip_loads_is_small_and_knows_shapes():
@@ -163,7 +163,7 @@ def test_pretrained_stem_is_a_frozen_imagenet_cnn_that_stays_in_eval_mode(images
     torch.manual_seed(0)
     m = clip.build_tiny_clip(cfg)
     stem = m.visual.conv1
-    assert isinstance(stem, clip_stems.PretrainedStem)
+    assert isinstance(stem, clip_parts.PretrainedStem)
     assert not any(p.requires_grad for p in stem.trunk.parameters()) and stem.proj.weight.requires_grad
     m.train()
     assert not stem.trunk.training and stem.proj.training  # ImageNet's batch-norm statistics stay
@@ -176,6 +176,26 @@ def test_pretrained_stem_is_a_frozen_imagenet_cnn_that_stays_in_eval_mode(images
     clip.save_clip(m, tmp_path / "w.safetensors", cfg)
     torch.testing.assert_close(clip.encode_images(clip.load_tiny_clip(tmp_path / "w.safetensors"), images)[0], glob,
                                atol=2e-3, rtol=0)
+
+
+def test_a_vocabulary_table_embeds_known_texts_as_the_full_table_and_is_small(tmp_path):
+    torch.manual_seed(0)
+    full = clip.build_tiny_clip(SMALL).eval()
+    captions = ["a photo of a small red star on wood.", "the ring is blue."]
+    cut = copy.deepcopy(full)
+    config = clip.restrict_vocabulary(cut, clip.tokenize(captions, cut), SMALL)
+    known = ["a photo of a red ring.", "the star.", "a small blue star on wood."]
+    assert torch.equal(clip.encode_texts(cut, known), clip.encode_texts(full, known))
+    assert isinstance(cut.token_embedding, clip_parts.VocabularyEmbedding)
+    rows = cut.token_embedding.weight.shape[0]
+    assert config["vocabulary"] == rows - 1 == len(torch.unique(clip.tokenize(captions, cut)))
+    unknown = clip.tokenize(["dragon"], cut)[0, 1]  # an id no caption holds reads the zero row
+    assert not cut.token_embedding(unknown[None]).any()
+    clip.save_clip(cut, tmp_path / "cut.safetensors", config)
+    clip.save_clip(full, tmp_path / "full.safetensors", SMALL)
+    assert (tmp_path / "cut.safetensors").stat().st_size < 0.5 * (tmp_path / "full.safetensors").stat().st_size
+    loaded = clip.load_tiny_clip(tmp_path / "cut.safetensors")
+    torch.testing.assert_close(clip.encode_texts(loaded, known), clip.encode_texts(full, known), atol=2e-3, rtol=0)
 
 
 def _train_clip_command(out, monkeypatch, *extra: str) -> dict:
@@ -203,10 +223,12 @@ def test_train_tiny_command_smoke(tmp_path, monkeypatch):
 
 
 def test_train_tiny_command_on_the_caption_world(tmp_path, monkeypatch):
-    card = _train_clip_command(tmp_path / "tiny.safetensors", monkeypatch, "--caption-world", "--no-defect-words")
+    card = _train_clip_command(tmp_path / "tiny.safetensors", monkeypatch, "--world", "caption-no-defect-words",
+                               "--stem", "effnet-lite0")
     assert card["train"]["world"]["caption_world"]["defect_words"] is False
-    assert card["command"].endswith("--eval 10 --caption-world --no-defect-words")  # flags, no values
-    assert 0 <= card["eval"]["zero_shot_shape_accuracy"] <= 1
+    assert card["config"]["pretrained_stem"] == "effnet-lite0" and "conv_stem" not in card["config"]
+    assert card["command"].endswith("--eval 10 --world caption-no-defect-words --stem effnet-lite0")
+    assert 0 <= card["eval"]["zero_shot_shape_accuracy"] <= 1 and card["config"]["vocabulary"] < 200
 
 
 def test_tiny_clip_training_resumes_bit_exactly_after_an_interruption(tmp_path, monkeypatch):

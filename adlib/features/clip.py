@@ -37,13 +37,13 @@ import torch.nn.functional as F
 
 from adlib.core.checksum import sha256sum
 from adlib.data.imageset import ImageSet, as_image_set
-from adlib.features.clip_stems import ConvStem, PretrainedStem
+from adlib.features.clip_parts import ConvStem, PretrainedStem, VocabularyEmbedding
 
 #: The tiny CLIP: a ViT with 8 x 8 patches on 64 px images and a small causal text transformer.
 #: open_clip's BPE vocabulary (49408 tokens) is kept so the real tokenizer works unchanged.
 #: ``conv_stem``: the ViT's patch embedding is a stack of stride-2 3x3 convolutions with these widths
-#: (:class:`adlib.features.clip_stems.ConvStem`) instead of one linear patch projection; ``pretrained_stem`` instead:
-#: the first stages of a frozen ImageNet CNN of that name (:class:`adlib.features.clip_stems.PretrainedStem`).
+#: (:class:`adlib.features.clip_parts.ConvStem`) instead of one linear patch projection; ``pretrained_stem`` instead:
+#: the first stages of a frozen ImageNet CNN of that name (:class:`adlib.features.clip_parts.PretrainedStem`).
 TINY_CONFIG: dict = {
     "embed_dim": 64,
     "conv_stem": [32, 64],
@@ -64,8 +64,9 @@ def build_tiny_clip(config: dict | None = None) -> open_clip.CLIP:
     """A randomly initialised ``open_clip.CLIP`` of ``config`` (default :data:`TINY_CONFIG`).
 
     With a ``conv_stem`` entry the ViT's ``conv1`` (its patch projection) becomes a
-    :class:`adlib.features.clip_stems.ConvStem`, with ``pretrained_stem`` a
-    :class:`adlib.features.clip_stems.PretrainedStem`.
+    :class:`adlib.features.clip_parts.ConvStem`, with ``pretrained_stem`` a
+    :class:`adlib.features.clip_parts.PretrainedStem`; with ``vocabulary`` the token table is a
+    :class:`adlib.features.clip_parts.VocabularyEmbedding` of that many rows (:func:`restrict_vocabulary`).
 
     Used by: ``adlib.features.clip.load_tiny_clip``, ``adlib.recipes.tiny_clip.train_tiny_clip``.
     """
@@ -76,7 +77,22 @@ def build_tiny_clip(config: dict | None = None) -> open_clip.CLIP:
         model.visual.conv1 = ConvStem(vision["patch_size"], vision["width"], cfg["conv_stem"])
     elif cfg.get("pretrained_stem"):
         model.visual.conv1 = PretrainedStem(cfg["vision_cfg"]["width"], cfg["pretrained_stem"])
+    if cfg.get("vocabulary"):  # a table cut by restrict_vocabulary (its index comes with the weights)
+        text = cfg["text_cfg"]
+        model.token_embedding = VocabularyEmbedding(cfg["vocabulary"], text["width"], text["vocab_size"])
     return model
+
+
+def restrict_vocabulary(model: open_clip.CLIP, tokens: torch.Tensor, config: dict) -> dict:
+    """Cut ``model``'s token table down to the token ids in ``tokens`` (e.g. its training captions through
+    :func:`tokenize`), in place (a :class:`adlib.features.clip_parts.VocabularyEmbedding`), and return ``config``
+    with the ``vocabulary`` size that :func:`build_tiny_clip` needs to load it. Rows of tokens no training caption
+    holds never moved from their random start, so a text of the kept tokens embeds exactly as before.
+
+    Used by: ``adlib.recipes.tiny_clip.train_tiny_clip``.
+    """
+    model.token_embedding = VocabularyEmbedding.cut(model.token_embedding, tokens.flatten())
+    return copy.deepcopy(config) | {"vocabulary": int(model.token_embedding.weight.shape[0] - 1)}
 
 
 def context_length(model: open_clip.CLIP) -> int:

@@ -22,6 +22,7 @@ from adlib.features.clip import (
     TINY_WORLD,
     TRAIN_COMMAND,
     build_tiny_clip,
+    restrict_vocabulary,
     save_clip,
     to_tensor,
     tokenize,
@@ -44,6 +45,7 @@ def train_tiny_clip(
     config: dict | None = None,
     world: dict | None = None,
     caption_world: captionworld.World | None = None,
+    stem: str | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     command: str = TRAIN_COMMAND,
@@ -53,13 +55,17 @@ def train_tiny_clip(
     ``config``: the model (default :data:`TINY_CONFIG`; its ViT image size sets the toy images' size);
     ``world``: the toy-world settings of the captions (default :data:`TINY_WORLD`: defects rare and mostly unnamed);
     ``caption_world``: train on :mod:`adlib.data.captionworld` with these rates instead (``world`` then gives only the
-    image size), and measure the zero-shot accuracy over its twenty objects;
+    image size), and measure the zero-shot accuracy over its twenty objects; ``stem``: a frozen ImageNet CNN (a name
+    of :data:`adlib.features.backbones.BACKBONES`) as the ViT's patch embedding instead of the config's conv stem
+    (:class:`adlib.features.clip_parts.PretrainedStem`, a hybrid ViT);
     ``command``: how to rebuild the file, recorded in its metadata (the CLI passes the one of its settings);
     ``progress``: print progress lines (the loop is :func:`adlib.training.loop.fit`, an epoch of
     :func:`adlib.training.loop.steps_per_epoch` steps); ``checkpoint``: a file to save to after every epoch and resume
     from after an interruption. Pairs come from ``toyworld.sample(n_pairs, seed, **world)``;
     the learning rate warms up linearly for ``warmup`` steps, then follows a cosine to zero; the logit
-    scale is clamped at ln(100) as in CLIP. After training, zero-shot shape accuracy is measured on
+    scale is clamped at ln(100) as in CLIP. The trained token table is then cut down to the captions' tokens
+    (:func:`adlib.features.clip.restrict_vocabulary`; the rest never moved from their random start). Then zero-shot
+    shape accuracy is measured on
     ``n_eval`` held-out scenes (seed + 1) and written, with the training settings, into the file's metadata
     (:func:`adlib.features.clip.save_clip`). Returns that metadata with the file's sha256: the registry entry's fields.
 
@@ -68,6 +74,8 @@ def train_tiny_clip(
     if Path(out).exists():  # before the training, not after it
         raise FileExistsError(f"{out} exists; choose another file or delete it first.")
     config = copy.deepcopy(config or TINY_CONFIG)
+    if stem is not None:
+        config = {k: v for k, v in config.items() if k != "conv_stem"} | {"pretrained_stem": stem}
     start = time.time()
     torch.manual_seed(seed)
     model = build_tiny_clip(config)
@@ -112,6 +120,7 @@ def train_tiny_clip(
                   config={"steps": steps, "lr": lr, "warmup": warmup, "n_pairs": n_pairs}, progress=progress,
                   log_every=max(1, steps // 20 // per_epoch))
     model.eval()
+    config = restrict_vocabulary(model, tokens, config)  # the rows of the captions' tokens: about 1 % of the table
     if caption_world is None:
         held = toyworld.sample(n_eval, seed + 1, **world)
         acc = zero_shot_accuracy(model, held.images, held.classes, toyworld.SHAPES)

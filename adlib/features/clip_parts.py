@@ -1,6 +1,8 @@
-"""The patch embeddings ("stems") of the tiny CLIP's ViT: a convolutional stem trained with it, or a frozen
-ImageNet CNN (a hybrid ViT). Either replaces open_clip's ``VisionTransformer.conv1``, so the transformer blocks that
-follow, and the adapters AA-CLIP puts on them, stay the same.
+"""The parts of the tiny CLIP that open_clip does not have: the patch embeddings ("stems") of its ViT, a
+convolutional stem trained with it or a frozen ImageNet CNN (a hybrid ViT), and a token-embedding table cut down to
+the caption world's vocabulary. A stem replaces open_clip's ``VisionTransformer.conv1``, so the transformer blocks
+that follow, and the adapters AA-CLIP puts on them, stay the same; the table replaces ``CLIP.token_embedding``
+behind the same tokenizer.
 
 Used by: ``adlib.features.clip.build_tiny_clip``.
 """
@@ -11,6 +13,7 @@ from typing import Sequence
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -70,3 +73,31 @@ class PretrainedStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.trunk(x * self.clip_std + self.clip_mean)[-1])
+
+
+class VocabularyEmbedding(nn.Module):
+    """A token-embedding table of ``rows`` tokens behind open_clip's tokenizer: token ids of the full BPE
+    vocabulary (``vocab_size``) in, (..., width) embeddings out. ``index`` maps each id to its row; every id outside
+    the kept vocabulary reads the last row, zeros (an unknown token). Cut from a trained table by :meth:`cut`, a
+    text of known tokens embeds exactly as with the full table.
+
+    Used by: ``adlib.features.clip.build_tiny_clip``, ``adlib.features.clip.restrict_vocabulary``.
+    """
+
+    def __init__(self, rows: int, width: int, vocab_size: int):
+        super().__init__()
+        self.register_buffer("index", torch.full((vocab_size,), rows, dtype=torch.int16))  # rows < 2^15
+        self.weight = nn.Parameter(torch.zeros(rows + 1, width))
+
+    @classmethod
+    def cut(cls, table: nn.Embedding, ids: torch.Tensor) -> VocabularyEmbedding:
+        """The rows ``ids`` (K,) of a full ``table``, the vocabulary of the result."""
+        ids = torch.unique(ids)
+        cut = cls(len(ids), table.weight.shape[1], table.weight.shape[0])
+        cut.index[ids] = torch.arange(len(ids), dtype=torch.int16)
+        with torch.no_grad():
+            cut.weight[:-1] = table.weight[ids]
+        return cut
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(self.index[tokens].long(), self.weight)
