@@ -229,6 +229,9 @@ def test_train_tiny_command_on_the_caption_world(tmp_path, monkeypatch):
     assert card["config"]["pretrained_stem"] == "effnet-lite0" and "conv_stem" not in card["config"]
     assert card["command"].endswith("--eval 10 --world caption-no-defect-words --stem effnet-lite0")
     assert 0 <= card["eval"]["zero_shot_shape_accuracy"] <= 1 and card["config"]["vocabulary"] < 200
+    assert set(card["eval"]["tower"]) == {"held-out object accuracy", "image: global feature",
+                                          "image: max of a patch probe", "patch: inside a defect?",
+                                          "anchor cosine (normal, anomalous)", "WinCLIP image AUROC"}
 
 
 def test_tiny_clip_training_resumes_bit_exactly_after_an_interruption(tmp_path, monkeypatch):

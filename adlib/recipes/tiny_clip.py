@@ -12,22 +12,28 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 
 from adlib.data import captionworld, toyworld
+from adlib.eval import metrics
+from adlib.eval.probes import probe_aurocs
 from adlib.features.clip import (
     CLASS_TEMPLATES,
     TINY_CONFIG,
     TINY_WORLD,
     TRAIN_COMMAND,
     build_tiny_clip,
+    encode_images,
+    image_size,
     restrict_vocabulary,
     save_clip,
     to_tensor,
     tokenize,
     zero_shot_accuracy,
 )
+from adlib.methods import winclip
 from adlib.training.loop import RandomSteps, fit, steps_per_epoch
 
 
@@ -55,9 +61,9 @@ def train_tiny_clip(
     ``config``: the model (default :data:`TINY_CONFIG`; its ViT image size sets the toy images' size);
     ``world``: the toy-world settings of the captions (default :data:`TINY_WORLD`: defects rare and mostly unnamed);
     ``caption_world``: train on :mod:`adlib.data.captionworld` with these rates instead (``world`` then gives only the
-    image size), and measure the zero-shot accuracy over its twenty objects; ``stem``: a frozen ImageNet CNN (a name
-    of :data:`adlib.features.backbones.BACKBONES`) as the ViT's patch embedding instead of the config's conv stem
-    (:class:`adlib.features.clip_parts.PretrainedStem`, a hybrid ViT);
+    image size), measure the zero-shot accuracy over its twenty objects and the :func:`tower_report` (``eval.tower``);
+    ``stem``: a frozen ImageNet CNN (a name of :data:`adlib.features.backbones.BACKBONES`) as the ViT's patch
+    embedding instead of the config's conv stem (:class:`adlib.features.clip_parts.PretrainedStem`, a hybrid ViT);
     ``command``: how to rebuild the file, recorded in its metadata (the CLI passes the one of its settings);
     ``progress``: print progress lines (the loop is :func:`adlib.training.loop.fit`, an epoch of
     :func:`adlib.training.loop.steps_per_epoch` steps); ``checkpoint``: a file to save to after every epoch and resume
@@ -130,6 +136,7 @@ def train_tiny_clip(
         classes = [captionworld.OBJECTS.index(name) for name in pictures.images.objects]
         acc = zero_shot_accuracy(model, pictures.images, classes, captionworld.OBJECTS)
         world = world | {"caption_world": dataclasses.asdict(caption_world)}
+        tower = {k: round(v, 4) for k, v in tower_report(model).items()}
     meta = {
         "command": command,
         "train": {"steps": steps, "batch_size": batch_size, "n_pairs": n_pairs, "lr": lr, "weight_decay": weight_decay,
@@ -138,10 +145,39 @@ def train_tiny_clip(
                   "final_loss": round(history[-1]["loss"], 4),
                   "threads": torch.get_num_threads()},
         "eval": {"n": n_eval, "seed": seed + 1, "zero_shot_shape_accuracy": round(acc, 4),
-                 "templates": list(CLASS_TEMPLATES)},
+                 "templates": list(CLASS_TEMPLATES)} | ({} if caption_world is None else {"tower": tower}),
     }
     meta["sha256"] = save_clip(model, out, config, meta)
     if progress:
         print(f"zero-shot shape accuracy on {n_eval} held-out scenes: {acc:.3f}; saved {out} "
               f"(sha256 {meta['sha256'][:12]}...)")
     return meta
+
+
+def tower_report(model: open_clip.CLIP, n: int = 600, seed: int = 20) -> dict[str, float]:
+    """What a tiny CLIP knows about the caption world's held-out objects (AA-CLIP's test objects), on ``n`` fresh
+    ordinary photos of them (``seed``), half defective with any of the eight defects: zero-shot object accuracy
+    among all twenty objects; the linear defect probes of :func:`adlib.eval.probes.probe_aurocs` (what a tower is
+    chosen by); and AA-CLIP's premise, measured: the cosine of WinCLIP's normal and anomalous anchors and WinCLIP's
+    zero-shot image AUROC (:func:`adlib.methods.winclip.winclip_scores`), each averaged over the objects. No
+    chapter's test image is used.
+
+    Used by: ``adlib.recipes.tiny_clip.train_tiny_clip``.
+    """
+    world = captionworld.World(defect_rate=0.5, style_rate=0.0, background_rate=0.0, digit_rate=0.0)
+    held = captionworld.sample(n, seed, image_size=image_size(model), world=world,
+                               objects=captionworld.HELD_OUT_OBJECTS)
+    names = np.array(held.images.objects)
+    classes = [captionworld.OBJECTS.index(name) for name in names]
+    glob, tokens = encode_images(model, held.images)
+    cosines, aurocs = [], []
+    for name in captionworld.HELD_OUT_OBJECTS:
+        normal, anomalous = winclip.text_anchors(model, name)
+        cosines.append(float(normal @ anomalous))
+        of = np.flatnonzero(names == name)
+        aurocs.append(metrics.image_auroc(held.images.labels[of], winclip.winclip_scores(model, held.images[of],
+                                                                                         name)[0]))
+    return ({"held-out object accuracy": zero_shot_accuracy(model, held.images, classes, captionworld.OBJECTS)}
+            | probe_aurocs(glob.numpy(), tokens.numpy(), held.images.masks, seed)
+            | {"anchor cosine (normal, anomalous)": float(np.mean(cosines)),
+               "WinCLIP image AUROC": float(np.mean(aurocs))})
