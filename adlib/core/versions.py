@@ -1,4 +1,5 @@
-"""``show_versions``: printed at the end of every chapter so a result can be traced to its setup."""
+"""``show_versions``: printed at the end of every chapter so a result can be traced to its setup; ``cpu_model``:
+the CPU a run's numbers come from (bit-for-bit repeats hold on the same model only)."""
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -6,6 +7,20 @@ import platform
 
 _PACKAGES = ("adlib", "torch", "torchvision", "timm", "open_clip_torch", "numpy", "scikit-learn",
              "scikit-image", "faiss-cpu", "matplotlib")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s "model name", else what ``platform`` knows).
+
+    Used by: ``adlib.eval.scorecard.environment``, ``adlib.recipes.checkpoints.build``.
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return cpu
 
 
 def versions(profile: str | None = None, seed: int | None = None) -> dict[str, str]:

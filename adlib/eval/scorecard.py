@@ -7,6 +7,7 @@ import os
 import platform
 from typing import Any, Mapping, Sequence
 
+from adlib.core.versions import cpu_model
 from adlib.eval.claims import CAUSES, DOUBLING_SHARE, Claim, units_needed
 
 COLOURS = {"holds": "#1a7f37", "contradicted": "#cf222e", "inconclusive": "#9a6700"}
@@ -110,15 +111,9 @@ def environment() -> dict[str, Any]:
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     versions = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions()
                       if d.metadata["Name"] and d.metadata["Name"].lower() != "adlib")
-    return {"cpu": cpu, "packages": hashlib.sha256("\n".join(versions).encode()).hexdigest()[:16],
+    return {"cpu": cpu_model(), "packages": hashlib.sha256("\n".join(versions).encode()).hexdigest()[:16],
             "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
             "python": platform.python_version()}
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adlib.core.checksum import sha256sum
+from adlib.core.versions import cpu_model
 from adlib.eval.claims import TrainingRecord, training_record
 from adlib.training.loop import StepFn, fit
 from adlib.weights import registry
@@ -279,7 +280,7 @@ def build(name: str, state_file: str | Path | None = None, budget_s: float | Non
     if not trained.finished:
         return None
     run = {"epochs": len(trained.history), "seconds": round(sum(c["seconds"] for c in chunks), 1), "chunks": chunks,
-           "discarded": ""}
+           "cpu": cpu_model(), "discarded": ""}
     entry = ship(spec, trained, [run], weights_dir)
     if problems := registry_problems(weights_dir):
         raise RuntimeError("the registry is incomplete: " + "; ".join(problems))
