@@ -67,13 +67,12 @@ def train_tiny_clip(
     ``command``: how to rebuild the file, recorded in its metadata (the CLI passes the one of its settings);
     ``progress``: print progress lines (the loop is :func:`adlib.training.loop.fit`, an epoch of
     :func:`adlib.training.loop.steps_per_epoch` steps); ``checkpoint``: a file to save to after every epoch and resume
-    from after an interruption. Pairs come from ``toyworld.sample(n_pairs, seed, **world)``;
-    the learning rate warms up linearly for ``warmup`` steps, then follows a cosine to zero; the logit
+    from after an interruption. Pairs come from ``toyworld.sample(n_pairs, seed, **world)`` (or the caption world's
+    ``sample``); the learning rate warms up linearly for ``warmup`` steps, then follows a cosine to zero; the logit
     scale is clamped at ln(100) as in CLIP. The trained token table is then cut down to the captions' tokens
     (:func:`adlib.features.clip.restrict_vocabulary`; the rest never moved from their random start). Then zero-shot
-    shape accuracy is measured on
-    ``n_eval`` held-out scenes (seed + 1) and written, with the training settings, into the file's metadata
-    (:func:`adlib.features.clip.save_clip`). Returns that metadata with the file's sha256: the registry entry's fields.
+    shape accuracy is measured on ``n_eval`` held-out scenes (seed + 1) and written, with the training settings, into
+    the file's metadata (:func:`adlib.features.clip.save_clip`). Returns that metadata with the file's sha256: the registry entry's fields.
 
     Used by: ``python -m adlib train-clip``.
     """
