@@ -72,7 +72,8 @@ def train_tiny_clip(
     scale is clamped at ln(100) as in CLIP. The trained token table is then cut down to the captions' tokens
     (:func:`adlib.features.clip.restrict_vocabulary`; the rest never moved from their random start). Then zero-shot
     shape accuracy is measured on ``n_eval`` held-out scenes (seed + 1) and written, with the training settings, into
-    the file's metadata (:func:`adlib.features.clip.save_clip`). Returns that metadata with the file's sha256: the registry entry's fields.
+    the file's metadata (:func:`adlib.features.clip.save_clip`). Returns that metadata with the file's sha256: the
+    registry entry's fields.
 
     Used by: ``python -m adlib train-clip``.
     """
