@@ -6,14 +6,17 @@ Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import open_clip
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from adlib.data.imageset import ImageSet
+from adlib.eval.metrics import image_auroc
 from adlib.features.clip import encode_images, encode_texts, load_open_clip, load_tiny_clip
 from adlib.methods.base import PatchScores, ZeroShotDetector
 
@@ -74,6 +77,24 @@ def winclip_scores(model: open_clip.CLIP, images: ImageSet | np.ndarray | torch.
     side = int(round(math.sqrt(patch.shape[1])))
     maps = F.interpolate(patch.view(-1, 1, side, side), size=size, mode="bilinear", align_corners=False)
     return image_scores.numpy().astype(np.float64), maps[:, 0].numpy().astype(np.float64)
+
+
+def anomaly_awareness(model: open_clip.CLIP, images: ImageSet, objects: Sequence[str] | None = None) -> pd.DataFrame:
+    """How anomaly-aware a CLIP is, per object of ``images`` (an :class:`~adlib.data.imageset.ImageSet` with normal
+    and defective images of every object; ``objects``: their order, default as they first occur): the cosine of the
+    object's normal and anomalous WinCLIP anchors (1 = the text encoder cannot tell "a star" from "a damaged
+    star") and the zero-shot image AUROC of :func:`winclip_scores`. One row per object.
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    names = np.array(images.objects)
+    rows = {}
+    for name in dict.fromkeys(names) if objects is None else objects:
+        normal, anomalous = text_anchors(model, name)
+        of = np.flatnonzero(names == name)
+        rows[name] = {"anchor cosine (normal, anomalous)": float(normal @ anomalous),
+                      "WinCLIP image AUROC": image_auroc(images.labels[of], winclip_scores(model, images[of], name)[0])}
+    return pd.DataFrame(rows).T
 
 
 class WinCLIPDetector(ZeroShotDetector):

@@ -12,12 +12,10 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
 
 from adlib.data import captionworld, toyworld
-from adlib.eval import metrics
 from adlib.eval.probes import probe_aurocs
 from adlib.features.clip import (
     CLASS_TEMPLATES,
@@ -167,17 +165,9 @@ def tower_report(model: open_clip.CLIP, n: int = 600, seed: int = 20) -> dict[st
     world = captionworld.World(defect_rate=0.5, style_rate=0.0, background_rate=0.0, digit_rate=0.0)
     held = captionworld.sample(n, seed, image_size=image_size(model), world=world,
                                objects=captionworld.HELD_OUT_OBJECTS)
-    names = np.array(held.images.objects)
-    classes = [captionworld.OBJECTS.index(name) for name in names]
+    classes = [captionworld.OBJECTS.index(name) for name in held.images.objects]
     glob, tokens = encode_images(model, held.images)
-    cosines, aurocs = [], []
-    for name in captionworld.HELD_OUT_OBJECTS:
-        normal, anomalous = winclip.text_anchors(model, name)
-        cosines.append(float(normal @ anomalous))
-        of = np.flatnonzero(names == name)
-        aurocs.append(metrics.image_auroc(held.images.labels[of], winclip.winclip_scores(model, held.images[of],
-                                                                                         name)[0]))
+    aware = winclip.anomaly_awareness(model, held.images, captionworld.HELD_OUT_OBJECTS)
     return ({"held-out object accuracy": zero_shot_accuracy(model, held.images, classes, captionworld.OBJECTS)}
             | probe_aurocs(glob.numpy(), tokens.numpy(), held.images.masks, seed)
-            | {"anchor cosine (normal, anomalous)": float(np.mean(cosines)),
-               "WinCLIP image AUROC": float(np.mean(aurocs))})
+            | {name: float(column.mean()) for name, column in aware.items()})
