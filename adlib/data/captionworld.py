@@ -234,3 +234,15 @@ def sample(n: int, seed: int = 0, *, image_size: int = 64, world: World = World(
     labelled = ImageSet.from_uint8(images, labels=[int(p.defect != "good") for p in pictures], masks=masks,
                                    defects=[p.defect for p in pictures], objects=[p.name for p in pictures])
     return Captioned(labelled, texts, pictures)
+
+
+def inspection_photos(n: int, seed: int, objects: tuple[str, ...] = HELD_OUT_OBJECTS, image_size: int = 64
+                      ) -> ImageSet:
+    """``n`` ordinary photos of ``objects`` (no style, no distractor), half of them defective with any of the eight
+    defects: the scenes on which a CLIP's anomaly awareness is measured
+    (:func:`adlib.methods.winclip.anomaly_awareness`).
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    world = World(defect_rate=0.5, style_rate=0.0, background_rate=0.0, digit_rate=0.0)
+    return sample(n, seed, image_size=image_size, world=world, objects=objects).images

@@ -162,12 +162,10 @@ def tower_report(model: open_clip.CLIP, n: int = 600, seed: int = 20) -> dict[st
 
     Used by: ``adlib.recipes.tiny_clip.train_tiny_clip``.
     """
-    world = captionworld.World(defect_rate=0.5, style_rate=0.0, background_rate=0.0, digit_rate=0.0)
-    held = captionworld.sample(n, seed, image_size=image_size(model), world=world,
-                               objects=captionworld.HELD_OUT_OBJECTS)
-    classes = [captionworld.OBJECTS.index(name) for name in held.images.objects]
-    glob, tokens = encode_images(model, held.images)
-    aware = winclip.anomaly_awareness(model, held.images, captionworld.HELD_OUT_OBJECTS)
-    return ({"held-out object accuracy": zero_shot_accuracy(model, held.images, classes, captionworld.OBJECTS)}
-            | probe_aurocs(glob.numpy(), tokens.numpy(), held.images.masks, seed)
+    held = captionworld.inspection_photos(n, seed, image_size=image_size(model))
+    classes = [captionworld.OBJECTS.index(name) for name in held.objects]
+    glob, tokens = encode_images(model, held)
+    aware = winclip.anomaly_awareness(model, held, captionworld.HELD_OUT_OBJECTS)
+    return ({"held-out object accuracy": zero_shot_accuracy(model, held, classes, captionworld.OBJECTS)}
+            | probe_aurocs(glob.numpy(), tokens.numpy(), held.masks, seed)
             | {name: float(column.mean()) for name, column in aware.items()})
