@@ -123,13 +123,31 @@ def test_save_load_roundtrip_and_sha_check(model, tmp_path):
 
 def test_shipped_tiny_clip_is_checked_by_the_registry(monkeypatch, tmp_path):
     entry = registry.shipped_weights()[clip.TINY_CLIP]
-    assert entry["kind"] == "clip" and entry["command"] == clip.TRAIN_COMMAND
+    assert entry["kind"] == "clip" and entry["command"].startswith(clip.TRAIN_COMMAND)
     copy = tmp_path / entry["file"]
     copy.write_bytes((registry.WEIGHTS_DIR / entry["file"]).read_bytes()[:-1] + b"x")
     (tmp_path / "registry.json").write_text((registry.WEIGHTS_DIR / "registry.json").read_text())
     monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(ValueError, match="sha256 mismatch .*tiny-clip.safetensors.*train-clip"):
         clip.load_tiny_clip()
+
+
+def test_the_premise_control_differs_from_the_shipped_clip_only_in_its_captions():
+    shipped = registry.shipped_weights()
+    clip_, control = shipped[clip.TINY_CLIP], shipped[clip.TINY_CLIP_CONTROL]
+
+    def settings(entry: dict) -> tuple[dict, dict]:
+        config = {k: v for k, v in entry["config"].items() if k != "vocabulary"}  # each keeps its captions' tokens
+        train = {k: v for k, v in entry["train"].items() if k not in ("seconds", "final_loss")}
+        return config, train
+
+    (config, train), (control_config, control_train) = settings(clip_), settings(control)
+    assert config == control_config
+    assert train["world"]["caption_world"] == control_train["world"]["caption_world"] | {"defect_words": True}
+    assert not control_train["world"]["caption_world"]["defect_words"]
+    train["world"], control_train["world"] = {}, {}
+    assert train == control_train  # the same steps, batches, seed and optimiser
+    assert control["command"].endswith("--world caption-no-defect-words" + clip_["command"].split("caption")[-1])
 
 
 def test_conv_stem_replaces_the_patch_projection(images, tmp_path):
@@ -409,8 +427,8 @@ def test_no_encoder_copies_train_even_from_a_frozen_clip(model):
 
 
 def test_no_encoder_training_resumes_bit_exactly(model, tmp_path):
-    """Six steps in one go equal four steps, an interruption (other global random state, a new encoder), then
-    the rest from the checkpoint."""
+    """Six steps in one go equal one step stopped by its time budget, an interruption (other global random state, a
+    new encoder), then the rest from the checkpoint; the cosine schedule runs over all six either way."""
     data = toyworld.sample(24, seed=0, image_size=32)
     image_emb, _ = clip.encode_images(model, data.images)
     args = dict(steps=6, batch_size=8, lr=3e-3, seed=5)
@@ -422,7 +440,16 @@ def test_no_encoder_training_resumes_bit_exactly(model, tmp_path):
     whole = fresh()
     h_whole = clipn.train_no_encoder(model, whole, image_emb, data.captions, **args)
     ckpt = tmp_path / "no.pt"
-    clipn.train_no_encoder(model, fresh(), image_emb, data.captions, checkpoint=ckpt, **(args | {"steps": 4}))
+    first = clipn.train_no_encoder(model, fresh(), image_emb, data.captions, checkpoint=ckpt, budget_s=0, **args)
+    assert len(first) == 1
+    # The official optimiser: AdamW (0.9, 0.98), eps 1e-6, weight decay 0.2 on matrices only, cosine over 6 steps.
+    saved = torch.load(ckpt, weights_only=False)["state"]
+    gains, matrices = saved["optimizer"]["param_groups"]
+    assert (gains["weight_decay"], matrices["weight_decay"]) == (0.0, 0.2)
+    assert gains["betas"] == (0.9, 0.98) and gains["eps"] == 1e-6
+    named = dict(fresh().named_parameters())
+    assert len(gains["params"]) == sum(p.ndim < 2 or "ln" in n or "bias" in n for n, p in named.items())
+    assert saved["schedule"]["_last_lr"][0] == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi / 6)))
     resumed = fresh()
     torch.manual_seed(99)
     h_resumed = clipn.train_no_encoder(model, resumed, image_emb, data.captions, checkpoint=ckpt, **args)

@@ -10,6 +10,7 @@ Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Callable, Sequence
 
@@ -131,11 +132,12 @@ def train_no_encoder(
     steps: int = 300,
     batch_size: int = 128,
     lr: float = 3e-4,
-    weight_decay: float = 0.1,
+    weight_decay: float = 0.2,
     positives: Callable[[np.ndarray], torch.Tensor] | None = None,
     seed: int = 0,
     log_every: int = 0,
     checkpoint: str | os.PathLike | None = None,
+    budget_s: float | None = None,
 ) -> list[dict[str, float]]:
     """Train the "no" encoder (and its prompts) with :func:`clipn_loss`; CLIP itself is not trained (its text
     embeddings are computed without gradients) and is left as it came: its ``requires_grad`` flags are not touched.
@@ -145,8 +147,9 @@ def train_no_encoder(
     returns the (B, B) match matrix of a batch (default: the diagonal). Each step draws a random batch and a
     random prompt per caption (from :class:`adlib.training.loop.RandomSteps`' generator). The loop is
     :func:`adlib.training.loop.fit` with one step per "epoch", so the history has one dict of losses per step (with its
-    ``"epoch"`` = step number), ``log_every`` > 0 prints every that many steps, and ``checkpoint`` saves after
-    every step and resumes from the file.
+    ``"epoch"`` = step number), ``log_every`` > 0 prints every that many steps, ``checkpoint`` saves after
+    every step and resumes from the file, and ``budget_s`` (with a checkpoint) stops after that many seconds, to go
+    on with the same call. The optimiser is the official one (AdamW, cosine schedule over ``steps``; see the code).
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
@@ -156,10 +159,17 @@ def train_no_encoder(
     with torch.no_grad():
         text_emb = torch.cat([model.encode_text(tokens[i:i + 512], normalize=True) for i in range(0, len(tokens), 512)])
     scale = model.logit_scale.exp().detach()
-    # fused: one kernel per step for all parameters; the token-embedding table is most of them, and the unfused
-    # update took a third of the step on one CPU thread.
-    opt = torch.optim.AdamW([p for p in no_encoder.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
-                            fused=True)
+    # The official optimiser (src/training/main.py of xmed-lab/CLIPN): AdamW with betas (0.9, 0.98) and eps 1e-6,
+    # weight decay on matrices only (not on gains, biases or layer norms), and a cosine schedule over all steps
+    # without warm-up (run.sh leaves --warmup at 0). fused: one kernel per step for all parameters.
+    groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}  # decayed or not
+    for n, p in no_encoder.named_parameters():
+        if p.requires_grad:
+            groups[not (p.ndim < 2 or "ln" in n or "bias" in n)].append(p)
+    opt = torch.optim.AdamW([{"params": groups[False], "weight_decay": 0.0},
+                             {"params": groups[True], "weight_decay": weight_decay}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     n_prompts = no_encoder.prompts.shape[0]
 
     def step(gen: torch.Generator) -> dict[str, float]:
@@ -171,13 +181,15 @@ def train_no_encoder(
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         opt.step()
+        schedule.step()
         return {k: v.item() for k, v in parts.items()}
 
     no_encoder.train()
     try:
         return fit(step, RandomSteps(1, seed), epochs=steps, checkpoint=checkpoint,
-                   state={"no_encoder": no_encoder, "optimizer": opt}, seed=seed,
-                   config={"positives": positives is not None}, progress=log_every > 0, log_every=max(1, log_every))
+                   state={"no_encoder": no_encoder, "optimizer": opt, "schedule": schedule}, seed=seed,
+                   config={"positives": positives is not None, "steps": steps}, progress=log_every > 0,
+                   log_every=max(1, log_every), budget_s=budget_s)
     finally:
         no_encoder.eval()
 
