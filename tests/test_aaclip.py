@@ -187,6 +187,35 @@ def test_shapes_and_scores(tiny):
         scoring.anomaly_scores(model, images, "star", 3)
 
 
+def test_fused_image_score_is_the_official_metrics_eval():
+    rng = np.random.default_rng(0)
+    image_scores, maps = rng.random(6), 3 * rng.random((6, 5, 5)) - 1
+    # forward_utils.metrics_eval of the AA-CLIP code, written out: min-max over the class, then half and half
+    pixel = (maps - maps.min()) / (maps.max() - maps.min())
+    image = (image_scores - image_scores.min()) / (image_scores.max() - image_scores.min())
+    official = 0.5 * pixel.max(axis=(1, 2)) + 0.5 * image
+    np.testing.assert_allclose(scoring.fused_image_scores(image_scores, maps), official, rtol=0, atol=1e-12)
+    wider = scoring.ScoreRange((-1.0, 3.0), (-2.0, 6.0))  # other statistics: the same rule, other ranges
+    np.testing.assert_allclose(scoring.fused_image_scores(image_scores, maps, wider),
+                               0.5 * (maps.max(axis=(1, 2)) + 2) / 8 + 0.5 * (image_scores + 1) / 4, atol=1e-12)
+
+
+def test_fused_scorer_takes_its_ranges_from_the_reference_normal_images_only(tiny):
+    model = make_model(tiny)
+    rng = np.random.default_rng(1)
+    test = ImageSet(rng.random((4, 3, 32, 32), dtype=np.float32), objects=["star"] * 4)
+    reference = ImageSet(rng.random((4, 3, 32, 32), dtype=np.float32), labels=[0, 0, 0, 1],
+                         objects=["ring", "ring", "star", "star"])
+    got, maps = scoring.fused_scorer(model, 2, reference)(test, "star")
+    parts = [scoring.anomaly_scores(model, reference[idx], name) for idx, name in (([0, 1], "ring"), ([2], "star"))]
+    ranges = scoring.ScoreRange.of(np.concatenate([a for a, _ in parts]), np.concatenate([m for _, m in parts]))
+    raw, raw_maps = scoring.anomaly_scores(model, test, "star")
+    np.testing.assert_array_equal(maps, raw_maps)
+    np.testing.assert_allclose(got, scoring.fused_image_scores(raw, raw_maps, ranges), atol=1e-12)
+    own = scoring.fused_scorer(model, 2, None)(test, "star")[0]  # the official code's test-set statistics
+    np.testing.assert_allclose(own, scoring.fused_image_scores(raw, raw_maps), atol=1e-12)
+
+
 def test_bad_configuration(tiny):
     with pytest.raises(ValueError, match="levels"):
         adapters.AACLIP(tiny, 1, 1, levels=(4,))

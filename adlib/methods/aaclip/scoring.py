@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -93,6 +93,58 @@ def anomaly_scores(
         maps.append(torch.stack([_anomaly_map(p, anchors, scale, size, sigma) for p in levels]).sum(0))
         scores.append((image @ anchors[1] + 1) / 2)
     return torch.cat(scores).cpu().double().numpy(), torch.cat(maps).cpu().double().numpy()
+
+
+class ScoreRange(NamedTuple):
+    """The (min, max) of detection scores and of map values that :func:`fused_image_scores` normalises with."""
+
+    image: tuple[float, float]
+    pixel: tuple[float, float]
+
+    @classmethod
+    def of(cls, image_scores: np.ndarray, maps: np.ndarray) -> ScoreRange:
+        """The range of (N,) detection scores and (N, H, W) maps."""
+        return cls((float(image_scores.min()), float(image_scores.max())), (float(maps.min()), float(maps.max())))
+
+
+def fused_image_scores(image_scores: np.ndarray, maps: np.ndarray, reference: ScoreRange | None = None
+                       ) -> np.ndarray:
+    """The official image score (``metrics_eval`` in ``forward_utils.py`` of the AA-CLIP code, industrial data):
+    0.5 x the maximum of the min-max normalised map + 0.5 x the min-max normalised detection score, from
+    :func:`anomaly_scores`' ((N,) image scores, (N, H, W) maps). ``reference``: the ranges to normalise with; None
+    takes them from these images, as the official code does with each test class (test-set statistics).
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    (i_lo, i_hi), (p_lo, p_hi) = reference or ScoreRange.of(image_scores, maps)
+    peaks = (maps.reshape(len(maps), -1).max(axis=1) - p_lo) / max(p_hi - p_lo, 1e-12)
+    return 0.5 * peaks + 0.5 * (image_scores - i_lo) / max(i_hi - i_lo, 1e-12)
+
+
+def fused_scorer(model: AACLIP, stage: int, reference: ImageSet | None, *, sigma: float = 1.0,
+                 adapted_anchors: bool = True) -> Callable[[ImageSet, str], tuple[np.ndarray, np.ndarray]]:
+    """A scorer for :func:`adlib.eval.tables.per_object`: ``(images, object name) -> (fused image scores, maps)``,
+    :func:`anomaly_scores` with the image score of :func:`fused_image_scores`. ``reference``: a set whose *normal*
+    images (each scored with its own object's name) give the normalising ranges, e.g. the training objects', so no
+    test statistic enters; None normalises with each scored set's own range, as the official code.
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    def score(images: ImageSet, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return anomaly_scores(model, images, name, stage, sigma=sigma, adapted_anchors=adapted_anchors)
+
+    fixed = None
+    if reference is not None:
+        normal = reference[reference.labels == 0]
+        names = np.array(normal.objects)
+        parts = [score(normal[names == name], name) for name in dict.fromkeys(normal.objects)]
+        fixed = ScoreRange.of(np.concatenate([s for s, _ in parts]), np.concatenate([m for _, m in parts]))
+
+    def scored(images: ImageSet, name: str) -> tuple[np.ndarray, np.ndarray]:
+        image_scores, maps = score(images, name)
+        return fused_image_scores(image_scores, maps, fixed), maps
+
+    return scored
 
 
 def anchor_similarity(model: AACLIP, object_names: Sequence[str], adapt: bool = True) -> np.ndarray:
