@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from adlib.data.imageset import ImageSet
 from adlib.features import clip
@@ -141,7 +142,7 @@ def test_prompts_as_official_code():
 
 
 def test_unadapted_paths_equal_clip(tiny):
-    model = make_model(tiny, text_adapt_until=0, image_adapt_until=0, levels=(3,))
+    model = make_model(tiny, text_adapt_until=0, image_adapt_until=0, levels=(3,), copy_projections=True)
     tokens = clip.tokenize(["a photo of a star.", "a broken ring."], tiny)
     torch.testing.assert_close(model.encode_text(tokens, adapt=False), tiny.encode_text(tokens, normalize=True))
     # no adapters + projection copied from CLIP = CLIP's own text embedding
@@ -149,6 +150,21 @@ def test_unadapted_paths_equal_clip(tiny):
     images = torch.randn(2, 3, 32, 32)  # as if normalised by clip.to_tensor
     patches, _ = model.encode_image(images)
     torch.testing.assert_close(patches[0], clip.encode_normalised(tiny, images)[1])
+
+
+def test_projections_are_the_official_simple_proj_unless_copied(tiny):
+    model = make_model(tiny)
+    x = torch.randn(4, tiny.transformer.width)
+    # text: Linear (no bias, Xavier start) + LeakyReLU; image: linear, as the official code without --relu
+    torch.testing.assert_close(model.text_proj(x), F.leaky_relu(x @ model.text_proj.weight.T))
+    torch.testing.assert_close(model.det_proj(x), x @ model.det_proj.weight.T)
+    assert model.text_proj.bias is None and not model.seg_proj[0].relu
+    bound = (6 / sum(model.text_proj.weight.shape)) ** 0.5  # xavier_uniform's bound
+    assert model.text_proj.weight.abs().max() <= bound
+    assert not torch.allclose(model.text_proj.weight, tiny.text_projection.T)
+    copied = make_model(tiny, copy_projections=True)
+    torch.testing.assert_close(copied.text_proj.weight, tiny.text_projection.T)
+    torch.testing.assert_close(copied.det_proj.weight, tiny.visual.proj.T)
 
 
 def test_shapes_and_scores(tiny):

@@ -87,12 +87,30 @@ class Adapter(nn.Module):
         return F.leaky_relu(self.fc(x))
 
 
-def _linear_from(proj: torch.Tensor | nn.Linear) -> nn.Linear:
-    """A trainable bias-free copy of a CLIP projection (a (C, D) matrix used as ``x @ proj``, or a Linear)."""
-    weight = proj.weight if isinstance(proj, nn.Linear) else proj.T
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    layer.weight.data.copy_(weight.detach())
-    return layer
+class Projection(nn.Linear):
+    """The official ``SimpleProj``: a bias-free linear layer from a Xavier-uniform start, then a LeakyReLU if
+    ``relu`` (the official text projection has it; the image projections, trained without ``--relu``, do not).
+    (..., C_in) -> (..., C_out).
+
+    Used by: ``adlib.methods.aaclip.adapters.AACLIP``.
+    """
+
+    def __init__(self, c_in: int, c_out: int, relu: bool) -> None:
+        super().__init__(c_in, c_out, bias=False)
+        nn.init.xavier_uniform_(self.weight)
+        self.relu = relu
+
+    @classmethod
+    def copy_of(cls, proj: torch.Tensor | nn.Linear) -> Projection:
+        """A trainable linear copy of a CLIP projection (a (C, D) matrix used as ``x @ proj``, or a Linear)."""
+        weight = proj.weight if isinstance(proj, nn.Linear) else proj.T
+        layer = cls(weight.shape[1], weight.shape[0], relu=False)
+        layer.weight.data.copy_(weight.detach())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return F.leaky_relu(y) if self.relu else y
 
 
 class AACLIP(nn.Module):
@@ -104,9 +122,9 @@ class AACLIP(nn.Module):
     (segmentation); a separate projection of the last level, averaged over patches, is the image-level
     ("detection") feature. Defaults are the paper's for ViT-L-14 (24 image and 12 text blocks).
 
-    One deliberate change from the official code: the trainable projections start as copies of CLIP's
-    own projections (the official code draws them at random), so both stages start from CLIP's joint
-    space; with the book's few hundred training steps that start matters.
+    The trainable projections are the official ones (:class:`Projection`, from a random start);
+    ``copy_projections=True`` starts them instead as linear copies of CLIP's own projections, so both stages start
+    from CLIP's joint space (an earlier version of the book did that).
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
@@ -119,6 +137,7 @@ class AACLIP(nn.Module):
         levels: Sequence[int] = (6, 12, 18, 24),
         text_adapt_weight: float = 0.1,
         image_adapt_weight: float = 0.1,
+        copy_projections: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(clip, open_clip.CLIP) or not hasattr(clip.visual, "_embeds"):
@@ -138,10 +157,16 @@ class AACLIP(nn.Module):
         self.levels, self.text_lam, self.image_lam = levels, text_adapt_weight, image_adapt_weight
         width_t, width_v = clip.transformer.width, clip.visual.transformer.width
         self.text_adapters = nn.ModuleList(Adapter(width_t) for _ in range(text_adapt_until))
-        self.text_proj = _linear_from(clip.text_projection)
         self.image_adapters = nn.ModuleList(Adapter(width_v) for _ in range(image_adapt_until))
-        self.seg_proj = nn.ModuleList(_linear_from(clip.visual.proj) for _ in levels)
-        self.det_proj = _linear_from(clip.visual.proj)
+        if copy_projections:
+            self.text_proj = Projection.copy_of(clip.text_projection)
+            self.seg_proj = nn.ModuleList(Projection.copy_of(clip.visual.proj) for _ in levels)
+            self.det_proj = Projection.copy_of(clip.visual.proj)
+        else:
+            dim = clip.visual.proj.shape[1]
+            self.text_proj = Projection(width_t, dim, relu=True)
+            self.seg_proj = nn.ModuleList(Projection(width_v, dim, relu=False) for _ in levels)
+            self.det_proj = Projection(width_v, dim, relu=False)
 
     def train(self, mode: bool = True) -> "AACLIP":
         super().train(mode)
