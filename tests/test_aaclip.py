@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -230,6 +231,32 @@ def test_fused_scorer_takes_its_ranges_from_the_reference_normal_images_only(tin
     np.testing.assert_allclose(got, scoring.fused_image_scores(raw, raw_maps, ranges), atol=1e-12)
     own = scoring.fused_scorer(model, 2, None)(test, "star")[0]  # the official code's test-set statistics
     np.testing.assert_allclose(own, scoring.fused_image_scores(raw, raw_maps), atol=1e-12)
+
+
+def test_augmentation_moves_image_and_mask_together_as_the_official_code():
+    images = torch.full((40, 3, 16, 16), 0.2)
+    masks = torch.zeros(40, 16, 16)
+    images[:, :, 3, 5] = 1.0  # one white pixel, and the mask on it
+    masks[:, 3, 5] = 1.0
+    torch.manual_seed(0)
+    out, out_masks = training.augment(images, masks, colour=False)
+    assert out.shape == images.shape and out_masks.shape == masks.shape
+    assert set(out_masks.unique().tolist()) <= {0.0, 1.0}  # nearest-neighbour: still a mask
+    moved = 0
+    for x, m in zip(out, out_masks):
+        assert torch.equal(x[0] == 1.0, m == 1.0)  # wherever the pixel went, its mask went
+        moved += int(m[3, 5] != 1.0)
+        # uncovered pixels take CLIP's mean colour (0 after CLIP's normalisation, as the official code's fill)
+        uncovered = (x[0] != 0.2) & (x[0] != 1.0)
+        if uncovered.any():
+            torch.testing.assert_close(x[:, uncovered].T[0], torch.tensor(open_clip.OPENAI_DATASET_MEAN))
+    assert 20 < moved < 40  # flips and moves happen often, but not always
+    torch.manual_seed(0)
+    again = training.augment(images, masks, colour=False)
+    assert torch.equal(again[0], out) and torch.equal(again[1], out_masks)
+    torch.manual_seed(1)
+    jittered, _ = training.augment(images, masks, colour=True)
+    assert (jittered.amax((1, 2, 3)) != 1.0).any()  # colour jitter changes the white pixel in some images
 
 
 def test_bad_configuration(tiny):

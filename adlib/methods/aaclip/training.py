@@ -5,8 +5,10 @@ import os
 from typing import Callable, Iterable
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
+from torchvision import transforms
 
 from adlib.data.imageset import ImageSet
 from adlib.features.clip import image_size, to_tensor
@@ -28,17 +30,40 @@ def _check_training_data(train: ImageSet) -> None:
                          f"{'missing' if train.masks is None else 'given'}, objects {sorted(set(train.objects))}).")
 
 
-def _batch_images(model: AACLIP, train: ImageSet, idx: np.ndarray) -> torch.Tensor:
-    """(B, 3, S, S) images of one batch through CLIP's preprocessing, on the model's device.
+def augment(images: torch.Tensor, masks: torch.Tensor, colour: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official training augmentation (``dataset/__init__.py`` of the AA-CLIP code), image by image:
+    with ``colour`` (stage 2), brightness, contrast and saturation jitter of up to 50 %, each with probability 0.7;
+    then, on the image and its mask together, a rotation by up to 30 degrees and a translation by up to 15 % (each
+    with probability 0.5) and horizontal and vertical flips (0.5 each), nearest-neighbour. The official code moves
+    the CLIP-normalised image, so uncovered pixels take CLIP's mean colour; so do they here.
+
+    ``images`` (B, 3, H, W) in [0, 1] and ``masks`` (B, H, W) -> the same shapes. Draws from torch's global
+    generator, which :func:`adlib.training.loop.fit` seeds and checkpoints.
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    fill = [*open_clip.OPENAI_DATASET_MEAN, 0.0]
+    geometric = transforms.Compose([
+        transforms.RandomApply([transforms.RandomRotation(30, fill=fill)], p=0.5),
+        transforms.RandomApply([transforms.RandomAffine(0, translate=(0.15, 0.15), fill=fill)], p=0.5),
+        transforms.RandomHorizontalFlip(0.5), transforms.RandomVerticalFlip(0.5)])
+    jitter = transforms.Compose([transforms.RandomApply([transforms.ColorJitter(**{k: 0.5})], p=0.7)
+                                 for k in ("brightness", "contrast", "saturation")])
+    out = [geometric(torch.cat([jitter(x) if colour else x, m[None]])) for x, m in zip(images, masks.float())]
+    return torch.stack([o[:3] for o in out]), torch.stack([o[3] for o in out])
+
+
+def _batch(model: AACLIP, train: ImageSet, idx: np.ndarray, colour: bool | None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch on the model's device: ((B, 3, S, S) images through CLIP's preprocessing, (B, H, W) float masks,
+    (B,) int64 labels); ``colour`` None: as they are, else through :func:`augment` (``colour``: with colour jitter).
 
     Preprocessing per batch keeps a large training set (VisA at 518 px) from being converted all at once."""
-    return to_tensor(train.images[idx], image_size(model.clip)).to(model.text_proj.weight.device)
-
-
-def _batch_targets(model: AACLIP, train: ImageSet, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, H, W) float masks and (B,) int64 labels of one batch on the model's device."""
     device = model.text_proj.weight.device
-    return (torch.as_tensor(train.masks[idx]).float().to(device),
+    images, masks = torch.as_tensor(train.images[idx]).float(), torch.as_tensor(train.masks[idx]).float()
+    if colour is not None:
+        images, masks = augment(images, masks, colour)
+    return (to_tensor(images, image_size(model.clip)).to(device), masks.to(device),
             torch.as_tensor(train.labels[idx]).long().to(device))
 
 
@@ -51,6 +76,7 @@ def train_text_adapters(
     batch_size: int = 16,
     disentangle_weight: float = 0.1,
     image_loss: bool = False,
+    augmentation: bool = True,
     feature_cache_bytes: int = 2**30,
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
@@ -65,22 +91,19 @@ def train_text_adapters(
     (patch + class) features against the anchors (last layer) and ``disentangle_weight`` times the disentangle loss;
     ``image_loss=True`` adds the image-level cross-entropy of the class embedding against the two anchors that
     the paper's text describes. Adam with betas (0.5, 0.999); the defaults are the official code's values.
-    The frozen image features are computed once when all of them fit in ``feature_cache_bytes`` (the toy world's),
-    else per batch (VisA at 518 px): the image tower is frozen and stage 1 has no augmentation, so both give the
-    same features.
+    ``augmentation``: the official geometric augmentation of :func:`augment` (no colour jitter in stage 1), so the
+    frozen image features are computed per batch; without it they are computed once when all of them fit in
+    ``feature_cache_bytes`` (the toy world's), else per batch (VisA at 518 px).
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     _check_training_data(train)
     scale, size, names = model.logit_scale, train.masks.shape[-1], train.objects
-    frozen = _frozen_features_once(model, train, feature_cache_bytes)
+    frozen = None if augmentation else _frozen_features_once(model, train, feature_cache_bytes)
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
-        mask, label = _batch_targets(model, train, idx)
-        if frozen is None:
-            patches, image_emb = model.frozen_features(_batch_images(model, train, idx))
-        else:
-            patches, image_emb = frozen[0][idx], frozen[1][idx]
+        images, mask, label = _batch(model, train, idx, False if augmentation else None)
+        patches, image_emb = model.frozen_features(images) if frozen is None else (frozen[0][idx], frozen[1][idx])
         batch_names = [names[i] for i in idx]
         per_name = {n: model.anchors(n) for n in dict.fromkeys(batch_names)}
         anchors = torch.stack([per_name[n] for n in batch_names])  # (B, 2, D)
@@ -91,18 +114,18 @@ def train_text_adapters(
         return loss + disentangle_weight * disentangle_loss(anchors)
 
     return _train_epochs(model, model.text_parameters(), batch_loss, len(train), epochs, lr, batch_size, seed,
-                         f"text adapters (image loss {image_loss}, disentangle {disentangle_weight})", checkpoint,
-                         progress)
+                         f"text adapters (image loss {image_loss}, disentangle {disentangle_weight}, augmentation "
+                         f"{augmentation})", checkpoint, progress)
 
 
 def _frozen_features_once(model: AACLIP, train: ImageSet, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Stage 1's frozen (patch + class, class) features of every training image, or None when they exceed
     ``max_bytes`` (measured on the first image)."""
     n = len(train)
-    first, _ = model.frozen_features(_batch_images(model, train, np.arange(1)))
+    first, _ = model.frozen_features(_batch(model, train, np.arange(1), None)[0])
     if n * first.numel() * first.element_size() > max_bytes:
         return None
-    parts = [model.frozen_features(_batch_images(model, train, np.arange(i, min(i + 256, n))))
+    parts = [model.frozen_features(_batch(model, train, np.arange(i, min(i + 256, n)), None)[0])
              for i in range(0, n, 256)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -116,6 +139,7 @@ def train_image_adapters(
     batch_size: int = 2,
     seed: int = 0,
     adapted_anchors: bool = True,
+    augmentation: bool = True,
     checkpoint: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> list[dict[str, float]]:
@@ -124,7 +148,8 @@ def train_image_adapters(
     ``train`` as :func:`train_text_adapters`. The anchors (stage-1 text encoder; with ``adapted_anchors=False``
     plain CLIP's, the ablation "stage 2 alone") are computed once, without gradients. Loss, as the official
     code: cross-entropy of the detection feature's inner products with the anchors (no temperature) plus the
-    segmentation loss of every level's patch features.
+    segmentation loss of every level's patch features. ``augmentation``: the official one, :func:`augment` with
+    colour jitter.
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
@@ -136,15 +161,15 @@ def train_image_adapters(
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
         anchors = torch.stack([per_name[names[i]] for i in idx])
-        mask, label = _batch_targets(model, train, idx)
-        patches, image_feat = model.encode_image(_batch_images(model, train, idx))
+        images, mask, label = _batch(model, train, idx, True if augmentation else None)
+        patches, image_feat = model.encode_image(images)
         loss = F.cross_entropy(torch.einsum("nd,nkd->nk", image_feat, anchors), label)
         for level in patches:
             loss = loss + segmentation_loss(similarity_probs(level, anchors, scale, size), mask)
         return loss
 
     return _train_epochs(model, model.image_parameters(), batch_loss, len(train), epochs, lr, batch_size, seed,
-                         "image adapters", checkpoint, progress)
+                         f"image adapters (augmentation {augmentation})", checkpoint, progress)
 
 
 def _train_epochs(model: AACLIP, parameters: Iterable[torch.nn.Parameter],
