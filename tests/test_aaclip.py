@@ -259,6 +259,17 @@ def test_augmentation_moves_image_and_mask_together_as_the_official_code():
     assert (jittered.amax((1, 2, 3)) != 1.0).any()  # colour jitter changes the white pixel in some images
 
 
+def test_object_predictions_of_plain_clip_are_clips_zero_shot_classifier(tiny):
+    model = make_model(tiny)
+    images = ImageSet(np.random.default_rng(2).random((7, 3, 32, 32), dtype=np.float32))
+    names = ["star", "ring", "moon"]
+    plain = scoring.object_predictions(model, images, names, adapt=False, batch_size=3)
+    image_emb, _ = clip.encode_images(tiny, images)
+    np.testing.assert_array_equal(plain, (image_emb @ clip.class_embeddings(tiny, names).T).argmax(1).numpy())
+    adapted = scoring.object_predictions(model, images, names)
+    assert adapted.shape == (7,) and set(adapted.tolist()) <= {0, 1, 2}
+
+
 def test_bad_configuration(tiny):
     with pytest.raises(ValueError, match="levels"):
         adapters.AACLIP(tiny, 1, 1, levels=(4,))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 from adlib.data.imageset import ImageSet
-from adlib.features.clip import image_size, to_tensor
+from adlib.features.clip import class_embeddings, image_size, to_tensor, tokenize
 from adlib.methods.aaclip.adapters import AACLIP
 
 
@@ -145,6 +145,30 @@ def fused_scorer(model: AACLIP, stage: int, reference: ImageSet | None, *, sigma
         return fused_image_scores(image_scores, maps, fixed), maps
 
     return scored
+
+
+def object_predictions(model: AACLIP, images: ImageSet, names: Sequence[str], adapt: bool = True,
+                       batch_size: int = 64) -> np.ndarray:
+    """Zero-shot object classification of ``images`` among ``names`` (CLIP's class templates): (N,) indices into
+    ``names``. ``adapt=True`` reads both adapted encoders (the text adapters and projection, and the adapted image
+    encoder's detection feature), ``adapt=False`` plain CLIP. AA-CLIP's residual design should keep what CLIP knows
+    about objects, so the two should agree about as often as CLIP is right.
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    model.eval()
+    device = model.text_proj.weight.device
+
+    def encode(texts: Sequence[str]) -> torch.Tensor:
+        return model.encode_text(tokenize(list(texts), model.clip).to(device), adapt)
+
+    with torch.no_grad():
+        classes = class_embeddings(model.clip, names, encode=encode)
+        feats = []
+        for i in range(0, len(images), batch_size):
+            batch = to_tensor(images.images[i:i + batch_size], image_size(model.clip)).to(device)
+            feats.append(model.encode_image(batch)[1] if adapt else model.frozen_features(batch)[1])
+    return (F.normalize(torch.cat(feats), dim=-1) @ classes.T).argmax(1).cpu().numpy()
 
 
 def anchor_similarity(model: AACLIP, object_names: Sequence[str], adapt: bool = True) -> np.ndarray:
