@@ -51,6 +51,8 @@ TINY_CONFIG: dict = {
     "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
 TINY_CLIP = "tiny-clip"  # its name in the weights registry
+#: The premise's control (chapter 10): the same training on captions that never name a defect.
+TINY_CLIP_CONTROL = "tiny-clip-no-defect-words"
 TRAIN_COMMAND = "python -m adlib train-clip --out adlib/weights/tiny-clip.safetensors"
 FORMAT = "adlib-tiny-clip/1"
 #: Toy-world settings of the tiny CLIP's training captions: defects rare (10 %) and mostly unnamed (10 % of those).
