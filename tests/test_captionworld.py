@@ -97,3 +97,16 @@ def test_bad_input_is_rejected():
         cw.sample(2, objects=("dragon",))
     with pytest.raises(ValueError, match="image_size"):
         cw.sample(2, image_size=8)
+
+
+def test_labelled_set_is_ordered_deterministic_and_masked():
+    s = cw.labelled_set(("pentagon", "house"), 2, 1, seed=4, defects=cw.UNSEEN_DEFECTS, image_size=32)
+    assert len(s) == 2 * (2 + len(cw.UNSEEN_DEFECTS))
+    assert s.objects == ("pentagon",) * 6 + ("house",) * 6
+    assert s.defects[:6] == ("good", "good", *cw.UNSEEN_DEFECTS)
+    np.testing.assert_array_equal(s.labels, [d != "good" for d in s.defects])
+    np.testing.assert_array_equal(s.masks.any(axis=(1, 2)), s.labels == 1)  # every defect drawn, none elsewhere
+    more = cw.labelled_set(("pentagon",), 3, 2, seed=4, defects=cw.UNSEEN_DEFECTS, image_size=32)
+    np.testing.assert_array_equal(more.images[[0, 1, 3, 5, 7, 9]], s.images[:6])  # picture i of a state is fixed
+    with pytest.raises(ValueError, match="Unknown"):
+        cw.labelled_set(("teapot",), 1, 1, seed=0)

@@ -246,3 +246,32 @@ def inspection_photos(n: int, seed: int, objects: tuple[str, ...] = HELD_OUT_OBJ
     """
     world = World(defect_rate=0.5, style_rate=0.0, background_rate=0.0, digit_rate=0.0)
     return sample(n, seed, image_size=image_size, world=world, objects=objects).images
+
+
+def labelled_set(objects: tuple[str, ...], n_good: int, n_per_defect: int, seed: int,
+                 defects: tuple[str, ...] = DEFECTS, image_size: int = 64) -> ImageSet:
+    """``n_good`` intact photos and ``n_per_defect`` of every defect in ``defects`` of each object (ordinary
+    photos: no style, random colour, size and background), in that order: an AA-CLIP training or test set. Picture
+    ``i`` of (object, state) depends only on ``seed``, the object, the state and ``i``.
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    bad = [name for name in (*objects, *defects) if name not in (*OBJECTS, *DEFECTS)]
+    if bad or not objects:
+        raise ValueError(f"Unknown or no objects or defects {bad or list(objects)}; objects come from "
+                         f"{list(OBJECTS)}, defects from {list(DEFECTS)}.")
+    states = ("good",) + DEFECTS
+    images, masks, pictures = [], [], []
+    for name in objects:
+        for defect, n in [("good", n_good)] + [(d, n_per_defect) for d in defects]:
+            for i in range(n):
+                rng = np.random.default_rng([seed, OBJECTS.index(name), states.index(defect), i])
+                picture = Picture("object", name, _pick(rng, tuple(COLOURS)), _pick(rng, SIZES),
+                                  _pick(rng, drawing.BACKGROUNDS), defect, "")
+                image, mask = render(picture, image_size, rng)
+                images.append(np.round(image * 255).astype(np.uint8))
+                masks.append(mask)
+                pictures.append(picture)
+    return ImageSet.from_uint8(np.stack(images), labels=[int(p.defect != "good") for p in pictures],
+                               masks=np.stack(masks), defects=[p.defect for p in pictures],
+                               objects=[p.name for p in pictures])
