@@ -45,7 +45,7 @@ _TEMPLATES = ("a photo of a {size} {colour} {shape} on {bg}.", "a photo of a {co
 class Scene(NamedTuple):
     """What a toy image shows; ``defect`` is ``"good"`` for an intact object.
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Used by: ``adlib.data.toyworld.sample``.
     """
 
     shape: str
@@ -86,7 +86,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> tuple[np.ndarra
 def caption(scene: Scene, rng: np.random.Generator, name_defect: bool = False) -> str:
     """One caption from the grammar; the defect is named (``"a cracked red star"``) only if asked.
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Used by: ``adlib.data.toyworld.sample``.
     """
     text = _TEMPLATES[rng.integers(len(_TEMPLATES))].format(
         size=scene.size, colour=scene.colour, shape=scene.shape, bg=_BG_PHRASE[scene.background])
@@ -197,7 +197,7 @@ def labelled_set(shapes: Sequence[str], n_good: int, n_per_defect: int, seed: in
     """``n_good`` intact and ``n_per_defect`` images of every defect of each shape (good first, then :data:`DEFECTS`):
     the :func:`scenes_of` sets joined, the pictures :func:`export_mvtec` writes as one shape's test split.
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     shapes = _check_names(shapes, SHAPES, "shapes")
     return ImageSet.concat([scenes_of(shape, defect, n, seed, image_size) for shape in shapes

@@ -96,7 +96,10 @@ def anomaly_scores(
 
 
 class ScoreRange(NamedTuple):
-    """The (min, max) of detection scores and of map values that :func:`fused_image_scores` normalises with."""
+    """The (min, max) of detection scores and of map values that :func:`fused_image_scores` normalises with.
+
+    Used by: ``adlib.methods.aaclip.scoring.fused_image_scores``.
+    """
 
     image: tuple[float, float]
     pixel: tuple[float, float]
@@ -114,7 +117,7 @@ def fused_image_scores(image_scores: np.ndarray, maps: np.ndarray, reference: Sc
     :func:`anomaly_scores`' ((N,) image scores, (N, H, W) maps). ``reference``: the ranges to normalise with; None
     takes them from these images, as the official code does with each test class (test-set statistics).
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Used by: ``adlib.methods.aaclip.scoring.fused_scorer``.
     """
     (i_lo, i_hi), (p_lo, p_hi) = reference or ScoreRange.of(image_scores, maps)
     peaks = (maps.reshape(len(maps), -1).max(axis=1) - p_lo) / max(p_hi - p_lo, 1e-12)
