@@ -11,6 +11,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from sklearn.metrics import roc_auc_score
 
 from adlib import cli
@@ -192,8 +193,13 @@ def test_pretrained_stem_is_a_frozen_imagenet_cnn_that_stays_in_eval_mode(images
     assert stem(x).shape == (6, 32, 4, 4)  # stride 8, the patch size
     glob, patches = clip.encode_images(m.eval(), images)
     clip.save_clip(m, tmp_path / "w.safetensors", cfg)
-    torch.testing.assert_close(clip.encode_images(clip.load_tiny_clip(tmp_path / "w.safetensors"), images)[0], glob,
-                               atol=2e-3, rtol=0)
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        assert not any(k.startswith(clip.FROZEN_TRUNK) for k in f.keys())  # the package's ImageNet weights
+    loaded = clip.load_tiny_clip(tmp_path / "w.safetensors")
+    for k, v in m.state_dict().items():
+        if k.startswith(clip.FROZEN_TRUNK):
+            assert torch.equal(loaded.state_dict()[k], v), k  # the exact fp32 trunk, not an fp16 copy
+    torch.testing.assert_close(clip.encode_images(loaded, images)[0], glob, atol=2e-3, rtol=0)
 
 
 def test_a_vocabulary_table_embeds_known_texts_as_the_full_table_and_is_small(tmp_path):
