@@ -270,6 +270,24 @@ def test_object_predictions_of_plain_clip_are_clips_zero_shot_classifier(tiny):
     assert adapted.shape == (7,) and set(adapted.tolist()) <= {0, 1, 2}
 
 
+def test_stage1_with_cached_augmented_views_trains_repeatably(tiny):
+    rng = np.random.default_rng(3)
+    masks = np.zeros((6, 40, 40), bool)
+    masks[3:, 10:20, 10:20] = True
+    data = ImageSet(rng.random((6, 3, 40, 40), dtype=np.float32), labels=[0, 0, 0, 1, 1, 1], masks=masks,
+                    objects=["star", "ring"] * 3)
+    args = dict(epochs=2, lr=1e-3, batch_size=4, cached_views=3, seed=2)
+    first = training.train_text_adapters(make_model(tiny), data, **args)
+    again = training.train_text_adapters(make_model(tiny), data, **args)
+    assert first == again and len(first) == 2 and np.isfinite(first[-1]["loss"])
+    model = make_model(tiny)
+    state = torch.get_rng_state()
+    views = training._frozen_views(model, data, 3, seed=2)
+    assert torch.equal(state, torch.get_rng_state())  # drawn aside, the caller's generator untouched
+    assert [v.shape[:2] for v in views] == [(3, 6)] * 3 and not torch.equal(views[0][0], views[0][1])
+    assert torch.equal(views[2][:, :3], torch.zeros_like(views[2][:, :3]))  # normal images keep empty masks
+
+
 def test_bad_configuration(tiny):
     with pytest.raises(ValueError, match="levels"):
         adapters.AACLIP(tiny, 1, 1, levels=(4,))

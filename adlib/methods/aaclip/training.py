@@ -77,6 +77,7 @@ def train_text_adapters(
     disentangle_weight: float = 0.1,
     image_loss: bool = False,
     augmentation: bool = True,
+    cached_views: int | None = None,
     feature_cache_bytes: int = 2**30,
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
@@ -92,18 +93,26 @@ def train_text_adapters(
     ``image_loss=True`` adds the image-level cross-entropy of the class embedding against the two anchors that
     the paper's text describes. Adam with betas (0.5, 0.999); the defaults are the official code's values.
     ``augmentation``: the official geometric augmentation of :func:`augment` (no colour jitter in stage 1), so the
-    frozen image features are computed per batch; without it they are computed once when all of them fit in
-    ``feature_cache_bytes`` (the toy world's), else per batch (VisA at 518 px).
+    frozen image features are computed per batch, each image augmented afresh; ``cached_views=K`` instead computes
+    them once for K augmented views of every image and lets each step read one of them at random (K views stand in
+    for a fresh augmentation every epoch: much cheaper when the image tower is costly). Without augmentation they are
+    computed once when all of them fit in ``feature_cache_bytes`` (the toy world's), else per batch (VisA at 518 px).
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     _check_training_data(train)
     scale, size, names = model.logit_scale, train.masks.shape[-1], train.objects
     frozen = None if augmentation else _frozen_features_once(model, train, feature_cache_bytes)
+    views = _frozen_views(model, train, cached_views, seed) if augmentation and cached_views else None
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
-        images, mask, label = _batch(model, train, idx, False if augmentation else None)
-        patches, image_emb = model.frozen_features(images) if frozen is None else (frozen[0][idx], frozen[1][idx])
+        if views is not None:  # one cached augmented view per image, drawn from fit's seeded generator
+            v = torch.randint(len(views[0]), (len(idx),))
+            patches, image_emb, mask = (part[v, idx] for part in views)
+            label = torch.as_tensor(train.labels[idx]).long().to(patches.device)
+        else:
+            images, mask, label = _batch(model, train, idx, False if augmentation else None)
+            patches, image_emb = model.frozen_features(images) if frozen is None else (frozen[0][idx], frozen[1][idx])
         batch_names = [names[i] for i in idx]
         per_name = {n: model.anchors(n) for n in dict.fromkeys(batch_names)}
         anchors = torch.stack([per_name[n] for n in batch_names])  # (B, 2, D)
@@ -115,7 +124,24 @@ def train_text_adapters(
 
     return _train_epochs(model, model.text_parameters(), batch_loss, len(train), epochs, lr, batch_size, seed,
                          f"text adapters (image loss {image_loss}, disentangle {disentangle_weight}, augmentation "
-                         f"{augmentation})", checkpoint, progress)
+                         f"{augmentation}, views {cached_views})", checkpoint, progress)
+
+
+def _frozen_views(model: AACLIP, train: ImageSet, n_views: int, seed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 1's frozen features of ``n_views`` geometric augmentations (:func:`augment`) of every training image:
+    ((V, N, P, D) patch + class, (V, N, D) class, (V, N, H, W) masks), drawn from ``seed`` without touching the
+    global generator."""
+    out = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for _ in range(n_views):
+            parts = [_batch(model, train, np.arange(i, min(i + 256, len(train))), False)
+                     for i in range(0, len(train), 256)]
+            feats = [model.frozen_features(images) for images, _, _ in parts]
+            out.append((torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats]),
+                        torch.cat([m for _, m, _ in parts])))
+    return tuple(torch.stack([view[k] for view in out]) for k in range(3))
 
 
 def _frozen_features_once(model: AACLIP, train: ImageSet, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
