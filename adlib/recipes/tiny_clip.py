@@ -1,5 +1,6 @@
-"""Training the book's tiny CLIP on the toy world:
-``python -m adlib train-clip --out adlib/weights/tiny-clip.safetensors``.
+"""Training the book's tiny CLIP: ``python -m adlib train-clip --out FILE`` (the toy world, by default); the shipped
+one adds ``--world caption --stem effnet-lite0`` and its control ``--world caption-no-defect-words --stem
+effnet-lite0`` (``adlib/weights/TINY_CLIP.md``).
 
 Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 """
