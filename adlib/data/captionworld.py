@@ -226,14 +226,21 @@ def sample(n: int, seed: int = 0, *, image_size: int = 64, world: World = World(
     if bad or not objects:
         raise ValueError(f"Unknown or empty objects {bad or list(objects)}; choose from {list(OBJECTS)}.")
     pictures, texts = captions(n, seed, world, tuple(objects))
-    images = np.zeros((n, image_size, image_size, 3), np.uint8)
-    masks = np.zeros((n, image_size, image_size), bool)
-    for i, p in enumerate(pictures):
-        image, masks[i] = render(p, image_size, np.random.default_rng([seed, i, 1]))
+    drawn = [(p, np.random.default_rng([seed, i, 1])) for i, p in enumerate(pictures)]
+    return Captioned(_labelled_pixels(drawn, image_size), texts, pictures)
+
+
+def _labelled_pixels(drawn: list[tuple[Picture, np.random.Generator]], size: int) -> ImageSet:
+    """Render every (picture, its pixel generator) and quantise: an ImageSet with labels (1 = a defective object),
+    masks, defects and object names."""
+    images = np.zeros((len(drawn), size, size, 3), np.uint8)
+    masks = np.zeros((len(drawn), size, size), bool)
+    for i, (p, rng) in enumerate(drawn):
+        image, masks[i] = render(p, size, rng)
         images[i] = np.round(image * 255)
-    labelled = ImageSet.from_uint8(images, labels=[int(p.defect != "good") for p in pictures], masks=masks,
-                                   defects=[p.defect for p in pictures], objects=[p.name for p in pictures])
-    return Captioned(labelled, texts, pictures)
+    pictures = [p for p, _ in drawn]
+    return ImageSet.from_uint8(images, labels=[int(p.defect != "good") for p in pictures], masks=masks,
+                               defects=[p.defect for p in pictures], objects=[p.name for p in pictures])
 
 
 def inspection_photos(n: int, seed: int, objects: tuple[str, ...] = HELD_OUT_OBJECTS, image_size: int = 64
@@ -261,17 +268,11 @@ def labelled_set(objects: tuple[str, ...], n_good: int, n_per_defect: int, seed:
         raise ValueError(f"Unknown or no objects or defects {bad or list(objects)}; objects come from "
                          f"{list(OBJECTS)}, defects from {list(DEFECTS)}.")
     states = ("good",) + DEFECTS
-    images, masks, pictures = [], [], []
+    drawn = []
     for name in objects:
         for defect, n in [("good", n_good)] + [(d, n_per_defect) for d in defects]:
             for i in range(n):
                 rng = np.random.default_rng([seed, OBJECTS.index(name), states.index(defect), i])
-                picture = Picture("object", name, _pick(rng, tuple(COLOURS)), _pick(rng, SIZES),
-                                  _pick(rng, drawing.BACKGROUNDS), defect, "")
-                image, mask = render(picture, image_size, rng)
-                images.append(np.round(image * 255).astype(np.uint8))
-                masks.append(mask)
-                pictures.append(picture)
-    return ImageSet.from_uint8(np.stack(images), labels=[int(p.defect != "good") for p in pictures],
-                               masks=np.stack(masks), defects=[p.defect for p in pictures],
-                               objects=[p.name for p in pictures])
+                drawn.append((Picture("object", name, _pick(rng, tuple(COLOURS)), _pick(rng, SIZES),
+                                      _pick(rng, drawing.BACKGROUNDS), defect, ""), rng))
+    return _labelled_pixels(drawn, image_size)
