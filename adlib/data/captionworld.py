@@ -227,7 +227,7 @@ def sample(n: int, seed: int = 0, *, image_size: int = 64, world: World = World(
         raise ValueError(f"Unknown or empty objects {bad or list(objects)}; choose from {list(OBJECTS)}.")
     pictures, texts = captions(n, seed, world, tuple(objects))
     drawn = [(p, np.random.default_rng([seed, i, 1])) for i, p in enumerate(pictures)]
-    return Captioned(_labelled_pixels(drawn, image_size), texts, pictures)
+    return Captioned(_labelled_pixels(drawn, image_size), texts, pictures)  # render each picture, quantised
 
 
 def _labelled_pixels(drawn: list[tuple[Picture, np.random.Generator]], size: int) -> ImageSet:
