@@ -424,3 +424,58 @@ def test_paper_clip_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
         adapters.paper_clip()
+
+
+def test_joint_training_trains_both_sides_on_stage2_loss_plus_disentangle(tiny):
+    """One batch, no augmentation: the first step's loss is stage 2's loss against the moving anchors plus 0.1 times
+    the disentangle loss, and one step moves the text and the image side while CLIP stays as it was."""
+    model, data = make_model(tiny), toy_batch(n=4)
+    clip_before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    text_before = [p.clone() for p in model.text_parameters()]
+    image_before = [p.clone() for p in model.image_parameters()]
+    with torch.no_grad():
+        anchors = model.anchors("star")[None].expand(4, 2, -1)
+        images = clip.to_tensor(data.images, clip.image_size(tiny))
+        expected = (training.stage2_loss(model, images, torch.as_tensor(data.masks).float(),
+                                         torch.as_tensor(data.labels).long(), anchors)
+                    + 0.1 * losses.disentangle_loss(anchors))
+    history = training.train_jointly(model, data, epochs=1, lr=1e-2, text_lr=1e-2, batch_size=4, augmentation=False)
+    assert history[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(text_before, model.text_parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(image_before, model.image_parameters()))
+    assert all(torch.equal(v, clip_before[k]) for k, v in tiny.state_dict().items())
+
+
+def test_official_steps_of_the_recipes():
+    from adlib.recipes import aaclip_caption
+
+    # train.py on VisA: 2,162 full-shot images, 5 epochs of 16 and 20 of 2; k-shot: k + k images of 12 categories
+    assert aaclip_caption.official_steps("stage 1") == 5 * 136 == 680
+    assert aaclip_caption.official_steps("stage 2") == 20 * 1081 == 21_620
+    assert aaclip_caption.official_steps("stage 1", shots=2) == 5 * 3
+    assert aaclip_caption.official_steps("stage 2", shots=8) == 20 * 96
+
+
+def test_shipped_adapters_stop_where_their_rule_first_holds_and_load_into_one_model():
+    from adlib.methods.cfa import is_flat
+    from adlib.recipes import aaclip_caption, checkpoints
+
+    table = checkpoints.registry.shipped_weights()
+    names = [n for n in checkpoints.all_recipes() if n.startswith("aaclip-caption-")]
+    assert len(names) == 31 and all(n in table for n in names)
+    for name in names:
+        rec = table[name]["record"]
+        per_epoch = rec["steps"] // len(rec["loss"])
+        history = [{"loss": v} for v in rec["loss"]]
+        flat_at = [n for n in range(5, len(history) + 1) if is_flat(history[:n], per_epoch, rec["official_steps"])]
+        most = math.ceil(aaclip_caption.MAX_SHARE * rec["official_steps"] / per_epoch)
+        assert (flat_at[0] if flat_at else most) == len(history), name
+    model, runs = aaclip_caption.trained_aaclip("both", 1)
+    assert [r.record.name for r in runs] == ["aaclip-caption-text-s1", "aaclip-caption-image-s1"]
+    # a stage's file holds only what that stage trains; the model carries both stages over the shipped CLIP
+    assert all(k.startswith("parts.text_") for k in runs[0].model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].model.aaclip.text_parameters(), model.text_parameters()))
+    assert not any(torch.equal(a, b) for a, b in zip(runs[0].model.aaclip.image_parameters(),
+                                                     model.image_parameters()))
+    shipped = clip.load_tiny_clip(None).state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in model.clip.state_dict().items())

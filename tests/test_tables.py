@@ -91,3 +91,51 @@ def test_interval_table_and_bounds_against_the_t_distribution():
             got = (curve.loc[name, col], lower.loc[name, col], upper.loc[name, col])
             assert got == pytest.approx(expected)
     assert list(curve.index) == ["2", "full"] and list(curve.columns) == ["image_auroc", "aupro"]
+
+
+def _two_objects(scores_b: np.ndarray) -> tuple[ImageSet, dict]:
+    """Objects "a" (scores that rank every defective image first) and "b" (``scores_b``), 6 images each, the last
+    3 defective with a 4-pixel defect; maps = the image score everywhere."""
+    labels = np.array([0, 0, 0, 1, 1, 1] * 2)
+    masks = np.zeros((12, 4, 4), dtype=bool)
+    masks[labels == 1, :2, :2] = True
+    images = ImageSet(np.zeros((12, 3, 4, 4), np.float32), labels, masks, objects=["a"] * 6 + ["b"] * 6)
+    scores = np.concatenate([[0.0, 0.1, 0.2, 0.7, 0.8, 0.9], scores_b])
+    kept = {o: (scores[i:i + 6], np.repeat(scores[i:i + 6], 16).reshape(6, 4, 4)) for o, i in (("a", 0), ("b", 6))}
+    return images, kept
+
+
+def test_object_image_draws_resample_objects_hand_case():
+    # "a" scores 1 and "b" 0.5 in any resampling of their images (b's scores tie), so a draw's mean over two drawn
+    # objects is 1 (a twice), 0.75 or 0.5 (b twice), each pair of objects with its binomial chance
+    images, kept = _two_objects(np.full(6, 0.5))
+    draws = tables.object_image_draws(images, {"row": [kept]}, "image_auroc", n_boot=4000, seed=1)["row"]
+    values, counts = np.unique(draws.round(6), return_counts=True)
+    assert values.tolist() == [0.5, 0.75, 1.0]
+    np.testing.assert_allclose(counts / 4000, [0.25, 0.5, 0.25], atol=0.03)
+
+
+def test_object_image_draws_against_resampled_images_scored_by_sklearn():
+    from adlib.bench.benchmark import resample_weights
+
+    images, kept = _two_objects(np.array([0.3, 0.6, 0.1, 0.5, 0.2, 0.9]))
+    other = {o: (s[::-1].copy(), m) for o, (s, m) in kept.items()}  # a second seed
+    draws = tables.object_image_draws(images, {"row": [kept, other]}, "image_auroc", n_boot=50, seed=3)["row"]
+    # the same draws, written out: object copies, then one resampling of the images per copy, each scored by sklearn
+    rng = np.random.default_rng(3)
+    copies = rng.multinomial(2, [0.5, 0.5], size=50)
+    labels = images.labels[:6]
+    masks = images.masks[:6]
+    expected, expected_pixel = np.zeros(50), np.zeros(50)
+    for k, name in enumerate("ab"):
+        n = copies[:, k].max()
+        weights = [resample_weights(labels, 50, int(rng.integers(2**31))) for _ in range(n)] if n else []
+        for b in range(50):
+            for c in range(copies[b, k]):
+                take = np.repeat(np.arange(6), weights[c][b].astype(int))
+                expected[b] += np.mean([roc_auc_score(labels[take], run[name][0][take]) for run in (kept, other)])
+                expected_pixel[b] += roc_auc_score(masks[take].ravel(), kept[name][1][take].ravel())
+    np.testing.assert_allclose(draws, expected / 2)
+    # pixel AUROC from counts above a grid of thresholds: the benchmark's shortcut, close to the exact metric
+    pixel = tables.object_image_draws(images, {"row": [kept]}, "pixel_auroc", n_boot=50, seed=3)["row"]
+    np.testing.assert_allclose(pixel, expected_pixel / 2, atol=0.02)

@@ -80,7 +80,8 @@ CHECKPOINT_RECIPES: dict[str, CheckpointRecipe] = {}
 #: The modules that define chapter recipes (each adds its :class:`CheckpointRecipe` s to :data:`CHECKPOINT_RECIPES`);
 #: :func:`recipe` imports them, so a recipe is found without importing its chapter's code first.
 RECIPE_MODULES: tuple[str, ...] = ("adlib.recipes.recon_mnist", "adlib.recipes.ssl_occ_digits",
-                                   "adlib.recipes.simclr_digits", "adlib.recipes.cfa_synthtex")
+                                   "adlib.recipes.simclr_digits", "adlib.recipes.cfa_synthtex",
+                                   "adlib.recipes.aaclip_caption")
 
 
 @dataclass

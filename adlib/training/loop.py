@@ -172,7 +172,7 @@ class IndexBatches:
     ``batch_size`` (the last one shorter). :func:`fit` saves and restores ``generator``, so a resumed run draws
     the same batches as an uninterrupted one.
 
-    Used by: ``adlib.methods.aaclip.training._train_epochs``.
+    Used by: ``adlib.methods.aaclip.training.text_adapter_training``.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int = 0):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import open_clip
@@ -15,7 +15,7 @@ from adlib.features.clip import image_size, to_tensor
 from adlib.methods.aaclip.adapters import AACLIP
 from adlib.methods.aaclip.losses import disentangle_loss, segmentation_loss
 from adlib.methods.aaclip.scoring import similarity_probs
-from adlib.training.loop import IndexBatches, fit
+from adlib.training.loop import IndexBatches, StepFn, fit
 
 # --------------------------------------------------------------------------- training
 
@@ -72,6 +72,23 @@ def train_text_adapters(
     train: ImageSet,
     *,
     epochs: int = 5,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> list[dict[str, float]]:
+    """Stage 1: train the text adapters against frozen CLIP image features for ``epochs``; returns the history of
+    :func:`adlib.training.loop.fit` (``{"epoch", "loss"}`` per epoch; ``checkpoint``: resume after an interruption).
+    ``options``: those of :func:`text_adapter_training`, whose defaults are the official code's values.
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    return _fit(model, text_adapter_training(model, train, **options), epochs, checkpoint, progress)
+
+
+def text_adapter_training(
+    model: AACLIP,
+    train: ImageSet,
+    *,
     lr: float = 1e-5,
     batch_size: int = 16,
     disentangle_weight: float = 0.1,
@@ -80,11 +97,9 @@ def train_text_adapters(
     cached_views: int | None = None,
     feature_cache_bytes: int = 2**30,
     seed: int = 0,
-    checkpoint: str | os.PathLike | None = None,
-    progress: bool = False,
-) -> list[dict[str, float]]:
-    """Stage 1: train the text adapters against frozen CLIP image features; returns the history of
-    :func:`adlib.training.loop.fit` (``{"epoch", "loss"}`` per epoch; ``checkpoint``: resume after an interruption).
+) -> AdapterTraining:
+    """Stage 1 set up for :func:`adlib.training.loop.fit`: the text adapters trained against frozen CLIP image
+    features.
 
     ``train``: an :class:`adlib.data.imageset.ImageSet` of normal and anomalous images (float (N, 3, H, W) in
     [0, 1]) with ``labels`` (1 = anomalous), ``masks`` (N, H, W) and ``objects`` (the object name of each image,
@@ -98,7 +113,7 @@ def train_text_adapters(
     for a fresh augmentation every epoch: much cheaper when the image tower is costly). Without augmentation they are
     computed once when all of them fit in ``feature_cache_bytes`` (the toy world's), else per batch (VisA at 518 px).
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Used by: ``adlib.methods.aaclip.training.train_text_adapters``, ``adlib.recipes.aaclip_caption.setup``.
     """
     _check_training_data(train)
     scale, size, names = model.logit_scale, train.masks.shape[-1], train.objects
@@ -122,9 +137,9 @@ def train_text_adapters(
             loss = F.cross_entropy(scale * torch.einsum("nd,nkd->nk", image_emb, anchors), label) + loss
         return loss + disentangle_weight * disentangle_loss(anchors)
 
-    return _train_epochs(model, model.text_parameters(), batch_loss, len(train), epochs, lr, batch_size, seed,
-                         f"text adapters (image loss {image_loss}, disentangle {disentangle_weight}, augmentation "
-                         f"{augmentation}, views {cached_views})", checkpoint, progress)
+    return _adapter_training(model.text_parameters(), [], batch_loss, len(train), (lr, lr), batch_size, seed,
+                             f"text adapters (image loss {image_loss}, disentangle {disentangle_weight}, "
+                             f"augmentation {augmentation}, views {cached_views})")
 
 
 def _frozen_views(model: AACLIP, train: ImageSet, n_views: int, seed: int
@@ -161,53 +176,140 @@ def train_image_adapters(
     train: ImageSet,
     *,
     epochs: int = 20,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> list[dict[str, float]]:
+    """Stage 2: train the image adapters and projections for ``epochs`` with the text anchors fixed; the history
+    as :func:`train_text_adapters`. ``options``: those of :func:`image_adapter_training` (the official values).
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    return _fit(model, image_adapter_training(model, train, **options), epochs, checkpoint, progress)
+
+
+def image_adapter_training(
+    model: AACLIP,
+    train: ImageSet,
+    *,
     lr: float = 5e-4,
     batch_size: int = 2,
     seed: int = 0,
     adapted_anchors: bool = True,
     augmentation: bool = True,
-    checkpoint: str | os.PathLike | None = None,
-    progress: bool = False,
-) -> list[dict[str, float]]:
-    """Stage 2: train the image adapters and projections with the text anchors fixed; the history as stage 1.
+) -> AdapterTraining:
+    """Stage 2 set up for :func:`adlib.training.loop.fit`: the image adapters and projections, the text anchors
+    fixed.
 
-    ``train`` as :func:`train_text_adapters`. The anchors (stage-1 text encoder; with ``adapted_anchors=False``
+    ``train`` as :func:`text_adapter_training`. The anchors (stage-1 text encoder; with ``adapted_anchors=False``
     plain CLIP's, the ablation "stage 2 alone") are computed once, without gradients. Loss, as the official
-    code: cross-entropy of the detection feature's inner products with the anchors (no temperature) plus the
-    segmentation loss of every level's patch features. ``augmentation``: the official one, :func:`augment` with
-    colour jitter.
+    code: :func:`stage2_loss`. ``augmentation``: the official one, :func:`augment` with colour jitter.
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Used by: ``adlib.methods.aaclip.training.train_image_adapters``, ``adlib.recipes.aaclip_caption.setup``.
     """
     _check_training_data(train)
     names = train.objects
     with torch.no_grad():
         per_name = {n: model.anchors(n, adapted_anchors) for n in dict.fromkeys(names)}
-    scale, size = model.logit_scale, train.masks.shape[-1]
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
-        anchors = torch.stack([per_name[names[i]] for i in idx])
         images, mask, label = _batch(model, train, idx, True if augmentation else None)
-        patches, image_feat = model.encode_image(images)
-        loss = F.cross_entropy(torch.einsum("nd,nkd->nk", image_feat, anchors), label)
-        for level in patches:
-            loss = loss + segmentation_loss(similarity_probs(level, anchors, scale, size), mask)
-        return loss
+        return stage2_loss(model, images, mask, label, torch.stack([per_name[names[i]] for i in idx]))
 
-    return _train_epochs(model, model.image_parameters(), batch_loss, len(train), epochs, lr, batch_size, seed,
-                         f"image adapters (augmentation {augmentation})", checkpoint, progress)
+    return _adapter_training([], model.image_parameters(), batch_loss, len(train), (lr, lr), batch_size, seed,
+                             f"image adapters (augmentation {augmentation}, adapted anchors {adapted_anchors})")
 
 
-def _train_epochs(model: AACLIP, parameters: Iterable[torch.nn.Parameter],
-                  batch_loss: Callable[[np.ndarray], torch.Tensor], n: int, epochs: int, lr: float, batch_size: int,
-                  seed: int, stage: str, checkpoint: str | os.PathLike | None, progress: bool
-                  ) -> list[dict[str, float]]:
-    """The loop both stages share, through :func:`adlib.training.loop.fit`: Adam with betas (0.5, 0.999) as the official
-    code, seeded shuffled batches of indices into the n training images (:class:`adlib.training.loop.IndexBatches`),
-    ``batch_loss(idx)`` per batch. With ``checkpoint`` it saves the trained parameters and the optimiser after
-    every epoch and resumes from the file. Returns fit's history: one ``{"epoch", "loss"}`` per epoch."""
-    trained = torch.nn.ParameterList(parameters)  # the same tensors: only they go into a checkpoint
-    optimizer = torch.optim.Adam(trained.parameters(), lr=lr, betas=(0.5, 0.999))
+def stage2_loss(model: AACLIP, images: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, anchors: torch.Tensor
+               ) -> torch.Tensor:
+    """Stage 2's loss, as the official code: cross-entropy of the detection feature's inner products with the
+    ``anchors`` (B, 2, D) (no temperature) plus the segmentation loss of every level's patch features against the
+    (B, H, W) ``mask``. ``images``: (B, 3, S, S) through CLIP's preprocessing; ``label``: (B,) 0/1.
+
+    Used by: ``adlib.methods.aaclip.training.image_adapter_training``.
+    """
+    scale, size = model.logit_scale, mask.shape[-1]
+    patches, image_feat = model.encode_image(images)
+    loss = F.cross_entropy(torch.einsum("nd,nkd->nk", image_feat, anchors), label)
+    for level in patches:
+        loss = loss + segmentation_loss(similarity_probs(level, anchors, scale, size), mask)
+    return loss
+
+
+def train_jointly(
+    model: AACLIP,
+    train: ImageSet,
+    *,
+    epochs: int = 20,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> list[dict[str, float]]:
+    """The one-stage alternative: text and image adapters trained together for ``epochs``; the history as
+    :func:`train_text_adapters`. ``options``: those of :func:`joint_adapter_training`.
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    return _fit(model, joint_adapter_training(model, train, **options), epochs, checkpoint, progress)
+
+
+def joint_adapter_training(
+    model: AACLIP,
+    train: ImageSet,
+    *,
+    lr: float = 5e-4,
+    text_lr: float = 1e-5,
+    batch_size: int = 2,
+    disentangle_weight: float = 0.1,
+    seed: int = 0,
+    augmentation: bool = True,
+) -> AdapterTraining:
+    """One stage instead of two, set up for :func:`adlib.training.loop.fit`: the text and the image side trained
+    at once on stage 2's loss (:func:`stage2_loss`) against the anchors of the text encoder being trained (recomputed
+    every batch, with gradients), plus stage 1's ``disentangle_weight`` times the disentangle loss. Each side keeps
+    its stage's learning rate (``text_lr``, ``lr``) and the batches are stage 2's. This is the alternative the
+    paper's two-stage design argues against: nothing holds the anchors still while the image side aligns to them.
+
+    Used by: ``adlib.methods.aaclip.training.train_jointly``, ``adlib.recipes.aaclip_caption.setup``.
+    """
+    _check_training_data(train)
+    names = train.objects
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        batch_names = [names[i] for i in idx]
+        per_name = {n: model.anchors(n) for n in dict.fromkeys(batch_names)}
+        anchors = torch.stack([per_name[n] for n in batch_names])
+        images, mask, label = _batch(model, train, idx, True if augmentation else None)
+        return stage2_loss(model, images, mask, label, anchors) + disentangle_weight * disentangle_loss(anchors)
+
+    return _adapter_training(model.text_parameters(), model.image_parameters(), batch_loss, len(train),
+                             (text_lr, lr), batch_size, seed, f"joint (augmentation {augmentation})")
+
+
+class AdapterTraining(NamedTuple):
+    """One stage set up for :func:`adlib.training.loop.fit`: ``parameters`` (what trains, and all a checkpoint
+    keeps), the ``step`` function, the ``loader`` of index batches, the ``state`` fit checkpoints and the ``config``
+    it fingerprints.
+
+    Used by: ``adlib.methods.aaclip.training.text_adapter_training``, ``adlib.recipes.aaclip_caption.setup``.
+    """
+
+    parameters: torch.nn.ParameterList
+    step: StepFn
+    loader: IndexBatches
+    state: dict[str, Any]
+    config: dict[str, Any]
+
+
+def _adapter_training(text: list[torch.nn.Parameter], image: list[torch.nn.Parameter],
+                      batch_loss: Callable[[np.ndarray], torch.Tensor], n: int, lrs: tuple[float, float],
+                      batch_size: int, seed: int, stage: str) -> AdapterTraining:
+    """What every stage shares: Adam with betas (0.5, 0.999) as the official code (the ``text`` parameters at
+    ``lrs[0]``, the ``image`` ones at ``lrs[1]``), seeded shuffled batches of indices into the n training images
+    (:class:`adlib.training.loop.IndexBatches`), ``batch_loss(idx)`` per batch."""
+    trained = torch.nn.ParameterList([*text, *image])  # the same tensors: only they go into a checkpoint
+    groups = [{"params": p, "lr": lr} for p, lr in zip((text, image), lrs) if p]
+    optimizer = torch.optim.Adam(groups, betas=(0.5, 0.999))
 
     def step(idx: np.ndarray) -> dict[str, float]:
         loss = batch_loss(idx)
@@ -216,11 +318,19 @@ def _train_epochs(model: AACLIP, parameters: Iterable[torch.nn.Parameter],
         optimizer.step()
         return {"loss": loss.item()}
 
+    return AdapterTraining(trained, step, IndexBatches(n, batch_size, seed),
+                           {stage: trained, "optimizer": optimizer}, {"stage": stage})
+
+
+def _fit(model: AACLIP, training: AdapterTraining, epochs: int, checkpoint: str | os.PathLike | None,
+         progress: bool) -> list[dict[str, float]]:
+    """``training`` through :func:`adlib.training.loop.fit` for ``epochs`` (saved after every epoch to
+    ``checkpoint`` and resumed from it), the model in training mode meanwhile; fit's history."""
     model.train()
     try:
-        return fit(step, IndexBatches(n, batch_size, seed), epochs=epochs, checkpoint=checkpoint,
-                   state={stage: trained, "optimizer": optimizer}, seed=seed, config={"stage": stage},
-                   progress=progress)
+        seed = int(training.loader.generator.initial_seed())
+        return fit(training.step, training.loader, epochs=epochs, checkpoint=checkpoint, state=training.state,
+                   seed=seed, config=training.config, progress=progress)
     finally:
         model.eval()
 
