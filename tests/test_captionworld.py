@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from adlib.data import captionworld as cw
-from adlib.data import toyworld
+from adlib.data import mvtec, toyworld
 from adlib.features.clip import CLASS_TEMPLATES
 from adlib.methods import clipn, winclip
 from adlib.methods.aaclip import adapters
@@ -110,3 +110,18 @@ def test_labelled_set_is_ordered_deterministic_and_masked():
     np.testing.assert_array_equal(more.images[[0, 1, 3, 5, 7, 9]], s.images[:6])  # picture i of a state is fixed
     with pytest.raises(ValueError, match="Unknown"):
         cw.labelled_set(("teapot",), 1, 1, seed=0)
+
+
+def test_export_mvtec_writes_the_labelled_photos_and_reads_back(tmp_path):
+    root = cw.export_mvtec(tmp_path, ("pentagon",), n_train=3, n_test_good=2, n_test_per_defect=1, image_size=32)
+    assert mvtec.categories(root) == ["pentagon"]
+    test = mvtec.load_split(root, "pentagon", "test", 32)
+    drawn = cw.labelled_set(("pentagon",), 2, 1, seed=1, image_size=32)  # the test split's seed: 2 * 0 + 1
+    assert sorted(test.defects) == sorted(drawn.defects) and set(drawn.defects) == {"good", *cw.DEFECTS}
+    for defect in set(drawn.defects):  # the PNGs hold the set's very pixels and masks
+        ours, theirs = np.array(test.defects) == defect, np.array(drawn.defects) == defect
+        np.testing.assert_array_equal(np.asarray(test.images)[ours], np.asarray(drawn.images)[theirs])
+        np.testing.assert_array_equal(np.asarray(test.masks)[ours], np.asarray(drawn.masks)[theirs])
+    assert len(mvtec.load_split(root, "pentagon", "train", 32)) == 3
+    with pytest.raises(FileExistsError):
+        cw.export_mvtec(tmp_path, ("pentagon",), n_train=1)

@@ -498,3 +498,17 @@ def test_train_tiny_refuses_an_existing_file_before_training(tmp_path, capsys):
     out.write_bytes(b"a user's file")
     assert cli.main(["train-clip", "--out", str(out), "--steps", "1"]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"a user's file"
+
+
+def test_shipped_no_encoders_ran_the_official_steps_on_a_cosine_schedule():
+    from adlib.recipes import checkpoints, clipn_caption
+
+    # run.sh of the CLIPN code: 10 epochs of CC3M's 2,891,445 pairs at a global batch of 4 x 512
+    assert clipn_caption.OFFICIAL_STEPS == 10 * 1412 == 14_120
+    table = checkpoints.registry.shipped_weights()
+    for seed in clipn_caption.SEEDS:
+        for factor in clipn_caption.FACTORS:
+            rec = table[clipn_caption.name_of(seed, factor)]["record"]
+            assert rec["steps"] == factor * clipn_caption.OFFICIAL_STEPS and rec["official_steps"] == 14_120
+            # the recorded learning rate: the peak at the start, close to zero at the end (so the loss rule fails)
+            assert rec["lr"][0] == pytest.approx(clipn_caption.LR, rel=1e-3) and rec["lr"][-1] < 0.01 * clipn_caption.LR

@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
+from adlib.bench import benchmark
 from adlib.data.imageset import ImageSet
 from adlib.eval import metrics, tables
 from adlib.eval.scores import Scores
@@ -109,18 +110,16 @@ def test_object_image_draws_resample_objects_hand_case():
     # "a" scores 1 and "b" 0.5 in any resampling of their images (b's scores tie), so a draw's mean over two drawn
     # objects is 1 (a twice), 0.75 or 0.5 (b twice), each pair of objects with its binomial chance
     images, kept = _two_objects(np.full(6, 0.5))
-    draws = tables.object_image_draws(images, {"row": [kept]}, "image_auroc", n_boot=4000, seed=1)["row"]
+    draws = benchmark.object_image_draws(images, {"row": [kept]}, "image_auroc", n_boot=4000, seed=1)["row"]
     values, counts = np.unique(draws.round(6), return_counts=True)
     assert values.tolist() == [0.5, 0.75, 1.0]
     np.testing.assert_allclose(counts / 4000, [0.25, 0.5, 0.25], atol=0.03)
 
 
 def test_object_image_draws_against_resampled_images_scored_by_sklearn():
-    from adlib.bench.benchmark import resample_weights
-
     images, kept = _two_objects(np.array([0.3, 0.6, 0.1, 0.5, 0.2, 0.9]))
     other = {o: (s[::-1].copy(), m) for o, (s, m) in kept.items()}  # a second seed
-    draws = tables.object_image_draws(images, {"row": [kept, other]}, "image_auroc", n_boot=50, seed=3)["row"]
+    draws = benchmark.object_image_draws(images, {"row": [kept, other]}, "image_auroc", n_boot=50, seed=3)["row"]
     # the same draws, written out: object copies, then one resampling of the images per copy, each scored by sklearn
     rng = np.random.default_rng(3)
     copies = rng.multinomial(2, [0.5, 0.5], size=50)
@@ -129,7 +128,7 @@ def test_object_image_draws_against_resampled_images_scored_by_sklearn():
     expected, expected_pixel = np.zeros(50), np.zeros(50)
     for k, name in enumerate("ab"):
         n = copies[:, k].max()
-        weights = [resample_weights(labels, 50, int(rng.integers(2**31))) for _ in range(n)] if n else []
+        weights = [benchmark.resample_weights(labels, 50, int(rng.integers(2**31))) for _ in range(n)] if n else []
         for b in range(50):
             for c in range(copies[b, k]):
                 take = np.repeat(np.arange(6), weights[c][b].astype(int))
@@ -137,5 +136,5 @@ def test_object_image_draws_against_resampled_images_scored_by_sklearn():
                 expected_pixel[b] += roc_auc_score(masks[take].ravel(), kept[name][1][take].ravel())
     np.testing.assert_allclose(draws, expected / 2)
     # pixel AUROC from counts above a grid of thresholds: the benchmark's shortcut, close to the exact metric
-    pixel = tables.object_image_draws(images, {"row": [kept]}, "pixel_auroc", n_boot=50, seed=3)["row"]
+    pixel = benchmark.object_image_draws(images, {"row": [kept]}, "pixel_auroc", n_boot=50, seed=3)["row"]
     np.testing.assert_allclose(pixel, expected_pixel / 2, atol=0.02)

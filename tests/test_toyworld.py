@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from adlib.data import mvtec
 from adlib.data import toyworld as tw
 from adlib.data.imageset import ImageSet
 
@@ -120,21 +118,3 @@ def test_scenes_of_and_labelled_set():
     np.testing.assert_array_equal(both.masks[3], holes.masks[0])
     with pytest.raises(ValueError, match="choose from"):
         tw.labelled_set(["dragon"], 1, 1, seed=0)
-
-
-def test_export_mvtec_reads_back(tmp_path):
-    root = tw.export_mvtec(tmp_path, ("star",), n_train=3, n_test_good=2, n_test_per_defect=2, image_size=32)
-    ds = mvtec.MVTecDataset(root, "star", split="test", image_size=32)
-    assert len(ds) == 2 + 2 * len(tw.DEFECTS)
-    assert set(ds.defects) == {"good", *tw.DEFECTS}
-    scenes = tw.scenes_of("star", "hole", 2, seed=1, image_size=32)  # test split uses seed 2 * 0 + 1
-    holes = [ds[i] for i in range(len(ds)) if ds[i]["defect"] == "hole"]
-    for k, item in enumerate(holes):
-        np.testing.assert_array_equal(np.asarray(item["mask"]).squeeze() > 0.5, scenes.masks[k])
-        assert item["label"] == 1
-        # the PNG holds the very pixels of the set: 8-bit values that the set holds divided by 255
-        png = np.array(Image.open(root / "star" / "test" / "hole" / f"{k:03d}.png"))
-        np.testing.assert_array_equal(ImageSet.from_uint8(png[None]).images, scenes.images[k:k + 1])
-    assert len(mvtec.MVTecDataset(root, "star", split="train", image_size=32)) == 3
-    with pytest.raises(FileExistsError):
-        tw.export_mvtec(tmp_path, ("star",), n_train=1)

@@ -8,7 +8,8 @@ Intervals resample the test images of every category (normal and defective image
 :func:`adlib.eval.claims.bootstrap_differences`), recompute each category's metric and average over categories. The
 draws use the same resampled images for every method, so two methods' draws can be subtracted (paired). Pixel
 metrics are recomputed per draw from per-image counts on a fixed grid of thresholds (:class:`PixelCounts`);
-the point estimates are the exact metrics of :mod:`adlib.eval.metrics`.
+the point estimates are the exact metrics of :mod:`adlib.eval.metrics`. :func:`object_image_draws` resamples at two
+levels (objects, then each one's images) for zero-shot detectors scored object by object (chapter 10).
 
 Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
 """
@@ -19,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,8 @@ from adlib.bench import runs
 from adlib.bench.lineup import SWEEP
 from adlib.core.runtime import in_fresh_processes
 from adlib.data import mvtec
-from adlib.eval import claims, metrics
+from adlib.data.imageset import ImageSet
+from adlib.eval import claims, metrics, tables
 
 QUALITY = ("image_auroc", "pixel_auroc", "aupro")
 #: False-positive rates at which :class:`PixelCounts` puts its thresholds: dense below AUPRO's limit of 0.3.
@@ -123,6 +125,50 @@ def resample_weights(labels: Any, n_boot: int = 1000, seed: int = 0) -> np.ndarr
         idx = np.flatnonzero(y == cls)
         weights[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=n_boot)
     return weights
+
+
+def object_image_draws(images: ImageSet, runs: Mapping[str, Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]]],
+                       metric: str, n_boot: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """Bootstrap draws (n_boot,) of each row's mean over objects of ``metric`` (one of
+    :data:`adlib.eval.tables.METRICS`), resampling at both levels: the objects with replacement, then, for every drawn
+    copy of an object, its normal and its defective test images with replacement (class counts kept;
+    :func:`resample_weights`).
+
+    ``runs[row]``: one dict per training seed, ``{object: (image scores (M,), maps (M, H, W))}`` as
+    :func:`adlib.eval.tables.per_object` keeps them for the M test images of the object in ``images`` (labels and
+    masks); a row's value in a draw is the mean over its seeds. Every row sees the same draws, so the draws of
+    ``a - b`` give a paired interval (:func:`adlib.eval.claims.percentile_interval`). A reweighting's metrics are the
+    benchmark's: the Mann-Whitney image AUROC, and pixel counts above a grid of thresholds (:class:`PixelCounts`).
+
+    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    """
+    if metric not in tables.METRICS:
+        raise ValueError(f"metric must be one of {tables.METRICS}, got {metric!r}.")
+    names = np.asarray(images.objects)
+    objects = list(dict.fromkeys(images.objects))
+    rng = np.random.default_rng(seed)
+    copies = rng.multinomial(len(objects), np.full(len(objects), 1.0 / len(objects)), size=n_boot)  # (B, O)
+    totals = {row: np.zeros(n_boot) for row in runs}
+    for k, name in enumerate(objects):
+        idx = np.flatnonzero(names == name)
+        labels, masks = images.labels[idx], images.masks[idx]
+        n_copies = int(copies[:, k].max())
+        if n_copies == 0:
+            continue
+        # one independent draw of the images per copy: (copies, B, M) counts
+        weights = np.stack([resample_weights(labels, n_boot, int(rng.integers(2**31))) for _ in range(n_copies)])
+        used = np.arange(n_copies)[:, None] < copies[None, :, k]  # (copies, B): the copies each draw holds
+        for row, seeds in runs.items():
+            values = []
+            for kept in seeds:
+                scores, maps = kept[name]
+                if metric == "image_auroc":
+                    values.append(np.stack([image_auroc_draws(labels, scores, w) for w in weights]))
+                else:
+                    counts = PixelCounts.from_maps(masks, maps)
+                    values.append(np.stack([counts.metrics(w)[metric] for w in weights]))
+            totals[row] += (np.mean(values, axis=0) * used).sum(axis=0)  # over the copies in each draw
+    return {row: total / len(objects) for row, total in totals.items()}
 
 
 def run_one(name: str, root: str | Path, category: str, *, seed: int = 0, image_size: int = 128,

@@ -36,4 +36,5 @@ SWEEP: dict[str, tuple[str, dict[str, Any]]] = {
     "ae": ("ae", {}),
     "vae": ("ae", {"kind": "vae"}),
     "winclip": ("winclip", {}),
+    "aaclip": ("aaclip", {}),
 }

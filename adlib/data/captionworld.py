@@ -17,14 +17,16 @@ Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from adlib.data import drawing
+from adlib.data import drawing, mvtec
 from adlib.data.imageset import ImageSet
 from adlib.data.toyworld import COLOURS, SIZES
 
@@ -276,3 +278,28 @@ def labelled_set(objects: tuple[str, ...], n_good: int, n_per_defect: int, seed:
                 drawn.append((Picture("object", name, _pick(rng, tuple(COLOURS)), _pick(rng, SIZES),
                                       _pick(rng, drawing.BACKGROUNDS), defect, ""), rng))
     return _labelled_pixels(drawn, image_size)
+
+
+def export_mvtec(root: str | os.PathLike, objects: tuple[str, ...] = HELD_OUT_OBJECTS, *, n_train: int = 40,
+                 n_test_good: int = 12, n_test_per_defect: int = 3, image_size: int = 64, seed: int = 0) -> Path:
+    """Write ordinary photos of ``objects`` (:func:`labelled_set`) as an MVTec-format benchmark, one category per
+    object: ``train/good`` (``n_train`` intact photos, seed ``2 * seed``), ``test/good`` and ``test/<defect>`` for all
+    eight defects (seed ``2 * seed + 1``) with their ``ground_truth`` masks. Refuses to write into an existing
+    category folder (delete it first). Returns ``root``.
+
+    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
+    """
+    root = Path(root)
+    for name in objects:
+        if (root / name).exists():
+            raise FileExistsError(f"{root / name} exists; delete it or choose another root.")
+    for name in objects:
+        splits = [("train", labelled_set((name,), n_train, 0, 2 * seed, image_size=image_size)),
+                  ("test", labelled_set((name,), n_test_good, n_test_per_defect, 2 * seed + 1, image_size=image_size))]
+        for split, images in splits:
+            pixels = np.round(np.asarray(images.images) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+            defects = np.asarray(images.defects)
+            for defect in dict.fromkeys(images.defects):
+                of = defects == defect
+                mvtec.write_images(root, name, defect, pixels[of], np.asarray(images.masks)[of], split=split)
+    return root

@@ -273,6 +273,30 @@ class MVTecDataset(Dataset):
         return {"image": image, "label": label, "mask": mask, "path": str(path), "defect": defect}
 
 
+def write_images(root: str | Path, category: str, defect: str, pixels: np.ndarray, masks: np.ndarray | None = None,
+                 split: str = "test") -> None:
+    """Write (N, H, W, 3) uint8 ``pixels`` in the MVTec layout: ``<root>/<category>/<split>/<defect>/000.png`` and,
+    for a defect, the (N, H, W) ``masks`` as ``<root>/<category>/ground_truth/<defect>/000_mask.png`` (0/255). The
+    folders must not exist yet (nothing is overwritten).
+
+    Used by: ``adlib.data.captionworld.export_mvtec``.
+    """
+    from PIL import Image
+
+    folder = Path(root) / category / split / defect
+    folder.mkdir(parents=True)
+    mask_folder = Path(root) / category / "ground_truth" / defect
+    if defect != "good":
+        if masks is None or masks.shape != pixels.shape[:3]:
+            raise ValueError(f"{category}/{defect}: need one (H, W) mask per image, got "
+                             f"{None if masks is None else masks.shape} for images {pixels.shape}.")
+        mask_folder.mkdir(parents=True)
+    for i, picture in enumerate(pixels):
+        Image.fromarray(picture).save(folder / f"{i:03d}.png")
+        if defect != "good":
+            Image.fromarray(masks[i].astype(np.uint8) * 255).save(mask_folder / f"{i:03d}_mask.png")
+
+
 def load_split(
     root: str | Path,
     category: str,

@@ -8,18 +8,15 @@ backgrounds but not "damaged" (real CLIP's blind spot, the premise of AA-CLIP).
 
 Every scene depends only on ``(seed, index)``: ``sample(10, seed=0)`` is the first ten scenes of
 ``sample(1000, seed=0)``. Images are rendered, quantised to 8 bits like a photo and returned as an
-:class:`adlib.data.imageset.ImageSet`; ``export_mvtec`` writes them as an MVTec-format benchmark.
+:class:`adlib.data.imageset.ImageSet`.
 
 Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image
 
 from adlib.data import drawing
 from adlib.data.imageset import ImageSet
@@ -195,7 +192,7 @@ def scenes_of(shape: str, defect: str, n: int, seed: int, image_size: int = 64) 
 
 def labelled_set(shapes: Sequence[str], n_good: int, n_per_defect: int, seed: int, image_size: int = 64) -> ImageSet:
     """``n_good`` intact and ``n_per_defect`` images of every defect of each shape (good first, then :data:`DEFECTS`):
-    the :func:`scenes_of` sets joined, the pictures :func:`export_mvtec` writes as one shape's test split.
+    the :func:`scenes_of` sets joined.
 
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
@@ -203,42 +200,3 @@ def labelled_set(shapes: Sequence[str], n_good: int, n_per_defect: int, seed: in
     return ImageSet.concat([scenes_of(shape, defect, n, seed, image_size) for shape in shapes
                             for defect, n in [("good", n_good)] + [(d, n_per_defect) for d in DEFECTS]])
 
-
-def export_mvtec(
-    root: str | os.PathLike,
-    shapes: Sequence[str] = ("star", "ring", "cross"),
-    *,
-    n_train: int = 40,
-    n_test_good: int = 12,
-    n_test_per_defect: int = 6,
-    image_size: int = 64,
-    seed: int = 0,
-) -> Path:
-    """Write the toy world as an MVTec-format benchmark, one category per shape; returns ``root``.
-
-    Layout: ``<shape>/train/good/000.png``, ``<shape>/test/{good,<defect>}/000.png`` and
-    ``<shape>/ground_truth/<defect>/000_mask.png`` (0/255), readable by :class:`adlib.data.mvtec.MVTecDataset`.
-    Refuses to write into an existing category folder (delete it first).
-
-    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
-    """
-    root = Path(root)
-    shapes = _check_names(shapes, SHAPES, "shapes")
-    for shape in shapes:
-        if (root / shape).exists():
-            raise FileExistsError(f"{root / shape} exists; delete it or choose another root.")
-    for shape in shapes:
-        # Seeds 2s and 2s + 1 keep the train and test draws of every seed disjoint.
-        jobs = [("train/good", "good", n_train, 2 * seed), ("test/good", "good", n_test_good, 2 * seed + 1)]
-        jobs += [(f"test/{d}", d, n_test_per_defect, 2 * seed + 1) for d in DEFECTS]
-        for sub, defect, n, s in jobs:
-            images, masks = _render_scenes(shape, defect, n, s, image_size)  # the pixels as rendered
-            (root / shape / sub).mkdir(parents=True)
-            if defect != "good":
-                (root / shape / "ground_truth" / defect).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(images[i]).save(root / shape / sub / f"{i:03d}.png")
-                if defect != "good":
-                    Image.fromarray(masks[i].astype(np.uint8) * 255).save(
-                        root / shape / "ground_truth" / defect / f"{i:03d}_mask.png")
-    return root

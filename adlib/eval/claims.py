@@ -134,7 +134,7 @@ class TrainingRecord:
     ``held_out`` loss per epoch where there is a held-out set, the learning rate per epoch (``lr``; empty when
     constant), and ``discarded`` (why the run was not used; "" when it was).
 
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
+    Defined in: "All methods, one benchmark" (``notebooks/11_benchmark.ipynb``).
     """
 
     name: str

@@ -5,8 +5,6 @@ a time, and its metrics are averaged over the objects, as MVTec AD results are r
 :func:`per_object` gives that table. Trained variants are run with several seeds: :func:`mean_of_runs` averages
 their tables, :func:`interval_table` writes "mean [low, high]" cells with a Student-t interval over a table's rows
 (objects or seeds), and :func:`interval_bounds` gives the same intervals as numbers, for error bars.
-:func:`object_image_draws` resamples objects and, within them, images, for intervals of differences between rows
-that hold both the spread between objects and the sampling of each object's test images.
 
 Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
 """
@@ -43,7 +41,7 @@ def per_object(
     every object of ``images`` in order of appearance). Returns a DataFrame with one row per object and a last row
     ``"mean"`` (the unweighted mean of the objects' rows), columns :data:`METRICS`. ``maps``: a dict that receives
     the map of every image whose index (into ``images``) is in ``shown``, for a heatmap figure. ``kept``: a dict that
-    receives every object's (image scores, maps), for :func:`object_image_draws`.
+    receives every object's (image scores, maps), for :func:`adlib.bench.benchmark.object_image_draws`.
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
@@ -102,48 +100,3 @@ def interval_bounds(tables: Mapping[str, pd.DataFrame]) -> tuple[pd.DataFrame, p
     parts = {name: {col: spread_interval(t[col]) for col in t.columns} for name, t in tables.items()}
     return tuple(pd.DataFrame({name: {col: cell[k] for col, cell in row.items()} for name, row in parts.items()}).T
                  for k in range(3))  # type: ignore[return-value]
-
-
-def object_image_draws(images: ImageSet, runs: Mapping[str, Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]]],
-                       metric: str, n_boot: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
-    """Bootstrap draws (n_boot,) of each row's mean over objects of ``metric`` (one of :data:`METRICS`), resampling
-    at both levels: the objects with replacement, then, for every drawn copy of an object, its normal and its
-    defective test images with replacement (class counts kept; :func:`adlib.bench.benchmark.resample_weights`).
-
-    ``runs[row]``: one dict per training seed, ``{object: (image scores (M,), maps (M, H, W))}`` as
-    :func:`per_object` keeps them for the M test images of the object in ``images`` (labels and masks); a row's
-    value in a draw is the mean over its seeds. Every row sees the same draws, so the draws of ``a - b`` give a paired
-    interval (:func:`adlib.eval.claims.percentile_interval`). A reweighting's metrics are the benchmark's: the
-    Mann-Whitney image AUROC, and pixel counts above a grid of thresholds (:class:`adlib.bench.benchmark.PixelCounts`).
-
-    Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
-    """
-    from adlib.bench.benchmark import PixelCounts, image_auroc_draws, resample_weights
-
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
-    names = np.asarray(images.objects)
-    objects = list(dict.fromkeys(images.objects))
-    rng = np.random.default_rng(seed)
-    copies = rng.multinomial(len(objects), np.full(len(objects), 1.0 / len(objects)), size=n_boot)  # (B, O)
-    totals = {row: np.zeros(n_boot) for row in runs}
-    for k, name in enumerate(objects):
-        idx = np.flatnonzero(names == name)
-        labels, masks = images.labels[idx], images.masks[idx]
-        n_copies = int(copies[:, k].max())
-        if n_copies == 0:
-            continue
-        # one independent draw of the images per copy: (copies, B, M) counts
-        weights = np.stack([resample_weights(labels, n_boot, int(rng.integers(2**31))) for _ in range(n_copies)])
-        used = np.arange(n_copies)[:, None] < copies[None, :, k]  # (copies, B): the copies each draw holds
-        for row, seeds in runs.items():
-            values = []
-            for kept in seeds:
-                scores, maps = kept[name]
-                if metric == "image_auroc":
-                    values.append(np.stack([image_auroc_draws(labels, scores, w) for w in weights]))
-                else:
-                    counts = PixelCounts.from_maps(masks, maps)
-                    values.append(np.stack([counts.metrics(w)[metric] for w in weights]))
-            totals[row] += (np.mean(values, axis=0) * used).sum(axis=0)  # over the copies in each draw
-    return {row: total / len(objects) for row, total in totals.items()}

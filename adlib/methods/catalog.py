@@ -33,6 +33,8 @@ METHODS = {
            "autoencoder / VAE (kind=vae) trained on the normal images; residual map, mean residual score"),
     "winclip": ("adlib.methods.winclip:WinCLIPDetector",
                 "WinCLIP-style zero-shot (Jeong et al. 2023): prompt-ensemble anchors vs CLIP tokens; no training"),
+    "aaclip": ("adlib.recipes.aaclip_caption:AACLIPDetector",
+               "AA-CLIP (Ma et al. 2025), zero-shot: chapter 10's shipped adapters over the tiny CLIP; no training"),
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import open_clip
@@ -22,7 +22,7 @@ from torch import nn
 
 from adlib.eval import metrics
 from adlib.features.clip import CLASS_TEMPLATES, class_embeddings, tokenize, zero_shot_logits
-from adlib.training.loop import RandomSteps, fit
+from adlib.training.loop import FitSetup, RandomSteps, fit
 
 # Hand-crafted negations in the spirit of the paper's baseline prompts (e.g. "a photo without {}"): what a frozen
 # text encoder makes of "no" without being taught it.
@@ -130,28 +130,56 @@ def train_no_encoder(
     captions: Sequence[str],
     *,
     steps: int = 300,
+    log_every: int = 0,
+    checkpoint: str | os.PathLike | None = None,
+    budget_s: float | None = None,
+    **options: Any,
+) -> list[dict[str, float]]:
+    """Train the "no" encoder (and its prompts) for ``steps`` with :func:`clipn_loss`; CLIP itself is not trained
+    (its text embeddings are computed without gradients) and is left as it came: its ``requires_grad`` flags are not
+    touched. ``options``: those of :func:`no_encoder_training` (batch size, learning rate, positives, seed).
+
+    The loop is :func:`adlib.training.loop.fit` with one step per "epoch", so the history has one dict of losses per
+    step (with its ``"epoch"`` = step number), ``log_every`` > 0 prints every that many steps, ``checkpoint`` saves
+    after every step and resumes from the file, and ``budget_s`` (with a checkpoint) stops after that many seconds, to
+    go on with the same call.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    """
+    setup = no_encoder_training(model, no_encoder, image_emb, captions, steps=steps, **options)
+    no_encoder.train()
+    try:
+        return fit(setup.step, setup.loader, epochs=steps, checkpoint=checkpoint, state=setup.state,
+                   seed=options.get("seed", 0), config=setup.config, progress=log_every > 0,
+                   log_every=max(1, log_every), budget_s=budget_s)
+    finally:
+        no_encoder.eval()
+
+
+def no_encoder_training(
+    model: open_clip.CLIP,
+    no_encoder: NoTextEncoder,
+    image_emb: torch.Tensor,
+    captions: Sequence[str],
+    *,
+    steps: int,
+    steps_per_epoch: int = 1,
     batch_size: int = 128,
     lr: float = 3e-4,
     weight_decay: float = 0.2,
     positives: Callable[[np.ndarray], torch.Tensor] | None = None,
     seed: int = 0,
-    log_every: int = 0,
-    checkpoint: str | os.PathLike | None = None,
-    budget_s: float | None = None,
-) -> list[dict[str, float]]:
-    """Train the "no" encoder (and its prompts) with :func:`clipn_loss`; CLIP itself is not trained (its text
-    embeddings are computed without gradients) and is left as it came: its ``requires_grad`` flags are not touched.
+) -> FitSetup:
+    """The "no" encoder's training of ``steps`` optimiser steps set up for :func:`adlib.training.loop.fit`, in
+    epochs of ``steps_per_epoch`` steps.
 
     ``image_emb`` (N, D): the frozen CLIP's unit image embeddings of the N captioned images (computed
     once, since the image encoder is frozen); ``captions``: N strings. ``positives(batch_indices)``
     returns the (B, B) match matrix of a batch (default: the diagonal). Each step draws a random batch and a
-    random prompt per caption (from :class:`adlib.training.loop.RandomSteps`' generator). The loop is
-    :func:`adlib.training.loop.fit` with one step per "epoch", so the history has one dict of losses per step (with its
-    ``"epoch"`` = step number), ``log_every`` > 0 prints every that many steps, ``checkpoint`` saves after
-    every step and resumes from the file, and ``budget_s`` (with a checkpoint) stops after that many seconds, to go
-    on with the same call. The optimiser is the official one (AdamW, cosine schedule over ``steps``; see the code).
+    random prompt per caption (from :class:`adlib.training.loop.RandomSteps`' generator). The optimiser is the
+    official one (AdamW, cosine schedule over ``steps``; see the code); a step logs its losses and the learning rate.
 
-    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    Used by: ``adlib.methods.clipn.train_no_encoder``, ``adlib.recipes.clipn_caption.setup``.
     """
     if len(image_emb) != len(captions):
         raise ValueError(f"{len(image_emb)} image embeddings but {len(captions)} captions: give one caption per image.")
@@ -180,18 +208,16 @@ def train_no_encoder(
         parts = clipn_loss(image_emb[idx], text_emb[idx], no_emb, scale, pos)
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
+        lr_used = opt.param_groups[0]["lr"]
         opt.step()
         schedule.step()
-        return {k: v.item() for k, v in parts.items()}
+        return {k: v.item() for k, v in parts.items()} | {"lr": lr_used}
 
-    no_encoder.train()
-    try:
-        return fit(step, RandomSteps(1, seed), epochs=steps, checkpoint=checkpoint,
-                   state={"no_encoder": no_encoder, "optimizer": opt, "schedule": schedule}, seed=seed,
-                   config={"positives": positives is not None, "steps": steps}, progress=log_every > 0,
-                   log_every=max(1, log_every), budget_s=budget_s)
-    finally:
-        no_encoder.eval()
+    if steps % steps_per_epoch:
+        raise ValueError(f"steps ({steps}) must be a multiple of steps_per_epoch ({steps_per_epoch}).")
+    return FitSetup(step, RandomSteps(steps_per_epoch, seed),
+                    {"no_encoder": no_encoder, "optimizer": opt, "schedule": schedule},
+                    {"positives": positives is not None, "steps": steps})
 
 
 def yes_no_logits(model: open_clip.CLIP, no_encoder: NoTextEncoder, image_emb: torch.Tensor,

@@ -18,13 +18,15 @@ import math
 from functools import lru_cache
 
 import open_clip
+import torch
 from torch import nn
 
 import adlib
 from adlib.data import captionworld
 from adlib.data.imageset import ImageSet
 from adlib.features import clip
-from adlib.methods.aaclip import adapters, training
+from adlib.methods.aaclip import adapters, scoring, training
+from adlib.methods.base import PatchScores, ZeroShotDetector
 from adlib.methods.cfa import is_flat
 from adlib.recipes.checkpoints import CHECKPOINT_RECIPES, CheckpointRecipe, TrainedCheckpoint, Training, load_or_train
 
@@ -163,6 +165,34 @@ def trained_aaclip(variant: str, seed: int, shots: int | None = None, retrain: b
     trained = [load_or_train(name_of(n, seed, shots), retrain=retrain) for n in names]
     # a retrained stage 2 builds on the shipped stage 1, so the last training's model holds both stages
     return trained[-1].model.aaclip, trained
+
+
+class AACLIPDetector(ZeroShotDetector):
+    """Chapter 10's AA-CLIP, zero-shot on whatever object ``object_name`` names: the shipped adapters of training
+    seed ``seed`` (:func:`trained_aaclip`: both stages, adapted on the caption world's ten training objects
+    with four defect types), over the shipped tiny CLIP. ``fit`` learns nothing from the normal images (they are not
+    used, as in the paper's zero-shot setting); ``predict`` gives the official maps (logit differences blurred by one
+    patch) and the fused image score, normalised with the ranges of the training objects' normal images. The book's
+    post-processing then blurs the maps by ``sigma`` pixels, as every detector's.
+
+    Used by: ``adlib.methods.catalog.METHODS``.
+    """
+
+    method = "aaclip"
+
+    def __init__(self, object_name: str = "object", seed: int = 0, sigma: float = 4.0, device: str = "cpu",
+                 batch_size: int = 32):
+        super().__init__(sigma=sigma, device=device, seed=seed, batch_size=batch_size)
+        self.object_name = object_name
+        self.aaclip = trained_aaclip("both", seed)[0].to(device)  # not self.model: nothing to save
+        self.scorer = scoring.fused_scorer(self.aaclip, 2, training_set())
+
+    def hparams(self) -> dict:
+        return {"object_name": self.object_name} | super().hparams()
+
+    def score_images(self, images: torch.Tensor) -> PatchScores:
+        image_scores, maps = self.scorer(images, self.object_name)
+        return PatchScores(maps, image_scores)  # maps at image size already: the shared post-processing only blurs
 
 
 for _s in SEEDS:

@@ -81,7 +81,7 @@ CHECKPOINT_RECIPES: dict[str, CheckpointRecipe] = {}
 #: :func:`recipe` imports them, so a recipe is found without importing its chapter's code first.
 RECIPE_MODULES: tuple[str, ...] = ("adlib.recipes.recon_mnist", "adlib.recipes.ssl_occ_digits",
                                    "adlib.recipes.simclr_digits", "adlib.recipes.cfa_synthtex",
-                                   "adlib.recipes.aaclip_caption")
+                                   "adlib.recipes.aaclip_caption", "adlib.recipes.clipn_caption")
 
 
 @dataclass

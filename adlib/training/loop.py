@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -188,6 +188,20 @@ class IndexBatches:
     def __iter__(self):
         order = torch.randperm(self.n, generator=self.generator).numpy()
         return iter([order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)])
+
+
+class FitSetup(NamedTuple):
+    """One training set up for :func:`fit` and not yet run: the ``step`` function, the ``loader``, the ``state`` fit
+    checkpoints (models, optimisers, schedules) and the ``config`` it fingerprints. A recipe that ships the model
+    (``adlib.recipes.checkpoints.Training``) takes these four from a method's set-up function.
+
+    Used by: ``adlib.methods.aaclip.training.text_adapter_training``, ``adlib.methods.clipn.no_encoder_training``.
+    """
+
+    step: StepFn
+    loader: Any
+    state: dict[str, Any]
+    config: dict[str, Any]
 
 
 class RandomSteps:

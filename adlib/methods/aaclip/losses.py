@@ -12,7 +12,7 @@ def disentangle_loss(anchors: torch.Tensor) -> torch.Tensor:
 
     ``anchors`` (B, 2, D) or (2, D) unit anchors [normal, anomalous] -> scalar ``(mean_b n_b . a_b)^2``.
 
-    Used by: ``adlib.methods.aaclip.training.train_text_adapters``.
+    Used by: ``adlib.methods.aaclip.training.text_adapter_training``.
     """
     if anchors.dim() == 2:
         anchors = anchors[None]
@@ -49,7 +49,7 @@ def segmentation_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     ``probs`` (N, 2, H, W) probabilities, ``mask`` (N, H, W) in {0, 1} -> scalar.
 
-    Used by: ``adlib.methods.aaclip.training.train_image_adapters``.
+    Used by: ``adlib.methods.aaclip.training.stage2_loss``.
     """
     mask = mask.to(probs.dtype)
     return focal_loss(probs, mask) + dice_loss(probs[:, 0], 1.0 - mask) + dice_loss(probs[:, 1], mask)

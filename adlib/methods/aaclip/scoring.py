@@ -30,7 +30,7 @@ def similarity_logits(patches: torch.Tensor, anchors: torch.Tensor, scale: float
 def similarity_probs(patches: torch.Tensor, anchors: torch.Tensor, scale: float, size: int) -> torch.Tensor:
     """Training maps as the official code: logits upsampled (bilinear) to ``size``, then softmax -> (N, 2, size, size).
 
-    Used by: ``adlib.methods.aaclip.training.train_image_adapters``.
+    Used by: ``adlib.methods.aaclip.training.stage2_loss``.
     """
     logits = F.interpolate(similarity_logits(patches, anchors, scale), size=(size, size), mode="bilinear",
                            align_corners=True)

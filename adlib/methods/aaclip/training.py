@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import numpy as np
 import open_clip
@@ -15,7 +15,7 @@ from adlib.features.clip import image_size, to_tensor
 from adlib.methods.aaclip.adapters import AACLIP
 from adlib.methods.aaclip.losses import disentangle_loss, segmentation_loss
 from adlib.methods.aaclip.scoring import similarity_probs
-from adlib.training.loop import IndexBatches, StepFn, fit
+from adlib.training.loop import FitSetup, IndexBatches, fit
 
 # --------------------------------------------------------------------------- training
 
@@ -97,7 +97,7 @@ def text_adapter_training(
     cached_views: int | None = None,
     feature_cache_bytes: int = 2**30,
     seed: int = 0,
-) -> AdapterTraining:
+) -> FitSetup:
     """Stage 1 set up for :func:`adlib.training.loop.fit`: the text adapters trained against frozen CLIP image
     features.
 
@@ -197,7 +197,7 @@ def image_adapter_training(
     seed: int = 0,
     adapted_anchors: bool = True,
     augmentation: bool = True,
-) -> AdapterTraining:
+) -> FitSetup:
     """Stage 2 set up for :func:`adlib.training.loop.fit`: the image adapters and projections, the text anchors
     fixed.
 
@@ -263,7 +263,7 @@ def joint_adapter_training(
     disentangle_weight: float = 0.1,
     seed: int = 0,
     augmentation: bool = True,
-) -> AdapterTraining:
+) -> FitSetup:
     """One stage instead of two, set up for :func:`adlib.training.loop.fit`: the text and the image side trained
     at once on stage 2's loss (:func:`stage2_loss`) against the anchors of the text encoder being trained (recomputed
     every batch, with gradients), plus stage 1's ``disentangle_weight`` times the disentangle loss. Each side keeps
@@ -286,24 +286,9 @@ def joint_adapter_training(
                              (text_lr, lr), batch_size, seed, f"joint (augmentation {augmentation})")
 
 
-class AdapterTraining(NamedTuple):
-    """One stage set up for :func:`adlib.training.loop.fit`: ``parameters`` (what trains, and all a checkpoint
-    keeps), the ``step`` function, the ``loader`` of index batches, the ``state`` fit checkpoints and the ``config``
-    it fingerprints.
-
-    Used by: ``adlib.methods.aaclip.training.text_adapter_training``, ``adlib.recipes.aaclip_caption.setup``.
-    """
-
-    parameters: torch.nn.ParameterList
-    step: StepFn
-    loader: IndexBatches
-    state: dict[str, Any]
-    config: dict[str, Any]
-
-
 def _adapter_training(text: list[torch.nn.Parameter], image: list[torch.nn.Parameter],
                       batch_loss: Callable[[np.ndarray], torch.Tensor], n: int, lrs: tuple[float, float],
-                      batch_size: int, seed: int, stage: str) -> AdapterTraining:
+                      batch_size: int, seed: int, stage: str) -> FitSetup:
     """What every stage shares: Adam with betas (0.5, 0.999) as the official code (the ``text`` parameters at
     ``lrs[0]``, the ``image`` ones at ``lrs[1]``), seeded shuffled batches of indices into the n training images
     (:class:`adlib.training.loop.IndexBatches`), ``batch_loss(idx)`` per batch."""
@@ -318,11 +303,11 @@ def _adapter_training(text: list[torch.nn.Parameter], image: list[torch.nn.Param
         optimizer.step()
         return {"loss": loss.item()}
 
-    return AdapterTraining(trained, step, IndexBatches(n, batch_size, seed),
-                           {stage: trained, "optimizer": optimizer}, {"stage": stage})
+    return FitSetup(step, IndexBatches(n, batch_size, seed), {stage: trained, "optimizer": optimizer},
+                    {"stage": stage})
 
 
-def _fit(model: AACLIP, training: AdapterTraining, epochs: int, checkpoint: str | os.PathLike | None,
+def _fit(model: AACLIP, training: FitSetup, epochs: int, checkpoint: str | os.PathLike | None,
          progress: bool) -> list[dict[str, float]]:
     """``training`` through :func:`adlib.training.loop.fit` for ``epochs`` (saved after every epoch to
     ``checkpoint`` and resumed from it), the model in training mode meanwhile; fit's history."""
