@@ -85,16 +85,20 @@ class PixelCounts:
                    anomalous=m.sum(axis=(1, 2)).astype(np.float64), true_pos=at_or_above(m.astype(float)),
                    regions=regions, overlap=at_or_above(inverse_size[labels]))
 
-    def metrics(self, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Pixel AUROC and AUPRO (to FPR 0.3, normalised) for image ``weights`` (B, N) (None: each image once);
-        returns arrays (B,)."""
+    def curves(self, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ROC and PRO curves for image ``weights`` (B, N) (None: each image once): FPR, TPR and PRO, each
+        (B, T + 2), ascending from 0 to 1."""
         w = np.ones((1, len(self.normal))) if weights is None else np.atleast_2d(weights).astype(np.float64)
         fpr = (w @ self.false_pos) / (w @ self.normal)[:, None]   # (B, T), decreasing along T
         tpr = (w @ self.true_pos) / (w @ self.anomalous)[:, None]
         pro = (w @ self.overlap) / (w @ self.regions)[:, None]
         zeros, ones = np.zeros((len(w), 1)), np.ones((len(w), 1))
-        fpr = np.hstack([zeros, fpr[:, ::-1], ones])
-        tpr, pro = np.hstack([zeros, tpr[:, ::-1], ones]), np.hstack([zeros, pro[:, ::-1], ones])
+        return tuple(np.hstack([zeros, c[:, ::-1], ones]) for c in (fpr, tpr, pro))  # type: ignore[return-value]
+
+    def metrics(self, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Pixel AUROC and AUPRO (to FPR 0.3, normalised) for image ``weights`` (B, N) (None: each image once);
+        returns arrays (B,)."""
+        fpr, tpr, pro = self.curves(weights)
         return {"pixel_auroc": np.array([metrics.trapezoid_to(f, r, 1.0) for f, r in zip(fpr, tpr)]),
                 "aupro": np.array([metrics.trapezoid_to(f, p, 0.3) / 0.3 for f, p in zip(fpr, pro)])}
 
@@ -164,6 +168,9 @@ def object_image_draws(images: ImageSet, runs: Mapping[str, Sequence[Mapping[str
                 scores, maps = kept[name]
                 if metric == "image_auroc":
                     values.append(np.stack([image_auroc_draws(labels, scores, w) for w in weights]))
+                elif metric == "pixel_auroc":  # the whole ROC curve: one vectorised trapezoid per copy
+                    counts = PixelCounts.from_maps(masks, maps)
+                    values.append(np.stack([np.trapezoid(*counts.curves(w)[:2][::-1], axis=1) for w in weights]))
                 else:
                     counts = PixelCounts.from_maps(masks, maps)
                     values.append(np.stack([counts.metrics(w)[metric] for w in weights]))

@@ -8,9 +8,9 @@ and 18 few-shot ones; so they are trained here (``python -m adlib train-checkpoi
 (:func:`adlib.methods.cfa.is_flat`), at most :data:`MAX_SHARE` times the official steps, and shipped with their
 training records. The chapter loads them, else trains them.
 
-Stage 2 keeps the official batch of 2 and learning rate of 5e-4. Stage 1 keeps the book's batch of 64 at 1e-2
-with four cached augmented views (the official 1e-5 at batch 16 barely moves the tiny CLIP's randomly started
-projection in 680 steps). Card: ``AACLIP_CAPTION.md``.
+Stage 2 keeps the official batch of 2 and learning rate of 5e-4. Stage 1 keeps the values of earlier versions of
+chapter 10, a batch of 64 at 1e-2 with four cached augmented views (the official 1e-5 at batch 16 was not tried on
+the tiny CLIP). Card: ``AACLIP_CAPTION.md``.
 """
 from __future__ import annotations
 
