@@ -118,10 +118,12 @@ def text_adapter_training(
     _check_training_data(train)
     scale, size, names = model.logit_scale, train.masks.shape[-1], train.objects
     frozen = None if augmentation else _frozen_features_once(model, train, feature_cache_bytes)
-    views = _frozen_views(model, train, cached_views, seed) if augmentation and cached_views else None
+    views: list = []  # the cached views, computed at the first step (a set-up that only loads weights skips them)
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
-        if views is not None:  # one cached augmented view per image, drawn from fit's seeded generator
+        if augmentation and cached_views:  # one cached augmented view per image, from fit's seeded generator
+            if not views:
+                views.extend(_frozen_views(model, train, cached_views, seed))
             v = torch.randint(len(views[0]), (len(idx),))
             patches, image_emb, mask = (part[v, idx] for part in views)
             label = torch.as_tensor(train.labels[idx]).long().to(patches.device)
