@@ -479,3 +479,17 @@ def test_shipped_adapters_stop_where_their_rule_first_holds_and_load_into_one_mo
                                                      model.image_parameters()))
     shipped = clip.load_tiny_clip(None).state_dict()
     assert all(torch.equal(v, shipped[k]) for k, v in model.clip.state_dict().items())
+
+
+def test_the_bench_detector_scores_as_chapter_10_with_the_shipped_adapters():
+    from adlib.data import captionworld
+    from adlib.methods import catalog
+    from adlib.recipes import aaclip_caption
+
+    test = captionworld.labelled_set(("pentagon",), 2, 1, seed=1)
+    detector = catalog.make_detector("aaclip", object_name="pentagon", sigma=0.0)
+    scores = detector.fit(test[test.labels == 0]).predict(test)  # zero-shot: fit learns nothing
+    model, _ = aaclip_caption.trained_aaclip("both", 0)
+    image_scores, maps = scoring.fused_scorer(model, 2, aaclip_caption.training_set())(test, "pentagon")
+    np.testing.assert_allclose(scores.image, image_scores)
+    np.testing.assert_allclose(scores.maps, maps, rtol=1e-6, atol=1e-9)

@@ -134,11 +134,12 @@ def test_a_second_run_keeps_the_first_as_discarded_and_errors_say_what_to_do(wei
 
 
 def _one_recipe_per_kind() -> list[checkpoints.CheckpointRecipe]:
-    """The first recipe of each kind: names that differ only in their digits (digit, class, seed) or in a width
-    (``-w<width>``: the same code; a full-width epoch would add half a minute here) share a setup."""
+    """The first recipe of each kind: names that differ only in their digits (digit, class, seed), in a width
+    (``-w<width>``: the same code; a full-width epoch would add half a minute here), a length (``-x<factor>``) or a
+    number of shots (``-k<shots>``) share a setup."""
     kinds: dict[str, checkpoints.CheckpointRecipe] = {}
     for name, spec in checkpoints.all_recipes().items():
-        kinds.setdefault(re.sub(r"\d+", "#", re.sub(r"-w\d+$", "", name)), spec)
+        kinds.setdefault(re.sub(r"\d+", "#", re.sub(r"-w\d+$|-[xk]\d+", "", name)), spec)
     return list(kinds.values())
 
 
