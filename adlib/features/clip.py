@@ -108,7 +108,7 @@ def context_length(model: open_clip.CLIP) -> int:
 def tokenize(texts: Sequence[str] | str, model: open_clip.CLIP) -> torch.Tensor:
     """open_clip's BPE tokenizer (offline) at the model's context length: (T,) strings -> (T, L) int64.
 
-    Used by: ``adlib.methods.clipn.train_no_encoder``, ``adlib.recipes.tiny_clip.train_tiny_clip``.
+    Used by: ``adlib.methods.clipn.no_encoder_training``, ``adlib.recipes.tiny_clip.train_tiny_clip``.
     """
     return open_clip.tokenize(texts, context_length=context_length(model))
 

@@ -209,7 +209,7 @@ class RandomSteps:
     is ``steps`` steps, and each step receives the loader's seeded ``generator`` to draw from. :func:`fit` saves and
     restores it, so a resumed run draws what an uninterrupted one would.
 
-    Used by: ``adlib.methods.clipn.train_no_encoder``, ``adlib.recipes.tiny_clip.train_tiny_clip``.
+    Used by: ``adlib.methods.clipn.no_encoder_training``, ``adlib.recipes.tiny_clip.train_tiny_clip``.
     """
 
     def __init__(self, steps: int, seed: int = 0):

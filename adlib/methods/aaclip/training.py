@@ -103,7 +103,8 @@ def text_adapter_training(
 
     ``train``: an :class:`adlib.data.imageset.ImageSet` of normal and anomalous images (float (N, 3, H, W) in
     [0, 1]) with ``labels`` (1 = anomalous), ``masks`` (N, H, W) and ``objects`` (the object name of each image,
-    which its prompts use). Per batch, as the official ``train_text_adapter``: the segmentation loss of the
+    which its prompts use), in seeded shuffled batches (:class:`adlib.training.loop.IndexBatches`). Per batch, as
+    the official ``train_text_adapter``: the segmentation loss of the
     (patch + class) features against the anchors (last layer) and ``disentangle_weight`` times the disentangle loss;
     ``image_loss=True`` adds the image-level cross-entropy of the class embedding against the two anchors that
     the paper's text describes. Adam with betas (0.5, 0.999); the defaults are the official code's values.
