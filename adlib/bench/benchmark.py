@@ -168,11 +168,12 @@ def object_image_draws(images: ImageSet, runs: Mapping[str, Sequence[Mapping[str
                 scores, maps = kept[name]
                 if metric == "image_auroc":
                     values.append(np.stack([image_auroc_draws(labels, scores, w) for w in weights]))
-                elif metric == "pixel_auroc":  # the whole ROC curve: one vectorised trapezoid per copy
-                    counts = PixelCounts.from_maps(masks, maps)
-                    values.append(np.stack([np.trapezoid(*counts.curves(w)[:2][::-1], axis=1) for w in weights]))
+                    continue
+                counts = PixelCounts.from_maps(masks, maps)
+                if metric == "pixel_auroc":  # the whole ROC curve: one vectorised trapezoid per copy
+                    curves = [counts.curves(w) for w in weights]
+                    values.append(np.stack([np.trapezoid(tpr, fpr, axis=1) for fpr, tpr, _ in curves]))
                 else:
-                    counts = PixelCounts.from_maps(masks, maps)
                     values.append(np.stack([counts.metrics(w)[metric] for w in weights]))
             totals[row] += (np.mean(values, axis=0) * used).sum(axis=0)  # over the copies in each draw
     return {row: total / len(objects) for row, total in totals.items()}
