@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         DEFAULT_IMAGE_SIZE,
         SWEEP,
         TARGET_FPR,
+        ZERO_SHOT,
     )
     from adlib.features.backbones import BACKBONES
     from adlib.methods.catalog import METHODS
@@ -130,9 +131,8 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="every method on one MVTec-format folder: quality with intervals, cost")
     b.add_argument("--data", required=True, type=Path, help="root folder: ROOT/<category>/train/good, test/, ...")
-    b.add_argument("--methods", nargs="+", default=[m for m in SWEEP if m not in ("winclip", "aaclip")],
-                   choices=list(SWEEP), help="default: all but the zero-shot winclip and aaclip, which need a CLIP "
-                   "that knows the category names (the shipped tiny CLIP knows the caption world's only)")
+    b.add_argument("--methods", nargs="+", default=[m for m in SWEEP if m not in ZERO_SHOT],
+                   choices=list(SWEEP), help=f"default: all but the zero-shot {', '.join(ZERO_SHOT)}")
     b.add_argument("--categories", nargs="+", help="categories to run (default: all under --data)")
     b.add_argument("--seeds", nargs="+", type=int, default=[0])
     b.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))

@@ -464,6 +464,44 @@ def test_no_encoder_training_resumes_bit_exactly(model, tmp_path):
         assert torch.equal(v, resumed.state_dict()[k]), k
 
 
+def test_no_encoders_trained_in_processes_equal_those_trained_here(model):
+    """Chapter 9's study trains its encoders two at a time in fresh processes: the same tensors and histories as one
+    :func:`clipn.train_no_encoder` after another here, for the diagonal and for a match matrix."""
+    data = toyworld.sample(16, seed=1, image_size=32)
+    image_emb, _ = clip.encode_images(model, data.images)
+    match = toyworld.match_matrix(data.captions, data.scenes)
+    runs = [(image_emb, data.captions, None, 3), (image_emb, data.captions, match, 4)]
+    args = dict(steps=3, batch_size=8, lr=3e-3)
+    apart = clipn.train_no_encoders(model, runs, n_jobs=2, **args)
+    for (emb, captions, mm, seed), (encoder, history) in zip(runs, apart):
+        here = clipn.NoTextEncoder(model)
+        positives = None if mm is None else (lambda idx, mm=mm: torch.from_numpy(mm[np.ix_(idx, idx)]))
+        assert history == clipn.train_no_encoder(model, here, emb, captions, positives=positives, seed=seed, **args)
+        for k, v in here.state_dict().items():
+            assert torch.equal(v, encoder.state_dict()[k]), k
+
+
+def test_the_bench_clipn_detector_scores_as_chapter_9_with_the_shipped_encoder():
+    """The image score is chapter 9's competing-to-win with the object as the only ID class (agreeing-to-differ ranks
+    the images the same way then); the map holds the same score of every patch token."""
+    from adlib.data import captionworld
+    from adlib.methods import catalog
+    from adlib.recipes import clipn_caption
+
+    test = captionworld.labelled_set(("pentagon",), 2, 1, seed=1)
+    out = catalog.make_detector("clipn", object_name="pentagon", sigma=0.0).fit(test[test.labels == 0]).predict(test)
+    tiny, encoder = clip.load_tiny_clip(None), clipn_caption.trained_no_encoder(0).model
+    global_emb, patch_emb = clip.encode_images(tiny, test)
+    yes, no = clipn.yes_no_logits(tiny, encoder, global_emb, ["pentagon"])
+    np.testing.assert_allclose(out.image, clipn.ctw_score(yes, no), rtol=1e-5)
+    assert (np.argsort(clipn.atd_score(yes, no)) == np.argsort(out.image)).all()
+    yes, no = clipn.yes_no_logits(tiny, encoder, patch_emb[0], ["pentagon"])  # the first image's patches
+    side = int(len(patch_emb[0]) ** 0.5)
+    cell = test.size[0] // side
+    centres = out.maps[0][cell // 2::cell, cell // 2::cell]  # bilinear upsampling keeps the cells' centres near
+    assert np.corrcoef(centres.ravel(), clipn.ctw_score(yes, no))[0, 1] > 0.9
+
+
 def test_paper_data_readers(tmp_path):
     from PIL import Image
 

@@ -204,7 +204,8 @@ SMALL = {"patchknn": RANDOM, "spade": RANDOM | {"k": 2}, "patchcore": RANDOM | {
          "students": RANDOM | {"teacher": None, "n_patches": 64, "teacher_epochs": 1, "student_epochs": 1, "n_val": 1,
                                "dim": 4, "width": 4},
          "ae": {"epochs": 2, "train_batch_size": 2, "latent_dim": 8, "base_channels": 4},
-         "winclip": {"object_name": "star"}, "aaclip": {"object_name": "pentagon"}}
+         "winclip": {"object_name": "star"}, "aaclip": {"object_name": "pentagon"},
+         "clipn": {"object_name": "pentagon"}}
 
 
 @pytest.mark.parametrize("method", sorted(catalog.METHODS))

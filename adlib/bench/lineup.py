@@ -37,4 +37,8 @@ SWEEP: dict[str, tuple[str, dict[str, Any]]] = {
     "vae": ("ae", {"kind": "vae"}),
     "winclip": ("winclip", {}),
     "aaclip": ("aaclip", {}),
+    "clipn": ("clipn", {}),
 }
+#: The zero-shot methods of :data:`SWEEP`: they need a CLIP that knows the category names (the shipped tiny CLIP knows
+#: the caption world's only), so ``bench`` leaves them out unless named.
+ZERO_SHOT = ("winclip", "aaclip", "clipn")

@@ -35,6 +35,9 @@ METHODS = {
                 "WinCLIP-style zero-shot (Jeong et al. 2023): prompt-ensemble anchors vs CLIP tokens; no training"),
     "aaclip": ("adlib.recipes.aaclip_caption:AACLIPDetector",
                "AA-CLIP (Ma et al. 2025), zero-shot: chapter 10's shipped adapters over the tiny CLIP; no training"),
+    "clipn": ("adlib.recipes.clipn_caption:CLIPNDetector",
+              "CLIPN (Wang et al. 2023), zero-shot: chapter 9's shipped 'no' encoder asks 'not a photo of the "
+              "object?'; no training"),
 }
 
 

@@ -10,6 +10,7 @@ Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adlib.core.runtime import in_fresh_processes
 from adlib.eval import metrics
 from adlib.features.clip import CLASS_TEMPLATES, class_embeddings, tokenize, zero_shot_logits
 from adlib.training.loop import FitSetup, RandomSteps, fit
@@ -154,6 +156,39 @@ def train_no_encoder(
                    log_every=max(1, log_every), budget_s=budget_s)
     finally:
         no_encoder.eval()
+
+
+def train_no_encoders(model: open_clip.CLIP, runs: Sequence[tuple[torch.Tensor, Sequence[str], np.ndarray | None, int]],
+                      *, n_jobs: int = 1, **options: Any) -> list[tuple[NoTextEncoder, list[dict[str, float]]]]:
+    """One "no" encoder per run, each trained by :func:`train_no_encoder` from a fresh copy of ``model``'s text tower:
+    a run is ((N, D) unit image embeddings, N captions, the (N, N) boolean match matrix of image and caption or None
+    for the diagonal, seed). ``options``: steps, batch size, learning rate. Returns (encoder, history) per run, in
+    order. ``n_jobs`` > 1 trains that many at a time, each in its own process on one thread (``model`` is copied into
+    each); the encoders are the same tensors as with ``n_jobs=1``.
+
+    Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
+    """
+    calls = [{"model": model, "image_emb": emb, "captions": list(captions), "match": match, "seed": seed} | options
+             for emb, captions, match, seed in runs]
+    done = [_trained_encoder(**call) for call in calls] if n_jobs == 1 else \
+        in_fresh_processes(_trained_encoder, calls, n_jobs=n_jobs)
+    out = []
+    for state, history in done:
+        encoder = NoTextEncoder(model)
+        encoder.load_state_dict(torch.load(io.BytesIO(state)))
+        out.append((encoder.eval(), history))
+    return out
+
+
+def _trained_encoder(model: open_clip.CLIP, image_emb: torch.Tensor, captions: list[str], match: np.ndarray | None,
+                     seed: int, **options: Any) -> tuple[bytes, list[dict[str, float]]]:
+    # the state as bytes: a tensor returned from a process that has ended cannot be received
+    encoder = NoTextEncoder(model)
+    positives = None if match is None else (lambda idx: torch.from_numpy(match[np.ix_(idx, idx)]))
+    history = train_no_encoder(model, encoder, image_emb, captions, positives=positives, seed=seed, **options)
+    state = io.BytesIO()
+    torch.save(encoder.state_dict(), state)
+    return state.getvalue(), history
 
 
 def no_encoder_training(

@@ -15,12 +15,15 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 
 from adlib.data import captionworld
 from adlib.features import clip
 from adlib.methods import clipn
+from adlib.methods.base import PatchScores, ZeroShotDetector
 from adlib.recipes.checkpoints import CHECKPOINT_RECIPES, CheckpointRecipe, TrainedCheckpoint, Training, load_or_train
 from adlib.training.loop import steps_per_epoch
 
@@ -92,6 +95,42 @@ def trained_no_encoder(seed: int, factor: int = 1, retrain: bool = False) -> Tra
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     return load_or_train(name_of(seed, factor), retrain=retrain)
+
+
+class CLIPNDetector(ZeroShotDetector):
+    """Chapter 9's CLIPN asked a defect question: "is this *not* a photo of ``object_name``?". The shipped "no"
+    encoder of training seed ``seed`` (:func:`trained_no_encoder`, official steps) over the shipped tiny CLIP, with
+    ``object_name`` as the only ID class; the image score is competing-to-win (:func:`adlib.methods.clipn.ctw_score`:
+    the class's "no" logit minus its "yes" logit; with one ID class agreeing-to-differ ranks the images the same
+    way), the map the same difference for every projected patch token, upsampled bilinearly. ``fit`` learns nothing.
+    The encoder was trained on captions that name objects, colours and backgrounds, never a defect.
+
+    Used by: ``adlib.methods.catalog.METHODS``.
+    """
+
+    method = "clipn"
+
+    def __init__(self, object_name: str = "object", seed: int = 0, sigma: float = 4.0, device: str = "cpu",
+                 batch_size: int = 32):
+        super().__init__(sigma=sigma, device=device, seed=seed, batch_size=batch_size)
+        self.object_name = object_name
+        self.clip_model = clip.load_tiny_clip(None).to(device).eval()  # not self.model: nothing to save
+        self.no_encoder = trained_no_encoder(seed).model.to(device).eval()
+
+    def hparams(self) -> dict:
+        return {"object_name": self.object_name} | super().hparams()
+
+    def score_images(self, images: torch.Tensor) -> PatchScores:
+        global_emb, patch_emb = clip.encode_images(self.clip_model, images)
+        n, p, d = patch_emb.shape
+        tokens = torch.cat([global_emb, patch_emb.view(-1, d)])  # (N + N * P, D): image first, then every patch
+        with torch.no_grad():
+            yes, no = clipn.yes_no_logits(self.clip_model, self.no_encoder, tokens, [self.object_name])
+        scores = clipn.ctw_score(yes, no)
+        side = int(round(math.sqrt(p)))
+        patches = torch.from_numpy(scores[n:]).view(n, 1, side, side)
+        maps = F.interpolate(patches, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
+        return PatchScores(maps[:, 0].numpy(), scores[:n].astype(np.float64))
 
 
 for _s in SEEDS:
