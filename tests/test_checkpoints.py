@@ -136,11 +136,13 @@ def test_a_second_run_keeps_the_first_as_discarded_and_errors_say_what_to_do(wei
 def _one_recipe_per_kind() -> list[checkpoints.CheckpointRecipe]:
     """The first recipe of each kind: names that differ only in their digits (digit, class, seed), in a width
     (``-w<width>``: the same code; a full-width epoch would add half a minute here), a length (``-x<factor>``), a
-    number of shots (``-k<shots>``), AA-CLIP's stage-1 loss (``-imageloss``) or its stage 2's anchors (``alone``:
-    plain CLIP's) share a set-up function."""
+    number of shots (``-k<shots>``), a trailing seed (``-s<seed>``), CFA's SynthTex category (the same code on
+    other images), AA-CLIP's stage-1 loss (``-imageloss``) or its stage 2's anchors (``alone``: plain CLIP's) share a
+    set-up function."""
     kinds: dict[str, checkpoints.CheckpointRecipe] = {}
     for name, spec in checkpoints.all_recipes().items():
         kind = re.sub(r"-w\d+$|-[xk]\d+|-imageloss", "", name).replace("-alone-", "-image-")
+        kind = re.sub(r"^cfa-synthtex-[a-z]+", "cfa-synthtex", re.sub(r"-s\d+$", "", kind))
         kinds.setdefault(re.sub(r"\d+", "#", kind), spec)
     return list(kinds.values())
 
