@@ -185,18 +185,20 @@ def test_the_command_resumes_and_reports(weights_dir, tmp_path, monkeypatch, cap
     assert cli.main(["train-checkpoint", "nothing"]) == 2
 
 
-def test_the_doubled_runs_of_chapters_3_and_5_begin_with_the_shipped_runs():
+def test_the_doubled_runs_of_chapters_3_5_and_10_begin_with_the_shipped_runs():
     # the doubling check compares a run with its own continuation: the first half of every doubled record (-x2, and
     # -x4 after -x2) must be the shorter run's record, epoch for epoch (a retrained x1 without its x2 breaks this),
     # when both ran on the same CPU model (runs without a "cpu" predate its recording: the AMD EPYC machines); on
     # another model the float kernels part the two within the first epoch, so only that epoch is compared, within 5 %
-    from adlib.recipes import recon_mnist, ssl_occ_digits
+    from adlib.recipes import aaclip_caption, recon_mnist, ssl_occ_digits
 
     lengths = (1, *ssl_occ_digits.FACTORS)
     pairs = [(ssl_occ_digits.name_of(m, c, f), ssl_occ_digits.name_of(m, c, f2))
              for c in ssl_occ_digits.CLASSES for m in ssl_occ_digits.DOUBLED for f, f2 in zip(lengths, lengths[1:])]
     pairs += [(recon_mnist.name_of(k, a), recon_mnist.name_of(k, a, factor=recon_mnist.DOUBLING))
               for a in range(10) for k in recon_mnist.KINDS]
+    pairs += [(aaclip_caption.name_of(v, s), aaclip_caption.name_of(v, s, factor=2))
+              for v, seeds in aaclip_caption.DOUBLED.items() for s in seeds]
     table = checkpoints.registry.shipped_weights()
     for once_name, twice_name in pairs:
         once, twice = table[once_name]["record"], table[twice_name]["record"]

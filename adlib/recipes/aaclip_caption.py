@@ -44,6 +44,9 @@ SEEDS, SHOTS = (0, 1, 2), (2, 4, 8)
 VISA_IMAGES, VISA_CATEGORIES = 2162, 12
 #: A training stops at the latest after this many times the official steps (its record then says whether it is flat).
 MAX_SHARE = 1.5
+#: The doubling check's trainings (``-x2``): the joint runs that reached :data:`MAX_SHARE` unconverged, trained again
+#: for twice that length with no stop on the way (their first half is the shipped run, step for step).
+DOUBLED = {"joint": (0, 1)}
 #: variant -> its stage: stage 1 on the full pool; stage 2 after it; stage 2 on plain CLIP's anchors; the one-stage
 #: alternative; stage 1 with the image-level loss of the paper's text (seed 0 only).
 VARIANTS = {"text": "stage 1", "image": "stage 2", "alone": "stage 2", "joint": "stage 2", "text-imageloss": "stage 1"}
@@ -90,19 +93,20 @@ class StageModules(nn.Module):
 TEXT_PARTS, IMAGE_PARTS = ("text_adapters", "text_proj"), ("image_adapters", "seg_proj", "det_proj")
 
 
-def name_of(variant: str, seed: int, shots: int | None = None) -> str:
-    """The registry name ``aaclip-caption-<variant>[-k<shots>]-s<seed>``.
+def name_of(variant: str, seed: int, shots: int | None = None, factor: int = 1) -> str:
+    """The registry name ``aaclip-caption-<variant>[-k<shots>]-s<seed>[-x<factor>]``.
 
     Used by: ``adlib.recipes.aaclip_caption``.
     """
-    return f"aaclip-caption-{variant}{'' if shots is None else f'-k{shots}'}-s{seed}"
+    return (f"aaclip-caption-{variant}{'' if shots is None else f'-k{shots}'}-s{seed}"
+            + ("" if factor == 1 else f"-x{factor}"))
 
 
-def setup(variant: str, seed: int, shots: int | None = None) -> Training:
+def setup(variant: str, seed: int, shots: int | None = None, factor: int = 1) -> Training:
     """The :class:`adlib.recipes.checkpoints.Training` of one variant (:data:`VARIANTS`) with ``seed``: a fresh
     AA-CLIP seeded by ``seed``; a stage 2 after stage 1 starts from the shipped stage 1 of the same seed (and
     shots). At least the official steps, then until :func:`adlib.methods.cfa.is_flat`, at most :data:`MAX_SHARE`
-    times the official steps.
+    times the official steps; ``factor`` > 1 (the doubling check): ``factor`` times that most, without the stop.
 
     Used by: ``adlib.recipes.aaclip_caption.recipe_of``.
     """
@@ -128,33 +132,34 @@ def setup(variant: str, seed: int, shots: int | None = None) -> Training:
     official = official_steps(stage, shots)
     per_epoch = len(t.loader)
     return Training(StageModules(model, parts), t.step, t.loader, t.state,
-                    epochs=math.ceil(MAX_SHARE * official / per_epoch), official_steps=official,
-                    config=t.config | {"variant": variant, "shots": shots},
-                    until=lambda h: is_flat(h, per_epoch, official))
+                    epochs=factor * math.ceil(MAX_SHARE * official / per_epoch), official_steps=official,
+                    config=t.config | {"variant": variant, "shots": shots} | ({"factor": factor} if factor > 1 else {}),
+                    until=None if factor > 1 else (lambda h: is_flat(h, per_epoch, official)))
 
 
-def recipe_of(variant: str, seed: int, shots: int | None = None) -> CheckpointRecipe:
+def recipe_of(variant: str, seed: int, shots: int | None = None, factor: int = 1) -> CheckpointRecipe:
     """The :class:`adlib.recipes.checkpoints.CheckpointRecipe` of one training (card ``AACLIP_CAPTION.md``).
 
     Used by: ``adlib.recipes.aaclip_caption``.
     """
     pool = "full pool" if shots is None else f"{shots} shots per object"
-    summary = f"AA-CLIP {VARIANTS[variant]} ({variant}), caption world, {pool}, seed {seed}"
-    return CheckpointRecipe(name_of(variant, seed, shots), summary, "AACLIP_CAPTION.md",
-                            lambda s: setup(variant, s, shots), seed=seed)
+    length = "" if factor == 1 else f", {factor} x the longest run"
+    summary = f"AA-CLIP {VARIANTS[variant]} ({variant}), caption world, {pool}, seed {seed}{length}"
+    return CheckpointRecipe(name_of(variant, seed, shots, factor), summary, "AACLIP_CAPTION.md",
+                            lambda s: setup(variant, s, shots, factor), seed=seed)
 
 
-def trained_aaclip(variant: str, seed: int, shots: int | None = None, retrain: bool = False
+def trained_aaclip(variant: str, seed: int, shots: int | None = None, retrain: bool = False, factor: int = 1
                    ) -> tuple[adapters.AACLIP, list[TrainedCheckpoint]]:
     """A trained AA-CLIP of the book profile and the trainings it rests on: ``variant`` "both" (stage 1, then
     stage 2), "alone" (stage 2 on plain anchors), "joint" (one stage) or "text-imageloss" (stage 1 alone, with the
-    image-level loss); ``shots``: the k-shot pool. Loaded from the shipped checkpoints (``retrain``: trained here
-    again, which gives the same tensors).
+    image-level loss); ``shots``: the k-shot pool; ``factor`` 2: the doubling check's training (:data:`DOUBLED`).
+    Loaded from the shipped checkpoints (``retrain``: trained here again, which gives the same tensors).
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
     """
     names = {"both": ("text", "image")}.get(variant, (variant,))
-    trained = [load_or_train(name_of(n, seed, shots), retrain=retrain) for n in names]
+    trained = [load_or_train(name_of(n, seed, shots, factor), retrain=retrain) for n in names]
     # a retrained stage 2 builds on the shipped stage 1, so the last training's model holds both stages
     return trained[-1].model.aaclip, trained
 
@@ -194,3 +199,6 @@ for _s in SEEDS:
         for _v in ("text", "image"):
             CHECKPOINT_RECIPES[name_of(_v, _s, _k)] = recipe_of(_v, _s, _k)
 CHECKPOINT_RECIPES[name_of("text-imageloss", 0)] = recipe_of("text-imageloss", 0)
+for _v, _seeds in DOUBLED.items():
+    for _s in _seeds:
+        CHECKPOINT_RECIPES[name_of(_v, _s, factor=2)] = recipe_of(_v, _s, factor=2)
