@@ -40,8 +40,10 @@ book: setup
 	@echo
 	@echo "Book built. Open: $(CURDIR)/_build/html/book/intro.html"
 
+# Two workers, one per core; a test file stays on one worker (the chapters run one after another, as they share
+# the generated data sets).
 test: setup lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The unit tests alone (no chapter runs, no book build).
 test-unit: setup
