@@ -61,7 +61,9 @@ class CheckpointRecipe:
     """A registry name, its one-line ``summary``, its ``card`` (a markdown file beside the registry) and ``setup``:
     a function of the seed that builds the same untrained :class:`Training` every time it is called. ``half``: the
     trained model's floating-point tensors are rounded to float16, and shipped so (half the file; the model a
-    chapter uses is the rounded one whether loaded or retrained).
+    chapter uses is the rounded one whether loaded or retrained). ``model``: a function of the seed that builds the
+    untrained model alone, for loading a shipped file without building the training (its data) too; None: the model
+    of ``setup``.
 
     Used by: ``adlib.recipes.checkpoints.recipe``.
     """
@@ -72,6 +74,7 @@ class CheckpointRecipe:
     setup: Callable[[int], Training]
     seed: int = 0
     half: bool = False
+    model: Callable[[int], nn.Module] | None = None
 
 
 #: The chapters' checkpoint recipes by registry name, filled by the modules of :data:`RECIPE_MODULES` on import.
@@ -246,15 +249,15 @@ def load_or_train(name: str, retrain: bool = False, weights_dir: str | Path | No
     if entry is None or entry.get("kind") != "checkpoint":
         raise FileNotFoundError(f"No shipped checkpoint {name!r}; build it with: python -m adlib train-checkpoint "
                                 f"{name}, or pass retrain=True.")
-    training = spec.setup(spec.seed)
-    training.model.load_state_dict(load_file(str(registry.weights_file(name, weights_dir))))
-    training.model.eval()
+    model = spec.model(spec.seed) if spec.model is not None else spec.setup(spec.seed).model
+    model.load_state_dict(load_file(str(registry.weights_file(name, weights_dir))))
+    model.eval()
     rec = entry["record"]
     record = TrainingRecord(name, rec["steps"], rec["official_steps"], tuple(rec["loss"]), tuple(rec["held_out"]),
                             tuple(rec["lr"]))
     history = [{"epoch": i + 1, "loss": v} | ({"held_out": rec["held_out"][i]} if rec["held_out"] else {})
                | ({"lr": rec["lr"][i]} if rec["lr"] else {}) for i, v in enumerate(rec["loss"])]
-    return TrainedCheckpoint(training.model, history, record, float(rec["seconds"]), loaded=True)
+    return TrainedCheckpoint(model, history, record, float(rec["seconds"]), loaded=True)
 
 
 def build(name: str, state_file: str | Path | None = None, budget_s: float | None = None,

@@ -84,7 +84,8 @@ def recipe_of(seed: int, factor: int = 1) -> CheckpointRecipe:
     Used by: ``adlib.recipes.clipn_caption``.
     """
     summary = f"CLIPN no-encoder, caption world without privileges, {factor} x the official steps, seed {seed}"
-    return CheckpointRecipe(name_of(seed, factor), summary, "CLIPN_CAPTION.md", lambda s: setup(s, factor), seed=seed)
+    return CheckpointRecipe(name_of(seed, factor), summary, "CLIPN_CAPTION.md", lambda s: setup(s, factor), seed=seed,
+                            model=lambda s: clipn.NoTextEncoder(clip.load_tiny_clip(None)))  # no pairs to load it
 
 
 def trained_no_encoder(seed: int, factor: int = 1, retrain: bool = False) -> TrainedCheckpoint:
