@@ -336,10 +336,19 @@ class TrainedDetector(Detector):
 
 class ZeroShotDetector(Detector):
     """A detector that learns nothing from normal images (e.g. a vision-language model prompted with words):
-    ``fit`` only records the image size; :meth:`score_images` scores. Arguments: see :class:`Detector`.
+    ``fit`` only records the image size; :meth:`score_images` scores. ``object_name``: what the images show, the
+    word its prompts name; the other arguments: see :class:`Detector`.
 
     Used by: ``adlib.methods.winclip.WinCLIPDetector``.
     """
+
+    def __init__(self, object_name: str = "object", *, sigma: float = 4.0, device: str = "cpu", seed: int = 0,
+                 batch_size: int = 32):
+        super().__init__(sigma=sigma, device=device, seed=seed, batch_size=batch_size)
+        self.object_name = object_name
+
+    def hparams(self) -> dict[str, Any]:
+        return {"object_name": self.object_name} | super().hparams()
 
     def score_images(self, images: torch.Tensor) -> PatchScores:
         raise NotImplementedError

@@ -114,8 +114,8 @@ class WinCLIPDetector(ZeroShotDetector):
 
     def __init__(self, object_name: str = "object", clip: str = "tiny", sigma: float = 4.0, device: str = "cpu",
                  seed: int = 0, batch_size: int = 32):
-        super().__init__(sigma=sigma, device=device, seed=seed, batch_size=batch_size)
-        self.object_name, self.clip = object_name, clip
+        super().__init__(object_name, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
+        self.clip = clip
         if clip == "tiny" or Path(clip).is_file():
             self.clip_model = load_tiny_clip(None if clip == "tiny" else clip)
         else:
@@ -124,7 +124,7 @@ class WinCLIPDetector(ZeroShotDetector):
         self.clip_model = self.clip_model.to(device).eval()  # not self.model: nothing to save
 
     def hparams(self) -> dict:
-        return {"object_name": self.object_name, "clip": self.clip} | super().hparams()
+        return {"clip": self.clip} | super().hparams()
 
     def score_images(self, images: torch.Tensor) -> PatchScores:
         scores, maps = winclip_scores(self.clip_model, images, self.object_name)

@@ -179,13 +179,9 @@ class AACLIPDetector(ZeroShotDetector):
 
     def __init__(self, object_name: str = "object", seed: int = 0, sigma: float = 4.0, device: str = "cpu",
                  batch_size: int = 32):
-        super().__init__(sigma=sigma, device=device, seed=seed, batch_size=batch_size)
-        self.object_name = object_name
+        super().__init__(object_name, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
         self.aaclip = trained_aaclip("both", seed)[0].to(device)  # not self.model: nothing to save
         self.scorer = scoring.fused_scorer(self.aaclip, 2, training_set())
-
-    def hparams(self) -> dict:
-        return {"object_name": self.object_name} | super().hparams()
 
     def score_images(self, images: torch.Tensor) -> PatchScores:
         image_scores, maps = self.scorer(images, self.object_name)

@@ -112,13 +112,9 @@ class CLIPNDetector(ZeroShotDetector):
 
     def __init__(self, object_name: str = "object", seed: int = 0, sigma: float = 4.0, device: str = "cpu",
                  batch_size: int = 32):
-        super().__init__(sigma=sigma, device=device, seed=seed, batch_size=batch_size)
-        self.object_name = object_name
+        super().__init__(object_name, sigma=sigma, device=device, seed=seed, batch_size=batch_size)
         self.clip_model = clip.load_tiny_clip(None).to(device).eval()  # not self.model: nothing to save
         self.no_encoder = trained_no_encoder(seed).model.to(device).eval()
-
-    def hparams(self) -> dict:
-        return {"object_name": self.object_name} | super().hparams()
 
     def score_images(self, images: torch.Tensor) -> PatchScores:
         global_emb, patch_emb = clip.encode_images(self.clip_model, images)
