@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -152,6 +153,17 @@ def encode_images(model: open_clip.CLIP, images: ImageSet | np.ndarray | torch.T
     Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
     """
     return encode_normalised(model, to_tensor(images, image_size(model)), batch_size)
+
+
+def patch_maps(patch_scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, P) scores of the patch tokens of :func:`encode_images` (row-major on a square grid) -> (N, H, W) maps at
+    the image ``size``, upsampled bilinearly.
+
+    Used by: ``adlib.methods.winclip.winclip_scores``, ``adlib.recipes.clipn_caption.CLIPNDetector``.
+    """
+    side = int(round(math.sqrt(patch_scores.shape[1])))
+    grid = patch_scores.reshape(-1, 1, side, side)
+    return F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
 @torch.no_grad()

@@ -5,7 +5,6 @@ Defined in: "CLIPN: teaching CLIP to say no" (``notebooks/09_clipn.ipynb``).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 from adlib.data.imageset import ImageSet
 from adlib.eval.metrics import image_auroc
-from adlib.features.clip import encode_images, encode_texts, load_open_clip, load_tiny_clip
+from adlib.features.clip import encode_images, encode_texts, load_open_clip, load_tiny_clip, patch_maps
 from adlib.methods.base import PatchScores, ZeroShotDetector
 
 #: WinCLIP's compositional prompt ensemble (Jeong et al. 2023, as in anomalib's ``winclip/prompting.py``):
@@ -73,10 +72,8 @@ def winclip_scores(model: open_clip.CLIP, images: ImageSet | np.ndarray | torch.
     anchors = text_anchors(model, object_name)
     scale = model.logit_scale.exp().detach().float()
     image_scores = (scale * global_emb @ anchors.T).softmax(-1)[:, 1]
-    patch = (scale * patch_emb @ anchors.T).softmax(-1)[..., 1]
-    side = int(round(math.sqrt(patch.shape[1])))
-    maps = F.interpolate(patch.view(-1, 1, side, side), size=size, mode="bilinear", align_corners=False)
-    return image_scores.numpy().astype(np.float64), maps[:, 0].numpy().astype(np.float64)
+    maps = patch_maps((scale * patch_emb @ anchors.T).softmax(-1)[..., 1], size)
+    return image_scores.numpy().astype(np.float64), maps.numpy().astype(np.float64)
 
 
 def anomaly_awareness(model: open_clip.CLIP, images: ImageSet, objects: Sequence[str] | None = None) -> pd.DataFrame:

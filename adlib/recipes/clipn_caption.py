@@ -18,7 +18,6 @@ from functools import lru_cache
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
 
 from adlib.data import captionworld
 from adlib.features import clip
@@ -123,10 +122,8 @@ class CLIPNDetector(ZeroShotDetector):
         with torch.no_grad():
             yes, no = clipn.yes_no_logits(self.clip_model, self.no_encoder, tokens, [self.object_name])
         scores = clipn.ctw_score(yes, no)
-        side = int(round(math.sqrt(p)))
-        patches = torch.from_numpy(scores[n:]).view(n, 1, side, side)
-        maps = F.interpolate(patches, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
-        return PatchScores(maps[:, 0].numpy(), scores[:n].astype(np.float64))
+        maps = clip.patch_maps(torch.from_numpy(scores[n:]).view(n, p), tuple(images.shape[-2:]))
+        return PatchScores(maps.numpy(), scores[:n].astype(np.float64))
 
 
 for _s in SEEDS:
