@@ -265,3 +265,26 @@ def test_shipped_descriptors_stop_where_their_rule_first_holds():
         assert rec["steps"] >= cfa.OFFICIAL_STEPS and rec["official_steps"] == cfa.OFFICIAL_STEPS
         flat_at = [n for n in range(1, len(history) + 1) if cfa.is_flat(history[:n], per_epoch)]
         assert (flat_at[0] if flat_at else cfa.MAX_EPOCHS) == len(history), name
+
+
+def test_the_cfa_method_loads_chapter_7s_descriptor_only_for_its_own_features_and_settings():
+    from adlib.bench import runs
+    from adlib.data import mvtec
+    from adlib.methods import catalog
+    from adlib.recipes import cfa_synthtex
+
+    root = mvtec.benchmark_root("book")
+    run = runs.run_category("cfa", root, "brick", image_size=cfa_synthtex.IMAGE_SIZE, seed=1)  # as the bench does
+    det = run.detector
+    assert det.shipped.record.name == "cfa-synthtex-brick-s1" and det.history == det.shipped.history
+    assert run.row["fit_s"] == det.shipped.seconds  # the fit's cost is the recorded training's
+    shipped, _ = cfa_synthtex.fitted_detector("brick", 1)
+    for (name, a), b in zip(det.model.state_dict().items(), shipped.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    features = det.inputs(mvtec.load_split(root, "brick", "train", cfa_synthtex.IMAGE_SIZE).tensor())
+    assert det.shipped_name(features) == "cfa-synthtex-brick-s1"
+    assert det.shipped_name(features.flip(-1)) is None  # other features
+    assert det.shipped_name(features[1:]) is None
+    for other in ({"seed": 3}, {"epochs": 3}, {"k": 2}, {"layers": (1, 2, 3)}):  # other settings
+        assert catalog.make_detector("cfa", **({"seed": 1} | other)).shipped_name(features) is None, other
+    assert catalog.make_detector("cfa", seed=1, sigma=2.0).shipped_name(features) == "cfa-synthtex-brick-s1"

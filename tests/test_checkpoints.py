@@ -197,8 +197,9 @@ def test_the_doubled_runs_of_chapters_3_5_and_10_begin_with_the_shipped_runs():
              for c in ssl_occ_digits.CLASSES for m in ssl_occ_digits.DOUBLED for f, f2 in zip(lengths, lengths[1:])]
     pairs += [(recon_mnist.name_of(k, a), recon_mnist.name_of(k, a, factor=recon_mnist.DOUBLING))
               for a in range(10) for k in recon_mnist.KINDS]
-    pairs += [(aaclip_caption.name_of(v, s), aaclip_caption.name_of(v, s, factor=2))
-              for v, seeds in aaclip_caption.DOUBLED.items() for s in seeds]
+    lengths = (1, *aaclip_caption.FACTORS)
+    pairs += [(aaclip_caption.name_of(v, s, factor=f), aaclip_caption.name_of(v, s, factor=f2))
+              for v, seeds in aaclip_caption.DOUBLED.items() for s in seeds for f, f2 in zip(lengths, lengths[1:])]
     table = checkpoints.registry.shipped_weights()
     for once_name, twice_name in pairs:
         once, twice = table[once_name]["record"], table[twice_name]["record"]

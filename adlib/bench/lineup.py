@@ -23,15 +23,15 @@ CALIBRATION_SHARE, TARGET_FPR = 0.2, 0.05
 #: bench name -> (method of :data:`adlib.methods.catalog.METHODS`, its options): the settings its chapter uses in the
 #: book profile, i.e. the detector's defaults (``python -m adlib list``) except SPADE's K = 5 nearest images
 #: (chapter 8; the paper's 50 needs more than SynthTex's 60 training images to mean a gallery) and its global feature
-#: from the final stage 4, as the paper (a backbone whose weights end earlier, e.g. book-resnet18, cannot run it), and
-#: CFA's official 30 epochs (3 epochs of ``cfa.PASSES`` = 10 passes) instead of its default, until a held-out loss is
-#: flat, which takes minutes per category (chapter 7 ships such runs).
+#: from the final stage 4, as the paper (a backbone whose weights end earlier, e.g. book-resnet18, cannot run it).
+#: CFA keeps its default, until a held-out loss is flat: minutes per category, except on chapter 7's own SynthTex
+#: images, whose shipped descriptors it loads (:class:`adlib.recipes.cfa_synthtex.ShippedCFADetector`).
 SWEEP: dict[str, tuple[str, dict[str, Any]]] = {
     "patchknn": ("patchknn", {}),
     "spade": ("spade", {"k": 5, "global_stage": 4}),
     "padim": ("padim", {}),
     "patchcore": ("patchcore", {}),
-    "cfa": ("cfa", {"epochs": 3}),
+    "cfa": ("cfa", {}),
     "students": ("students", {}),
     "ae": ("ae", {}),
     "vae": ("ae", {"kind": "vae"}),

@@ -43,7 +43,8 @@ def run_category(method: str, root: str | Path, category: str, *, image_size: in
 
     Pixel metrics need a mask for every defect image: a folder where some defect type has no ``ground_truth/``
     masks gives image-level metrics only (``test.masks`` None), never all-zero masks that would count its defect
-    pixels as normal.
+    pixels as normal. A detector that loaded a shipped training instead of training (chapter 7's CFA on its own
+    images) reports that training's recorded seconds as ``fit_s``.
 
     Used by: ``adlib.bench.benchmark.run_one``, ``adlib.bench.folders``.
     """
@@ -55,4 +56,6 @@ def run_category(method: str, root: str | Path, category: str, *, image_size: in
         method, **catalog.run_options(method, category, backbone, {"device": device, "seed": seed} | (options or {})))
     row, scores = protocol.evaluate(det, train, test)
     row["added_mb"] = row["peak_mb"] - before
+    if getattr(det, "shipped", None) is not None:  # loaded, not trained: its fit cost is the training's, as recorded
+        row["fit_s"] = det.shipped.seconds
     return CategoryRun(det, row, test, scores, len(train))

@@ -24,9 +24,10 @@ METHODS = {
                   "PatchCore (Roth et al. 2022): locally aware patches, greedy coreset, reweighted NN score"),
     "padim": ("adlib.methods.padim:PaDiM",
               "PaDiM (Defard et al. 2021): a Gaussian per patch position, Mahalanobis distance"),
-    "cfa": ("adlib.methods.cfa:CFADetector",
+    "cfa": ("adlib.recipes.cfa_synthtex:ShippedCFADetector",
             "CFA (Lee et al. 2022): patch descriptor + memory bank trained with hypersphere losses, until a "
-            "held-out loss is flat (minutes; --set epochs=3: the official 30 passes)"),
+            "held-out loss is flat (minutes; chapter 7's shipped descriptor on its SynthTex images; --set "
+            "epochs=3: the official 30 passes)"),
     "students": ("adlib.methods.students.ensemble:StudentsDetector",
                  "Uninformed Students (Bergmann et al. 2020): students regress a distilled teacher; error + variance"),
     "ae": ("adlib.methods.autoencoder:AutoencoderDetector",

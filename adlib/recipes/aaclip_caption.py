@@ -44,9 +44,10 @@ SEEDS, SHOTS = (0, 1, 2), (2, 4, 8)
 VISA_IMAGES, VISA_CATEGORIES = 2162, 12
 #: A training stops at the latest after this many times the official steps (its record then says whether it is flat).
 MAX_SHARE = 1.5
-#: The doubling check's trainings (``-x2``): the joint runs that reached :data:`MAX_SHARE` unconverged, trained again
-#: for twice that length with no stop on the way (their first half is the shipped run, step for step).
-DOUBLED = {"joint": (0, 1)}
+#: The doubling check's trainings (``-x2``, ``-x4``): the joint runs that reached :data:`MAX_SHARE` unconverged,
+#: trained again for :data:`FACTORS` times that length with no stop on the way (the first half of each is the
+#: next shorter run, step for step).
+DOUBLED, FACTORS = {"joint": (0, 1)}, (2, 4)
 #: variant -> its stage: stage 1 on the full pool; stage 2 after it; stage 2 on plain CLIP's anchors; the one-stage
 #: alternative; stage 1 with the image-level loss of the paper's text (seed 0 only).
 VARIANTS = {"text": "stage 1", "image": "stage 2", "alone": "stage 2", "joint": "stage 2", "text-imageloss": "stage 1"}
@@ -153,7 +154,8 @@ def trained_aaclip(variant: str, seed: int, shots: int | None = None, retrain: b
                    ) -> tuple[adapters.AACLIP, list[TrainedCheckpoint]]:
     """A trained AA-CLIP of the book profile and the trainings it rests on: ``variant`` "both" (stage 1, then
     stage 2), "alone" (stage 2 on plain anchors), "joint" (one stage) or "text-imageloss" (stage 1 alone, with the
-    image-level loss); ``shots``: the k-shot pool; ``factor`` 2: the doubling check's training (:data:`DOUBLED`).
+    image-level loss); ``shots``: the k-shot pool; ``factor`` 2 or 4: the doubling check's trainings
+    (:data:`DOUBLED`).
     Loaded from the shipped checkpoints (``retrain``: trained here again, which gives the same tensors).
 
     Defined in: "AA-CLIP: anomaly-aware CLIP" (``notebooks/10_aa_clip.ipynb``).
@@ -197,4 +199,5 @@ for _s in SEEDS:
 CHECKPOINT_RECIPES[name_of("text-imageloss", 0)] = recipe_of("text-imageloss", 0)
 for _v, _seeds in DOUBLED.items():
     for _s in _seeds:
-        CHECKPOINT_RECIPES[name_of(_v, _s, factor=2)] = recipe_of(_v, _s, factor=2)
+        for _f in FACTORS:
+            CHECKPOINT_RECIPES[name_of(_v, _s, factor=_f)] = recipe_of(_v, _s, factor=_f)

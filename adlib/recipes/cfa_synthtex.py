@@ -6,7 +6,8 @@ but only 390 on a SynthTex category of 60 training images, and the loss still fa
 loss of a held-out tenth of the normal training images is flat by the book's rule (:func:`cfa.is_flat`), at most
 :data:`cfa.MAX_EPOCHS` epochs. That takes minutes per run, more than the chapter's three, so the descriptors are
 trained offline (``python -m adlib train-checkpoint cfa-synthtex-<category>-s<seed>``) and shipped in fp16 with
-their training records; the chapter loads them, else trains them. Card: ``CFA_SYNTHTEX.md``.
+their training records; the chapter loads them, else trains them. The bench's ``cfa`` (:class:`ShippedCFADetector`)
+loads a shipped descriptor where it is given the very images it was trained on. Card: ``CFA_SYNTHTEX.md``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from adlib.data import mvtec, synthtex
 from adlib.methods import cfa
 from adlib.recipes.checkpoints import CHECKPOINT_RECIPES, CheckpointRecipe, TrainedCheckpoint, Training, load_or_train
+from adlib.weights import registry
 
 #: The book profile's setting (chapter 7): SynthTex at 128 px, ImageNet EfficientNet-Lite0 stages 1 and 2 on an
 #: 8-px grid, three training seeds per category.
@@ -69,6 +71,46 @@ def fitted_detector(category: str, seed: int, retrain: bool = False) -> tuple[cf
     det = detector(seed)
     det.model, det.history, det.image_shape = trained.model, trained.history, (IMAGE_SIZE, IMAGE_SIZE)
     return det, trained
+
+
+class ShippedCFADetector(cfa.CFADetector):
+    """CFA with its default schedule (until a held-out loss is flat) that loads chapter 7's shipped descriptor where
+    that was trained with these settings on these very frozen features: a SynthTex category of the book profile
+    (its 60 training images at 128 px), a seed of :data:`SEEDS` and the settings of :func:`detector`. That gives the
+    training's result minutes sooner. Anywhere else it trains as :class:`adlib.methods.cfa.CFADetector`.
+    ``shipped`` is the loaded :class:`adlib.recipes.checkpoints.TrainedCheckpoint` (its record and training seconds),
+    None when trained here.
+
+    Used by: ``adlib.methods.catalog.METHODS``.
+    """
+
+    shipped: TrainedCheckpoint | None = None
+
+    def train_model(self, features: torch.Tensor) -> list[dict[str, float]]:
+        name = self.shipped_name(features)
+        self.shipped = None if name is None else load_or_train(name)
+        if self.shipped is None:
+            return super().train_model(features)
+        self.model = self.shipped.model.to(self.device)
+        return self.shipped.history
+
+    def shipped_name(self, features: torch.Tensor) -> str | None:
+        """The registry name of the shipped descriptor trained with these settings on these frozen patch features
+        (N, C, h, w), or None. The memory bank is built from the features before training and never changes, so
+        the bank this detector would build identifies them (equal to the shipped one to its fp16 rounding; another
+        CPU model may round a few entries the other way, hence the tolerance)."""
+        untrained = ("sigma", "device", "batch_size")  # post-processing and inference batching only
+        settings = {k: v for k, v in self.hparams().items() if k not in untrained}
+        if self.seed not in SEEDS or settings != {k: v for k, v in detector(self.seed).hparams().items()
+                                                  if k not in untrained}:
+            return None
+        fit_part, _ = cfa.held_out_split(len(features))
+        bank = self._new_model(features.shape[1]).init_bank(features[fit_part], self.seed).bank.cpu()
+        for category in synthtex.CATEGORIES:
+            shipped = registry.load_weights(name_of(category, self.seed))["bank"]
+            if shipped.shape == bank.shape and torch.allclose(shipped, bank, rtol=1e-2, atol=1e-3):
+                return name_of(category, self.seed)
+        return None
 
 
 def recipe_of(category: str, seed: int) -> CheckpointRecipe:
