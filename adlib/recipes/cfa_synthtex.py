@@ -6,8 +6,10 @@ but only 390 on a SynthTex category of 60 training images, and the loss still fa
 loss of a held-out tenth of the normal training images is flat by the book's rule (:func:`cfa.is_flat`), at most
 :data:`cfa.MAX_EPOCHS` epochs. That takes minutes per run, more than the chapter's three, so the descriptors are
 trained offline (``python -m adlib train-checkpoint cfa-synthtex-<category>-s<seed>``) and shipped in fp16 with
-their training records; the chapter loads them, else trains them. The bench's ``cfa`` (:class:`ShippedCFADetector`)
-loads a shipped descriptor where it is given the very images it was trained on. Card: ``CFA_SYNTHTEX.md``.
+their training records; the chapter loads them, else trains them. The runs that reach the cap still falling are
+trained again with twice the cap (:data:`DOUBLED`, the doubling check of chapter 7's claims). The bench's ``cfa``
+(:class:`ShippedCFADetector`) loads a shipped descriptor where it is given the very features it was trained on.
+Card: ``CFA_SYNTHTEX.md``.
 """
 from __future__ import annotations
 
@@ -23,14 +25,18 @@ from adlib.weights import registry
 #: The book profile's setting (chapter 7): SynthTex at 128 px, ImageNet EfficientNet-Lite0 stages 1 and 2 on an
 #: 8-px grid, three training seeds per category.
 IMAGE_SIZE, BACKBONE, LAYERS, STRIDE, SEEDS = 128, "effnet-lite0", (1, 2), 8, (0, 1, 2)
+#: The doubling check: the runs that reached :data:`cfa.MAX_EPOCHS` with their held-out loss still falling, trained
+#: again with twice the cap (the same rule, so they may stop flat on the way): category -> seeds.
+DOUBLED = {"tile": (0, 1, 2), "wood": (0, 1), "grass": (0, 1), "gravel": (1,)}
 
 
-def detector(seed: int) -> cfa.CFADetector:
-    """An unfitted CFA detector with the book profile's setting and the paper's hyperparameters.
+def detector(seed: int, factor: int = 1) -> cfa.CFADetector:
+    """An unfitted CFA detector with the book profile's setting and the paper's hyperparameters; ``factor`` times
+    the cap of epochs.
 
     Used by: ``adlib.recipes.cfa_synthtex.setup``, ``adlib.recipes.cfa_synthtex.fitted_detector``.
     """
-    return cfa.CFADetector(BACKBONE, LAYERS, STRIDE, seed=seed)
+    return cfa.CFADetector(BACKBONE, LAYERS, STRIDE, seed=seed, max_epochs=factor * cfa.MAX_EPOCHS)
 
 
 @lru_cache(maxsize=len(synthtex.CATEGORIES))  # every seed of a category reads the same frozen features
@@ -43,32 +49,36 @@ def training_features(category: str) -> torch.Tensor:
     return detector(0).inputs(train.tensor())
 
 
-def setup(category: str, seed: int) -> Training:
-    """The :class:`Training` of the descriptor of ``category`` with ``seed`` (the detector's own schedule).
+def setup(category: str, seed: int, factor: int = 1) -> Training:
+    """The :class:`Training` of the descriptor of ``category`` with ``seed`` (the detector's own schedule, its cap
+    of epochs times ``factor``).
 
     Used by: ``adlib.recipes.cfa_synthtex.recipe_of``.
     """
-    t = detector(seed).training(training_features(category))
+    t = detector(seed, factor).training(training_features(category))
+    config = {"category": category, "image_size": IMAGE_SIZE} | ({"factor": factor} if factor > 1 else {})
     return Training(t.model, t.step, t.loader, t.state, epochs=t.epochs, official_steps=cfa.OFFICIAL_STEPS,
-                    config={"category": category, "image_size": IMAGE_SIZE}, until=t.until)
+                    config=config, until=t.until)
 
 
-def name_of(category: str, seed: int) -> str:
-    """The registry name of a descriptor: ``cfa-synthtex-<category>-s<seed>``.
+def name_of(category: str, seed: int, factor: int = 1) -> str:
+    """The registry name of a descriptor: ``cfa-synthtex-<category>-s<seed>[-x<factor>]``.
 
     Used by: ``adlib.recipes.cfa_synthtex``.
     """
-    return f"cfa-synthtex-{category}-s{seed}"
+    return f"cfa-synthtex-{category}-s{seed}" + ("" if factor == 1 else f"-x{factor}")
 
 
-def fitted_detector(category: str, seed: int, retrain: bool = False) -> tuple[cfa.CFADetector, TrainedCheckpoint]:
+def fitted_detector(category: str, seed: int, retrain: bool = False, factor: int = 1
+                    ) -> tuple[cfa.CFADetector, TrainedCheckpoint]:
     """The detector of ``category`` and ``seed`` fitted with the shipped descriptor (``retrain``: trained here
-    again, the same tensors), and its :class:`adlib.recipes.checkpoints.TrainedCheckpoint` (record, seconds).
+    again, the same tensors; ``factor`` 2: the doubling check's run, :data:`DOUBLED`), and its
+    :class:`adlib.recipes.checkpoints.TrainedCheckpoint` (record, seconds).
 
     Defined in: "CFA: coupled-hypersphere feature adaptation" (``notebooks/07_cfa.ipynb``).
     """
-    trained = load_or_train(name_of(category, seed), retrain=retrain)
-    det = detector(seed)
+    trained = load_or_train(name_of(category, seed, factor), retrain=retrain)
+    det = detector(seed, factor)
     det.model, det.history, det.image_shape = trained.model, trained.history, (IMAGE_SIZE, IMAGE_SIZE)
     return det, trained
 
@@ -113,16 +123,20 @@ class ShippedCFADetector(cfa.CFADetector):
         return None
 
 
-def recipe_of(category: str, seed: int) -> CheckpointRecipe:
+def recipe_of(category: str, seed: int, factor: int = 1) -> CheckpointRecipe:
     """The :class:`CheckpointRecipe` of one descriptor (its card: ``CFA_SYNTHTEX.md``), shipped in fp16.
 
     Used by: ``adlib.recipes.cfa_synthtex``.
     """
-    summary = f"CFA descriptor, SynthTex {category}, seed {seed}, {IMAGE_SIZE} px, {BACKBONE} {LAYERS}"
-    return CheckpointRecipe(name_of(category, seed), summary, "CFA_SYNTHTEX.md", lambda s: setup(category, s),
-                            seed=seed, half=True)
+    length = "" if factor == 1 else f", {factor} x the cap of epochs"
+    summary = f"CFA descriptor, SynthTex {category}, seed {seed}, {IMAGE_SIZE} px, {BACKBONE} {LAYERS}{length}"
+    return CheckpointRecipe(name_of(category, seed, factor), summary, "CFA_SYNTHTEX.md",
+                            lambda s: setup(category, s, factor), seed=seed, half=True)
 
 
 for _c in synthtex.CATEGORIES:
     for _s in SEEDS:
         CHECKPOINT_RECIPES[name_of(_c, _s)] = recipe_of(_c, _s)
+for _c, _seeds in DOUBLED.items():
+    for _s in _seeds:
+        CHECKPOINT_RECIPES[name_of(_c, _s, 2)] = recipe_of(_c, _s, 2)
