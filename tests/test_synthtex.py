@@ -23,7 +23,7 @@ def _hashes(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != synthtex.MANIFEST
+        if p.is_file() and p.name not in (synthtex.MANIFEST, synthtex.LOCK)
     }
 
 

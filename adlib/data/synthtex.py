@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from adlib.core.home import data_home
+from adlib.core.home import data_home, exclusive
 from adlib.core.profiles import check_profile
 from adlib.data.defects import DEFECTS, add_defect
 
@@ -44,6 +44,8 @@ SIZES: dict[str, dict[str, int]] = {
 #: Bump whenever rendering changes, so an old folder on disk is not mistaken for the new one.
 VERSION = 1
 MANIFEST = "synthtex.json"
+#: The lock file that lets one process at a time generate into a root.
+LOCK = ".generate.lock"
 
 # (dark, light) RGB of each category's colour map: gray 0 -> dark, gray 1 -> light.
 _TINTS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -293,6 +295,13 @@ def generate(
 
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
+    with exclusive(root / LOCK):  # another process (a pytest worker, a joblib worker) may generate it too
+        _generate_missing(root, categories, params, expected, overwrite)
+    return root
+
+
+def _generate_missing(root: Path, categories: tuple[str, ...], params: dict[str, int], expected: int,
+                      overwrite: bool) -> None:
     manifest = _read_manifest(root)
     for category in categories:
         folder, entry = root / category, manifest["categories"].get(category)
@@ -315,7 +324,6 @@ def generate(
         _write_category(folder, category, params)
         manifest["categories"][category]["complete"] = True
         _write_manifest(root, manifest)
-    return root
 
 
 def generate_for_profile(profile: str, root: str | os.PathLike | None = None) -> Path:

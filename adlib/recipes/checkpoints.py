@@ -14,20 +14,20 @@ sha256, the command that rebuilds it, its card and the training record that ``ad
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adlib.core.checksum import sha256sum
+from adlib.core.home import exclusive
 from adlib.core.versions import cpu_model
 from adlib.eval.claims import TrainingRecord, training_record
 from adlib.training.loop import StepFn, fit
@@ -201,20 +201,8 @@ def ship(spec: CheckpointRecipe, trained: TrainedCheckpoint, runs: list[dict[str
     path = folder / f"{spec.name}.safetensors"
     stored = lambda v: v.half() if spec.half and v.is_floating_point() else v  # noqa: E731
     save_file({k: stored(v.detach().cpu()).contiguous() for k, v in trained.model.state_dict().items()}, str(path))
-    with _locked(folder / "registry.lock"):  # two trainings may finish together: neither entry may be lost
+    with exclusive(folder / "registry.lock"):  # two trainings may finish together: neither entry may be lost
         return _register(spec, trained, runs, folder, path)
-
-
-@contextlib.contextmanager
-def _locked(lock_file: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no parallel trainings to guard against
-        yield
-        return
-    with open(lock_file, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _register(spec: CheckpointRecipe, trained: TrainedCheckpoint, runs: list[dict[str, Any]], folder: Path,
